@@ -1,0 +1,99 @@
+//! Wiring: specs + plugins + stores → a ready [`Pipeline`].
+
+use crate::config::{CacheKind, StoreKind, StoreSettings};
+use crate::dispatch::Router;
+use crate::pipeline::{GroupRuntime, Pipeline};
+use crate::plugin::PluginEngine;
+use crate::sink::dynamo::DynamoStore;
+use crate::sink::embedded::EmbeddedStore;
+use crate::sink::memory_cache::MemoryCache;
+use crate::sink::redis_cache::RedisCache;
+use crate::sink::writer::{CacheStore, FeatureWriter, GroupSink};
+use crate::sink::Store;
+use crate::spec::{CacheStrategy, SpecSet, load_dir};
+use anyhow::Context as _;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// Load and validate the spec directory, or fail listing every problem.
+pub fn load_specs(settings: &StoreSettings) -> anyhow::Result<SpecSet> {
+    load_dir(&settings.spec_dir, &settings.plugin_dir).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Connect the configured store and cache.
+pub async fn connect_writer(settings: &StoreSettings) -> anyhow::Result<FeatureWriter> {
+    let store: Arc<dyn Store> = match settings.store_kind() {
+        StoreKind::Dynamodb => Arc::new(DynamoStore::connect(settings.dynamodb_endpoint.as_deref()).await),
+        _ => Arc::new(EmbeddedStore::open(&settings.embedded_path())?),
+    };
+    let cache: Arc<dyn CacheStore> = match settings.cache_kind() {
+        CacheKind::Redis => {
+            let url = settings.redis_url.as_deref().context("FH_CACHE=redis needs FH_REDIS_URL")?;
+            Arc::new(RedisCache::connect(url).await?)
+        }
+        _ => Arc::new(MemoryCache::new()),
+    };
+    tracing::info!(store = store.backend(), cache = crate::sink::Cache::backend(&*cache), "stores connected");
+    Ok(FeatureWriter::new(store, cache))
+}
+
+/// Create the store tables the groups use (idempotent).
+pub async fn ensure_tables(writer: &FeatureWriter, specs: &SpecSet) -> anyhow::Result<()> {
+    let tables: BTreeSet<&str> = specs
+        .groups
+        .values()
+        .filter(|g| g.spec.cache.strategy != CacheStrategy::CacheOnly)
+        .map(|g| g.spec.store.table.as_str())
+        .collect();
+    for t in tables {
+        writer.store().ensure_table(t).await.with_context(|| format!("cannot create table {t}"))?;
+    }
+    Ok(())
+}
+
+/// Compile and initialize every group's plugin (off the async workers) and build the pipeline.
+pub async fn build_pipeline(specs: &SpecSet, writer: FeatureWriter) -> anyhow::Result<Pipeline> {
+    let engine = PluginEngine::new()?;
+    let mut groups = Vec::new();
+    for def in specs.groups.values() {
+        let (engine, d) = (engine.clone(), def.clone());
+        let plugin = tokio::task::spawn_blocking(move || {
+            engine.load(&d.name, &d.plugin_path, d.spec.plugin.config.as_ref(), &d.spec.plugin.limits)
+        })
+        .await?
+        .with_context(|| format!("feature group {} ({})", def.name, def.file.display()))?;
+        tracing::info!(group = %def.name, version = plugin.version(), "plugin loaded");
+        groups.push(GroupRuntime { def: def.clone(), plugin, sink: GroupSink::from_def(def) });
+    }
+    Ok(Pipeline::new(groups, Router::new(specs), writer))
+}
+
+/// The sink settings of a group, for reads outside a running pipeline.
+pub fn group_sink(specs: &SpecSet, group: &str) -> anyhow::Result<GroupSink> {
+    let def = specs.groups.get(group).with_context(|| {
+        format!("unknown feature group {group:?}; known: {}", specs.groups.keys().cloned().collect::<Vec<_>>().join(", "))
+    })?;
+    Ok(GroupSink::from_def(def))
+}
+
+/// Render an entity for humans and tests.
+pub fn entity_json(sink: &GroupSink, entity: &str, found: &crate::feature::Versioned, only: &[String]) -> serde_json::Value {
+    let keep = |name: &str| only.is_empty() || only.iter().any(|f| f == name);
+    let features: serde_json::Map<String, serde_json::Value> =
+        found.state.values().filter(|(n, _)| keep(n)).map(|(n, v)| (n.to_owned(), v.to_json())).collect();
+    let times: serde_json::Map<String, serde_json::Value> = found
+        .state
+        .features
+        .iter()
+        .filter(|(n, c)| keep(n) && c.value.is_some())
+        .map(|(n, c)| (n.clone(), c.event_time_ms.into()))
+        .collect();
+    serde_json::json!({
+        "group": sink.target.group,
+        "entity": entity,
+        "version": found.version,
+        "features": features,
+        "event_time_ms": times,
+    })
+}
+

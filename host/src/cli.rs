@@ -1,0 +1,194 @@
+//! The `feature-host` command line.
+
+use crate::app;
+use crate::config::{LogFormat, RunSettings, StoreKind, StoreSettings};
+use crate::stream::dead_letter::DeadLetterFile;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(name = "feature-host", version, about = "Ingestion host for ML feature platforms", after_help = EXAMPLES)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "FH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  feature-host run --events specs/examples/events.jsonl --once      # no services needed
+  feature-host get --group user-activity --entity u1
+  feature-host validate specs/
+  FH_KAFKA_BROKERS=127.0.0.1:9092 FH_DYNAMODB_ENDPOINT=http://127.0.0.1:8000 \\
+    FH_REDIS_URL=redis://127.0.0.1:6379 feature-host run
+  feature-host plugin test plugins/dist/user_activity.wasm --spec specs/user-activity.yaml \\
+    --events specs/examples/events.jsonl";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ingest: Kafka when FH_KAFKA_BROKERS is set, else a local events file / HTTP push.
+    Run {
+        #[command(flatten)]
+        stores: StoreSettings,
+        #[command(flatten)]
+        run: RunSettings,
+    },
+    /// Validate a spec directory: every problem, with file and field. Exit 1 on any.
+    Validate {
+        /// The spec directory.
+        #[arg(default_value = "specs")]
+        dir: PathBuf,
+        /// Directory that `plugin.wasm` paths are relative to.
+        #[arg(long, env = "FH_PLUGIN_DIR", default_value = "plugins/dist")]
+        plugin_dir: PathBuf,
+    },
+    /// Print an entity's features as JSON (cache first, then the store).
+    Get {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        entity: String,
+        /// Only these features (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+        #[command(flatten)]
+        stores: StoreSettings,
+    },
+    /// Print the JSON Schema of spec documents.
+    Schema,
+    /// Plugin tools.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Run a plugin over sample events and print each event's writes (nothing is stored).
+    Test {
+        /// The component (.wasm).
+        wasm: PathBuf,
+        /// The FeatureGroup spec whose config, limits and features apply.
+        #[arg(long)]
+        spec: PathBuf,
+        /// JSON-lines events (the local events format).
+        #[arg(long)]
+        events: PathBuf,
+    },
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { stores, run } => run_host(stores, run).await.map(|_| ExitCode::SUCCESS),
+        Command::Validate { dir, plugin_dir } => Ok(validate(&dir, &plugin_dir)),
+        Command::Get { group, entity, features, stores } => get(&stores, &group, &entity, &features).await,
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&crate::spec::json_schema())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin(PluginCommand::Test { wasm, spec, events }) => crate::plugin::test_cmd::run(&wasm, &spec, &events).await,
+    }
+}
+
+fn validate(dir: &std::path::Path, plugin_dir: &std::path::Path) -> ExitCode {
+    match crate::spec::load_dir(dir, plugin_dir) {
+        Ok(set) => {
+            println!("{}: {} feature group(s), {} ingestion(s): ok", dir.display(), set.groups.len(), set.ingestions.len());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn get(stores: &StoreSettings, group: &str, entity: &str, only: &[String]) -> anyhow::Result<ExitCode> {
+    let specs = app::load_specs(stores)?;
+    let sink = app::group_sink(&specs, group)?;
+    let writer = app::connect_writer(stores).await?;
+    match writer.get(&sink, entity).await? {
+        Some(found) => {
+            println!("{}", serde_json::to_string_pretty(&app::entity_json(&sink, entity, &found, only))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("no features for entity {entity:?} in group {group:?}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()> {
+    let specs = app::load_specs(&stores)?;
+    let writer = app::connect_writer(&stores).await?;
+    if stores.create_tables && stores.store_kind() == StoreKind::Dynamodb {
+        app::ensure_tables(&writer, &specs).await?;
+    }
+    let pipeline = Arc::new(app::build_pipeline(&specs, writer).await?);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing in-flight work");
+        let _ = shutdown_tx.send(true);
+    });
+
+    let dead_letters = DeadLetterFile::new(stores.data_dir.join("dead-letters.jsonl"));
+    let push = run.kafka_brokers.is_none().then(|| dead_letters.clone());
+    let admin = crate::admin::router(crate::admin::AdminState { pipeline: pipeline.clone(), push });
+    let listener = tokio::net::TcpListener::bind(&run.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind admin address {} (set FH_ADMIN_ADDR)", run.admin_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "admin API listening");
+    let mut admin_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, admin).with_graceful_shutdown(async move {
+            let _ = admin_shutdown.wait_for(|s| *s).await;
+        })
+        .await
+    });
+
+    if let Some(file) = &run.events {
+        let summary = crate::stream::local::ingest_file(&pipeline, file, run.batch_size, &dead_letters).await?;
+        println!("{}", serde_json::to_string(&summary)?);
+        if summary.dead_lettered > 0 {
+            tracing::warn!(count = summary.dead_lettered, file = %dead_letters.path().display(), "events dead-lettered");
+        }
+    }
+    if run.once {
+        server.abort();
+        return Ok(());
+    }
+    match &run.kafka_brokers {
+        Some(brokers) => crate::stream::kafka::run(&run, brokers, pipeline, shutdown_rx.clone()).await?,
+        None => {
+            let mut rx = shutdown_rx.clone();
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+    server.await??;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,126 @@
+//! Process settings. Every setting is a flag with an environment variable (`FH_*`), so the
+//! same binary is configured by flags locally and by env in Kubernetes. `feature-host run
+//! --help` lists them all; the README's configuration table mirrors this file.
+
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// `dynamodb` when `FH_DYNAMODB_ENDPOINT` is set, else `embedded`.
+    Auto,
+    /// A redb file under the data directory: no services needed.
+    Embedded,
+    /// DynamoDB (credentials and region from the AWS default chain).
+    Dynamodb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheKind {
+    /// `redis` when `FH_REDIS_URL` is set, else `memory`.
+    Auto,
+    /// In-process cache: no services needed.
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where specs and plugins are, and which stores to use.
+#[derive(Debug, Clone, Args)]
+pub struct StoreSettings {
+    /// Directory of FeatureGroup / Ingestion specs (YAML, recursive).
+    #[arg(long, env = "FH_SPEC_DIR", default_value = "specs")]
+    pub spec_dir: PathBuf,
+
+    /// Directory that `plugin.wasm` paths in specs are relative to.
+    #[arg(long, env = "FH_PLUGIN_DIR", default_value = "plugins/dist")]
+    pub plugin_dir: PathBuf,
+
+    /// Local state: the embedded store file and the local dead-letter file.
+    #[arg(long, env = "FH_DATA_DIR", default_value = ".feature-host")]
+    pub data_dir: PathBuf,
+
+    /// The durable online store.
+    #[arg(long, env = "FH_STORE", value_enum, default_value_t = StoreKind::Auto)]
+    pub store: StoreKind,
+
+    /// DynamoDB endpoint override (DynamoDB Local); unset = the AWS regional endpoint.
+    #[arg(long, env = "FH_DYNAMODB_ENDPOINT")]
+    pub dynamodb_endpoint: Option<String>,
+
+    /// Create missing DynamoDB tables (with TTL enabled) at startup.
+    #[arg(long, env = "FH_CREATE_TABLES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_tables: bool,
+
+    /// The cache.
+    #[arg(long, env = "FH_CACHE", value_enum, default_value_t = CacheKind::Auto)]
+    pub cache: CacheKind,
+
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    #[arg(long, env = "FH_REDIS_URL")]
+    pub redis_url: Option<String>,
+}
+
+impl StoreSettings {
+    pub fn store_kind(&self) -> StoreKind {
+        match self.store {
+            StoreKind::Auto if self.dynamodb_endpoint.is_some() => StoreKind::Dynamodb,
+            StoreKind::Auto => StoreKind::Embedded,
+            k => k,
+        }
+    }
+
+    pub fn cache_kind(&self) -> CacheKind {
+        match self.cache {
+            CacheKind::Auto if self.redis_url.is_some() => CacheKind::Redis,
+            CacheKind::Auto => CacheKind::Memory,
+            k => k,
+        }
+    }
+
+    pub fn embedded_path(&self) -> PathBuf {
+        self.data_dir.join("store.redb")
+    }
+}
+
+/// Event sources and processing.
+#[derive(Debug, Clone, Args)]
+pub struct RunSettings {
+    /// Kafka bootstrap servers; unset = no Kafka (local sources only).
+    #[arg(long, env = "FH_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Kafka consumer group id.
+    #[arg(long, env = "FH_KAFKA_GROUP_ID", default_value = "feature-host")]
+    pub kafka_group_id: String,
+
+    /// Extra librdkafka properties, `key=value` separated by commas (e.g. TLS/SASL settings).
+    #[arg(long, env = "FH_KAFKA_PROPERTIES", default_value = "")]
+    pub kafka_properties: String,
+
+    /// Events per processing batch.
+    #[arg(long, env = "FH_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+
+    /// How long to wait to fill a batch.
+    #[arg(long, env = "FH_BATCH_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub batch_wait: Duration,
+
+    /// JSON-lines file of events to ingest (see README "Local events").
+    #[arg(long, env = "FH_EVENTS_FILE")]
+    pub events: Option<PathBuf>,
+
+    /// Exit once the events file is ingested, instead of serving until SIGTERM.
+    #[arg(long)]
+    pub once: bool,
+
+    /// Admin HTTP address (health, features, and the event push endpoint without Kafka).
+    #[arg(long, env = "FH_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+    pub admin_addr: String,
+}

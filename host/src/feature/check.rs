@@ -1,0 +1,173 @@
+//! Checking a plugin's write against the FeatureGroup's declared features, before anything
+//! reaches a store. A failed check dead-letters the event: it is a plugin or spec bug that a
+//! retry cannot fix.
+
+use super::value::{Op, Value, Write};
+use crate::spec::{FeatureGroupSpec, FeatureType};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WriteCheckError {
+    #[error("write to undeclared feature {feature:?} (declare it in the FeatureGroup spec)")]
+    UnknownFeature { feature: String },
+    #[error("feature {feature:?} is {declared:?}: `{op}` with a {given} value does not fit")]
+    TypeMismatch { feature: String, declared: FeatureType, op: &'static str, given: &'static str },
+    #[error("feature {feature:?} is a vector of dimension {expected}, got {got}")]
+    WrongDimension { feature: String, expected: u32, got: usize },
+    #[error("empty entity id in write to {feature:?}")]
+    EmptyEntity { feature: String },
+    #[error("append to {feature:?} with cap 0")]
+    ZeroCap { feature: String },
+    #[error("feature {feature:?}: NaN and infinite floats cannot be stored")]
+    NonFinite { feature: String },
+}
+
+/// Validate `write` against `spec`, normalizing numbers (an int written to a float feature
+/// becomes a float).
+pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, WriteCheckError> {
+    let Some(decl) = spec.feature(&write.feature) else {
+        return Err(WriteCheckError::UnknownFeature { feature: write.feature });
+    };
+    if write.entity.is_empty() {
+        return Err(WriteCheckError::EmptyEntity { feature: write.feature });
+    }
+    let ty = decl.ty;
+    let finite = |v: &Value| match v {
+        Value::Float(f) => f.is_finite(),
+        Value::FloatList(l) => l.iter().all(|f| f.is_finite()),
+        Value::Vector(l) => l.iter().all(|f| f.is_finite()),
+        _ => true,
+    };
+    let all_finite = match &write.op {
+        Op::Set(v) | Op::Incr(v) | Op::Max(v) | Op::Min(v) | Op::Append { item: v, .. } => finite(v),
+        Op::Delete => true,
+    };
+    if !all_finite {
+        return Err(WriteCheckError::NonFinite { feature: write.feature });
+    }
+    let mismatch = |op: &Op, v: &Value| WriteCheckError::TypeMismatch {
+        feature: decl.name.clone(),
+        declared: ty,
+        op: op.name(),
+        given: v.type_name(),
+    };
+    let op_name = write.op.clone();
+    let extreme = matches!(write.op, Op::Max(_) | Op::Min(_));
+    match &mut write.op {
+        Op::Set(v) => {
+            coerce(ty, v).map_err(|v| mismatch(&op_name, &v))?;
+            if let (Value::Vector(vec), Some(dim)) = (&*v, decl.dim)
+                && vec.len() != dim as usize
+            {
+                return Err(WriteCheckError::WrongDimension { feature: decl.name.clone(), expected: dim, got: vec.len() });
+            }
+        }
+        Op::Incr(v) | Op::Max(v) | Op::Min(v) => {
+            if !matches!(ty, FeatureType::Int | FeatureType::Float)
+                && !(extreme && ty == FeatureType::String)
+            {
+                return Err(mismatch(&op_name, v));
+            }
+            coerce(ty, v).map_err(|v| mismatch(&op_name, &v))?;
+        }
+        Op::Append { item, cap } => {
+            if *cap == 0 {
+                return Err(WriteCheckError::ZeroCap { feature: decl.name.clone() });
+            }
+            let element = match ty {
+                FeatureType::IntList => FeatureType::Int,
+                FeatureType::FloatList => FeatureType::Float,
+                FeatureType::StringList => FeatureType::String,
+                _ => return Err(mismatch(&op_name, item)),
+            };
+            coerce(element, item).map_err(|v| mismatch(&op_name, &v))?;
+        }
+        Op::Delete => {}
+    }
+    Ok(write)
+}
+
+/// Make `v` fit `ty` (int → float widening only); on failure return the offending value.
+fn coerce(ty: FeatureType, v: &mut Value) -> Result<(), Value> {
+    let ok = match (ty, &*v) {
+        (FeatureType::Float, Value::Int(i)) => {
+            *v = Value::Float(*i as f64);
+            true
+        }
+        (FeatureType::FloatList, Value::IntList(l)) => {
+            *v = Value::FloatList(l.iter().map(|i| *i as f64).collect());
+            true
+        }
+        (FeatureType::Bool, Value::Bool(_))
+        | (FeatureType::Int, Value::Int(_))
+        | (FeatureType::Float, Value::Float(_))
+        | (FeatureType::String, Value::String(_))
+        | (FeatureType::Bytes, Value::Bytes(_))
+        | (FeatureType::IntList, Value::IntList(_))
+        | (FeatureType::FloatList, Value::FloatList(_))
+        | (FeatureType::StringList, Value::StringList(_))
+        | (FeatureType::Vector, Value::Vector(_)) => true,
+        _ => false,
+    };
+    if ok { Ok(()) } else { Err(v.clone()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{FeatureSpec, PluginSpec};
+
+    fn spec() -> FeatureGroupSpec {
+        let f = |name: &str, ty, dim| FeatureSpec { name: name.into(), ty, dim, description: None };
+        FeatureGroupSpec {
+            entity: "user".into(),
+            description: None,
+            features: vec![
+                f("clicks", FeatureType::Int, None),
+                f("spend", FeatureType::Float, None),
+                f("last", FeatureType::StringList, None),
+                f("emb", FeatureType::Vector, Some(3)),
+                f("country", FeatureType::String, None),
+            ],
+            plugin: PluginSpec { wasm: "x.wasm".into(), config: None, limits: Default::default() },
+            sources: vec![],
+            store: Default::default(),
+            cache: Default::default(),
+            ordering: Default::default(),
+            retry: Default::default(),
+        }
+    }
+
+    fn w(feature: &str, op: Op) -> Write {
+        Write { entity: "u1".into(), feature: feature.into(), op, event_time_ms: 1 }
+    }
+
+    #[test]
+    fn accepts_and_widens() {
+        let out = check_write(&spec(), w("spend", Op::Incr(Value::Int(2)))).unwrap();
+        assert_eq!(out.op, Op::Incr(Value::Float(2.0)));
+        check_write(&spec(), w("last", Op::Append { item: Value::String("i".into()), cap: 3 })).unwrap();
+        check_write(&spec(), w("country", Op::Max(Value::String("DE".into())))).unwrap();
+        check_write(&spec(), w("clicks", Op::Delete)).unwrap();
+    }
+
+    #[test]
+    fn rejects_with_reasons() {
+        let e = check_write(&spec(), w("nope", Op::Delete)).unwrap_err();
+        assert!(e.to_string().contains("undeclared feature \"nope\""));
+        let e = check_write(&spec(), w("clicks", Op::Set(Value::String("x".into())))).unwrap_err();
+        assert!(matches!(e, WriteCheckError::TypeMismatch { .. }), "{e}");
+        let e = check_write(&spec(), w("country", Op::Incr(Value::Int(1)))).unwrap_err();
+        assert!(matches!(e, WriteCheckError::TypeMismatch { .. }));
+        let e = check_write(&spec(), w("emb", Op::Set(Value::Vector(vec![1.0])))).unwrap_err();
+        assert_eq!(e, WriteCheckError::WrongDimension { feature: "emb".into(), expected: 3, got: 1 });
+        let e = check_write(&spec(), w("last", Op::Append { item: Value::Int(1), cap: 3 })).unwrap_err();
+        assert!(matches!(e, WriteCheckError::TypeMismatch { .. }));
+        let e = check_write(&spec(), w("last", Op::Append { item: Value::String("a".into()), cap: 0 })).unwrap_err();
+        assert!(matches!(e, WriteCheckError::ZeroCap { .. }));
+        let e = check_write(&spec(), w("spend", Op::Set(Value::Float(f64::NAN)))).unwrap_err();
+        assert!(matches!(e, WriteCheckError::NonFinite { .. }));
+        let mut empty = w("clicks", Op::Delete);
+        empty.entity.clear();
+        assert!(matches!(check_write(&spec(), empty), Err(WriteCheckError::EmptyEntity { .. })));
+    }
+}

@@ -1,0 +1,13 @@
+//! Feature values, write operations, and the rules that merge them into stored state.
+//!
+//! The merge ([`state::EntityState::apply`]) is pure and shared by every store backend: a
+//! backend only loads a versioned state and compare-and-swaps the merged one, so event-time
+//! ordering and exactly-once effect are decided in one place.
+
+pub mod check;
+pub mod state;
+pub mod value;
+
+pub use check::{WriteCheckError, check_write};
+pub use state::{ApplyOutcome, Cell, EntityState, Mutation, Position, Versioned};
+pub use value::{Op, Value, Write};

@@ -1,0 +1,25 @@
+//! feature-host: an ingestion host for ML feature platforms.
+//!
+//! Reading order follows the data:
+//! - [`spec`]: FeatureGroup / Ingestion documents, validation, JSON Schema;
+//! - [`stream`]: event sources — Kafka (offsets committed in [`stream::kafka`]), local file and
+//!   HTTP push — and dead letters;
+//! - [`dispatch`]: which groups an event goes to (M:N);
+//! - [`plugin`]: the WASM runtime that turns events into feature writes;
+//! - [`feature`]: values, operations, and the merge rules (event time, exactly-once);
+//! - [`sink`]: DynamoDB / Redis / embedded stores and the cache strategies;
+//! - [`pipeline`]: the batch path through all of the above;
+//! - [`admin`], [`cli`], [`config`], [`app`]: operating it.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod event;
+pub mod feature;
+pub mod pipeline;
+pub mod plugin;
+pub mod sink;
+pub mod spec;
+pub mod stream;

@@ -1,0 +1,321 @@
+//! DynamoDB, the durable online store.
+//!
+//! Item layout (one item per (group, entity); see README "Data model"):
+//!
+//! | attribute        | meaning                                                    |
+//! |------------------|------------------------------------------------------------|
+//! | `pk` (S)         | `<group>#<entity>` — the partition key                      |
+//! | `v` (N)          | item version; every write is `PutItem` conditioned on it    |
+//! | `f:<feature>`    | the value (N, S, B, BOOL, L; vectors as packed f32 LE in B) |
+//! | `t:<feature>` (N)| event time (ms) that decided the value; alone = tombstone   |
+//! | `i:<feature>` (L)| event time of each item of a last-k list                   |
+//! | `p:<src>#<part>` | highest applied offset from that source partition          |
+//! | `ttl` (N)        | expiry, Unix seconds (DynamoDB TTL attribute)              |
+
+use super::{SinkError, Store, Target, unix_now};
+use crate::feature::{Cell, EntityState, Value, Versioned};
+use crate::spec::FeatureType;
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes, ScalarAttributeType,
+    TableStatus, TimeToLiveSpecification,
+};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const BACKEND: &str = "DynamoDB";
+type Item = HashMap<String, AttributeValue>;
+
+pub struct DynamoStore {
+    client: Client,
+}
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E>) -> SinkError {
+    let message = match &e {
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or("unknown");
+            let msg = format!("{what}: {code}: {}", s.err().message().unwrap_or(""));
+            if code.contains("Validation") || code == "ResourceNotFoundException" {
+                return SinkError::Rejected { backend: BACKEND, message: msg };
+            }
+            msg
+        }
+        other => format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(other)),
+    };
+    SinkError::Unavailable { backend: BACKEND, message }
+}
+
+impl DynamoStore {
+    /// A client from the AWS default chain (env, profile, IRSA web identity, instance role);
+    /// `endpoint` overrides the service URL (DynamoDB Local).
+    pub async fn connect(endpoint: Option<&str>) -> DynamoStore {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+            loader = loader.region(aws_config::Region::new("us-east-1"));
+        }
+        let shared = loader.load().await;
+        let mut config = aws_sdk_dynamodb::config::Builder::from(&shared);
+        if let Some(url) = endpoint {
+            config = config.endpoint_url(url);
+        }
+        DynamoStore { client: Client::from_conf(config.build()) }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn ensure_table(&self, table: &str) -> Result<(), SinkError> {
+        let created = self
+            .client
+            .create_table()
+            .table_name(table)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("pk")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("complete builder"),
+            )
+            .key_schema(KeySchemaElement::builder().attribute_name("pk").key_type(KeyType::Hash).build().expect("complete builder"))
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => {}
+            Err(e) => return Err(classify(&format!("create table {table}"), e)),
+        }
+        for _ in 0..120 {
+            let d = self.client.describe_table().table_name(table).send().await.map_err(|e| classify("describe table", e))?;
+            if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let ttl = self
+            .client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder().enabled(true).attribute_name("ttl").build().expect("complete builder"),
+            )
+            .send()
+            .await;
+        match ttl {
+            Ok(_) => Ok(()),
+            // Already enabled: fine.
+            Err(e) if e.as_service_error().and_then(|s| s.message()).is_some_and(|m| m.contains("already enabled")) => Ok(()),
+            Err(e) => Err(classify(&format!("enable TTL on {table}"), e)),
+        }
+    }
+
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        let mut found: HashMap<String, Item> = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(100) {
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(chunk.iter().map(|k| HashMap::from([("pk".to_string(), AttributeValue::S(k.clone()))])).collect()))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| SinkError::Rejected { backend: BACKEND, message: e.to_string() })?,
+            );
+            let mut backoff = Duration::from_millis(10);
+            while let Some(req) = request.take() {
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&target.table, req)
+                    .send()
+                    .await
+                    .map_err(|e| classify(&format!("batch get from {}", target.table), e))?;
+                for item in out.responses.unwrap_or_default().remove(&target.table).unwrap_or_default() {
+                    if let Some(AttributeValue::S(pk)) = item.get("pk") {
+                        found.insert(pk.clone(), item);
+                    }
+                }
+                request = out.unprocessed_keys.unwrap_or_default().remove(&target.table).filter(|k| !k.keys().is_empty());
+                if request.is_some() {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        let now = unix_now();
+        keys.iter()
+            .map(|k| match found.remove(k) {
+                Some(item) => {
+                    let v = decode_item(&item, &target.types)?;
+                    Ok(v.state.expires_at.is_none_or(|t| t > now).then_some(v))
+                }
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    async fn compare_and_swap(&self, target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+        let mut request = self.client.put_item().table_name(&target.table).set_item(Some(encode_item(key, next)));
+        request = if expected == 0 {
+            request.condition_expression("attribute_not_exists(pk)")
+        } else {
+            request
+                .condition_expression("#v = :v")
+                .expression_attribute_names("#v", "v")
+                .expression_attribute_values(":v", AttributeValue::N(expected.to_string()))
+        };
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(classify(&format!("conditional put to {}", target.table), e)),
+        }
+    }
+}
+
+/// Encode a state as a DynamoDB item.
+pub fn encode_item(key: &str, v: &Versioned) -> Item {
+    let mut item = Item::new();
+    item.insert("pk".into(), AttributeValue::S(key.into()));
+    item.insert("v".into(), AttributeValue::N(v.version.to_string()));
+    if let Some(t) = v.state.expires_at {
+        item.insert("ttl".into(), AttributeValue::N(t.to_string()));
+    }
+    for (name, cell) in &v.state.features {
+        if let Some(value) = &cell.value {
+            item.insert(format!("f:{name}"), encode_value(value));
+        }
+        item.insert(format!("t:{name}"), AttributeValue::N(cell.event_time_ms.to_string()));
+        if !cell.item_times.is_empty() {
+            item.insert(
+                format!("i:{name}"),
+                AttributeValue::L(cell.item_times.iter().map(|t| AttributeValue::N(t.to_string())).collect()),
+            );
+        }
+    }
+    for (pos, offset) in &v.state.positions {
+        item.insert(format!("p:{pos}"), AttributeValue::N(offset.to_string()));
+    }
+    item
+}
+
+fn encode_value(v: &Value) -> AttributeValue {
+    let n = |x: String| AttributeValue::N(x);
+    match v {
+        Value::Bool(b) => AttributeValue::Bool(*b),
+        Value::Int(i) => n(i.to_string()),
+        Value::Float(f) => n(format_float(*f)),
+        Value::String(s) => AttributeValue::S(s.clone()),
+        Value::Bytes(b) => AttributeValue::B(b.clone().into()),
+        Value::IntList(l) => AttributeValue::L(l.iter().map(|i| n(i.to_string())).collect()),
+        Value::FloatList(l) => AttributeValue::L(l.iter().map(|f| n(format_float(*f))).collect()),
+        Value::StringList(l) => AttributeValue::L(l.iter().map(|s| AttributeValue::S(s.clone())).collect()),
+        Value::Vector(v) => AttributeValue::B(v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>().into()),
+    }
+}
+
+fn format_float(f: f64) -> String {
+    // check_write rejects non-finite floats; DynamoDB numbers cannot hold them.
+    if f.is_finite() { format!("{f:?}") } else { "0".into() }
+}
+
+fn corrupt(what: String) -> SinkError {
+    SinkError::Rejected { backend: BACKEND, message: format!("unreadable item: {what}") }
+}
+
+fn num<T: std::str::FromStr>(a: &AttributeValue, what: &str) -> Result<T, SinkError> {
+    a.as_n().ok().and_then(|s| s.parse().ok()).ok_or_else(|| corrupt(format!("{what} is not a number")))
+}
+
+/// Decode an item; `types` are the group's declared feature types.
+pub fn decode_item(item: &Item, types: &std::collections::BTreeMap<String, FeatureType>) -> Result<Versioned, SinkError> {
+    let mut state = EntityState::default();
+    let mut version = 0;
+    for (name, attr) in item {
+        if name == "v" {
+            version = num(attr, "v")?;
+        } else if name == "ttl" {
+            state.expires_at = Some(num(attr, "ttl")?);
+        } else if let Some(f) = name.strip_prefix("t:") {
+            let t = num(attr, name)?;
+            state.features.entry(f.to_owned()).or_insert(Cell { value: None, event_time_ms: 0, item_times: vec![] }).event_time_ms = t;
+        } else if let Some(f) = name.strip_prefix("f:") {
+            let value = decode_value(attr, types.get(f).copied()).ok_or_else(|| corrupt(format!("feature {f:?}")))?;
+            state.features.entry(f.to_owned()).or_insert(Cell { value: None, event_time_ms: 0, item_times: vec![] }).value = Some(value);
+        } else if let Some(f) = name.strip_prefix("i:") {
+            let times = attr.as_l().map_err(|_| corrupt(name.clone()))?.iter().map(|a| num(a, name)).collect::<Result<_, _>>()?;
+            state.features.entry(f.to_owned()).or_insert(Cell { value: None, event_time_ms: 0, item_times: vec![] }).item_times = times;
+        } else if let Some(p) = name.strip_prefix("p:") {
+            state.positions.insert(p.to_owned(), num(attr, name)?);
+        }
+    }
+    Ok(Versioned { version, state })
+}
+
+fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
+    let int = |a: &AttributeValue| a.as_n().ok()?.parse::<i64>().ok();
+    let float = |a: &AttributeValue| a.as_n().ok()?.parse::<f64>().ok();
+    Some(match (a, ty) {
+        (AttributeValue::Bool(b), _) => Value::Bool(*b),
+        (AttributeValue::S(s), _) => Value::String(s.clone()),
+        (AttributeValue::N(_), Some(FeatureType::Float)) => Value::Float(float(a)?),
+        (AttributeValue::N(_), _) => int(a).map(Value::Int).or_else(|| float(a).map(Value::Float))?,
+        (AttributeValue::B(b), Some(FeatureType::Vector)) => Value::Vector(
+            b.as_ref().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        ),
+        (AttributeValue::B(b), _) => Value::Bytes(b.clone().into_inner()),
+        (AttributeValue::L(l), Some(FeatureType::StringList)) => {
+            Value::StringList(l.iter().map(|x| x.as_s().ok().cloned()).collect::<Option<_>>()?)
+        }
+        (AttributeValue::L(l), Some(FeatureType::FloatList)) => Value::FloatList(l.iter().map(float).collect::<Option<_>>()?),
+        (AttributeValue::L(l), _) => {
+            if let Some(ints) = l.iter().map(int).collect::<Option<Vec<_>>>() {
+                Value::IntList(ints)
+            } else if let Some(fs) = l.iter().map(float).collect::<Option<Vec<_>>>() {
+                Value::FloatList(fs)
+            } else {
+                Value::StringList(l.iter().map(|x| x.as_s().ok().cloned()).collect::<Option<_>>()?)
+            }
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn item_round_trip() {
+        let mut state = EntityState::default();
+        let cell = |v: Option<Value>, t| Cell { value: v, event_time_ms: t, item_times: vec![] };
+        state.features.insert("n".into(), cell(Some(Value::Int(3)), 10));
+        state.features.insert("f".into(), cell(Some(Value::Float(2.0)), 11));
+        state.features.insert("gone".into(), cell(None, 12));
+        state.features.insert("emb".into(), cell(Some(Value::Vector(vec![0.5, -1.0])), 13));
+        state.features.insert(
+            "last".into(),
+            Cell { value: Some(Value::StringList(vec!["a".into(), "b".into()])), event_time_ms: 14, item_times: vec![14, 9] },
+        );
+        state.positions.insert("topic#3".into(), 99);
+        state.expires_at = Some(1_900_000_000);
+        let v = Versioned { version: 7, state };
+        let types = BTreeMap::from([
+            ("f".to_string(), FeatureType::Float),
+            ("emb".to_string(), FeatureType::Vector),
+            ("last".to_string(), FeatureType::StringList),
+        ]);
+        let item = encode_item("g#u1", &v);
+        assert_eq!(item["pk"], AttributeValue::S("g#u1".into()));
+        assert!(!item.contains_key("f:gone") && item.contains_key("t:gone"));
+        assert_eq!(decode_item(&item, &types).unwrap(), v);
+    }
+}

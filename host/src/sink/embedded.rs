@@ -1,0 +1,103 @@
+//! The embedded store: a redb file, for running with no services. Same semantics as DynamoDB
+//! (compare-and-swap on the item version, TTL honoured on read).
+
+use super::{SinkError, Store, Target, unix_now};
+use crate::feature::Versioned;
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+
+const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
+const BACKEND: &str = "embedded store";
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn err(e: impl std::fmt::Display) -> SinkError {
+    SinkError::Unavailable { backend: BACKEND, message: e.to_string() }
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the store file at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<EmbeddedStore> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let db = Database::create(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open embedded store {}: {e} (is another feature-host process using it? \
+                 query the running host's admin API instead, or set FH_DATA_DIR)",
+                path.display()
+            )
+        })?;
+        let tx = db.begin_write()?;
+        tx.open_table(ITEMS)?;
+        tx.commit()?;
+        Ok(EmbeddedStore { db: Arc::new(db) })
+    }
+
+    fn item_key(table: &str, key: &str) -> String {
+        format!("{table}\u{0}{key}")
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Versioned, SinkError> {
+    serde_json::from_slice(bytes).map_err(|e| SinkError::Rejected { backend: BACKEND, message: format!("corrupt item: {e}") })
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        let db = self.db.clone();
+        let keys: Vec<String> = keys.iter().map(|k| Self::item_key(&target.table, k)).collect();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(err)?;
+            let table = tx.open_table(ITEMS).map_err(err)?;
+            let now = unix_now();
+            keys.iter()
+                .map(|k| match table.get(k.as_str()).map_err(err)? {
+                    Some(v) => {
+                        let item = decode(v.value())?;
+                        Ok(item.state.expires_at.is_none_or(|t| t > now).then_some(item))
+                    }
+                    None => Ok(None),
+                })
+                .collect()
+        })
+        .await
+        .map_err(err)?
+    }
+
+    async fn compare_and_swap(&self, target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+        let db = self.db.clone();
+        let key = Self::item_key(&target.table, key);
+        let bytes = serde_json::to_vec(next).map_err(err)?;
+        tokio::task::spawn_blocking(move || {
+            // redb has one writer at a time: the version check and the write are atomic.
+            let tx = db.begin_write().map_err(err)?;
+            let swapped = {
+                let mut table = tx.open_table(ITEMS).map_err(err)?;
+                let current = match table.get(key.as_str()).map_err(err)? {
+                    Some(v) => decode(v.value())?.version,
+                    None => 0,
+                };
+                if current == expected {
+                    table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+                    true
+                } else {
+                    false
+                }
+            };
+            tx.commit().map_err(err)?;
+            Ok(swapped)
+        })
+        .await
+        .map_err(err)?
+    }
+}

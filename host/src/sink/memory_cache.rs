@@ -1,0 +1,108 @@
+//! The in-process cache, for running with no services. Same version rules as the Redis
+//! cache; also usable as the store of `cache-only` groups.
+
+use super::{Cache, CacheFill, SinkError, Store, Target};
+use crate::feature::Versioned;
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+enum Entry {
+    Value(Versioned),
+    Invalidated(u64),
+}
+
+impl Entry {
+    fn version(&self) -> u64 {
+        match self {
+            Entry::Value(v) => v.version,
+            Entry::Invalidated(v) => *v,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryCache {
+    entries: Mutex<HashMap<String, (Entry, Option<Instant>)>>,
+}
+
+impl MemoryCache {
+    pub fn new() -> MemoryCache {
+        MemoryCache::default()
+    }
+
+    fn live<'a>(map: &'a HashMap<String, (Entry, Option<Instant>)>, key: &str) -> Option<&'a Entry> {
+        map.get(key).filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now())).map(|(e, _)| e)
+    }
+}
+
+fn expiry(ttl: Duration) -> Option<Instant> {
+    (!ttl.is_zero()).then(|| Instant::now() + ttl)
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    fn backend(&self) -> &'static str {
+        "memory cache"
+    }
+
+    async fn put_if_newer(&self, fills: &[CacheFill]) -> Result<(), SinkError> {
+        let mut map = self.entries.lock().expect("cache lock");
+        for f in fills {
+            let accept = match Self::live(&map, &f.key) {
+                None => true,
+                Some(Entry::Invalidated(v)) => f.entry.version >= *v,
+                Some(Entry::Value(v)) => f.entry.version > v.version,
+            };
+            if accept {
+                map.insert(f.key.clone(), (Entry::Value(f.entry.clone()), expiry(f.ttl)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn invalidate(&self, keys: &[(String, u64)], ttl: Duration) -> Result<(), SinkError> {
+        let mut map = self.entries.lock().expect("cache lock");
+        for (key, version) in keys {
+            if Self::live(&map, key).is_none_or(|e| e.version() <= *version) {
+                map.insert(key.clone(), (Entry::Invalidated(*version), expiry(ttl)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError> {
+        let map = self.entries.lock().expect("cache lock");
+        Ok(match Self::live(&map, key) {
+            Some(Entry::Value(v)) => Some(v.clone()),
+            _ => None,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for MemoryCache {
+    fn backend(&self) -> &'static str {
+        "memory cache"
+    }
+
+    async fn load(&self, _target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(Cache::get(self, k).await?);
+        }
+        Ok(out)
+    }
+
+    async fn compare_and_swap(&self, _target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+        let mut map = self.entries.lock().expect("cache lock");
+        let current = Self::live(&map, key).map_or(0, Entry::version);
+        if current != expected {
+            return Ok(false);
+        }
+        let ttl = next.state.expires_at.map(|t| Duration::from_secs((t - super::unix_now()).max(1) as u64));
+        map.insert(key.to_owned(), (Entry::Value(next.clone()), ttl.and_then(expiry)));
+        Ok(true)
+    }
+}

@@ -1,0 +1,100 @@
+//! Online store and cache writes.
+//!
+//! Every backend is a versioned key-value store with compare-and-swap ([`Store`]); the merge
+//! rules live in [`crate::feature::state`], so backends cannot disagree on semantics. The
+//! [`writer::FeatureWriter`] coalesces a batch per entity, merges, swaps, and applies the
+//! group's cache strategy; [`writer::FeatureWriter::get`] is the read path.
+//!
+//! Backends: [`dynamo`] (DynamoDB, the source of truth), [`redis_cache`] (Redis, the remote
+//! cache), [`embedded`] (redb file, the no-services default store), [`memory_cache`]
+//! (in-process cache).
+
+pub mod dynamo;
+pub mod embedded;
+pub mod memory_cache;
+pub mod redis_cache;
+pub mod writer;
+
+use crate::feature::Versioned;
+use crate::spec::FeatureType;
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A store or cache operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Transient (network, throttling, service down): the events go to the retry path.
+    #[error("{backend} unavailable: {message}")]
+    Unavailable { backend: &'static str, message: String },
+    /// Bad data or configuration: retrying cannot help.
+    #[error("{backend} rejected the request: {message}")]
+    Rejected { backend: &'static str, message: String },
+    /// Optimistic concurrency kept losing races.
+    #[error("{backend}: gave up on {key} after {attempts} conflicting concurrent updates")]
+    Contended { backend: &'static str, key: String, attempts: u32 },
+}
+
+/// Where and how one group's items are stored.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub group: String,
+    pub table: String,
+    /// Declared feature types, used by backends whose encoding is not self-describing.
+    pub types: BTreeMap<String, FeatureType>,
+}
+
+impl Target {
+    /// The item key of `entity` in this group.
+    pub fn key(&self, entity: &str) -> String {
+        format!("{}#{}", self.group, entity)
+    }
+}
+
+/// A versioned key-value store with compare-and-swap.
+#[async_trait]
+pub trait Store: Send + Sync {
+    fn backend(&self) -> &'static str;
+
+    /// Create the table if missing (idempotent).
+    async fn ensure_table(&self, _table: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Current state of each key (`None`: absent or expired).
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError>;
+
+    /// Replace the item at `key` with `next` iff its version is still `expected`
+    /// (0: the item must not exist). False when another writer won the race.
+    async fn compare_and_swap(&self, target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError>;
+}
+
+/// One cache write of a write-through group.
+#[derive(Debug, Clone)]
+pub struct CacheFill {
+    pub key: String,
+    pub entry: Versioned,
+    pub ttl: Duration,
+}
+
+/// A cache in front of a [`Store`]. Entries carry the store's version so that a slow writer
+/// or reader can never replace a newer entry with an older one.
+#[async_trait]
+pub trait Cache: Send + Sync {
+    fn backend(&self) -> &'static str;
+
+    /// Store each entry unless the cache already holds that version or a newer one.
+    async fn put_if_newer(&self, fills: &[CacheFill]) -> Result<(), SinkError>;
+
+    /// Replace each entry with an invalidation marker at the given version: readers see a
+    /// miss, and fills older than the version are refused.
+    async fn invalidate(&self, keys: &[(String, u64)], ttl: Duration) -> Result<(), SinkError>;
+
+    /// The cached entry, or `None` on a miss or an invalidation marker.
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError>;
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}

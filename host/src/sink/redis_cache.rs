@@ -1,0 +1,190 @@
+//! Redis, the remote cache (and the store of `cache-only` groups).
+//!
+//! One hash per (group, entity) at `fh:<group>#<entity>`:
+//! - one field per live feature, holding its value as plain JSON (what serving clients read
+//!   with `HGET`/`HMGET`);
+//! - `__v`: the store version the entry reflects;
+//! - `__s`: the full state (values, event times, positions) as JSON, for typed reads;
+//! - `__inv`: present on an invalidation marker (write-around): readers treat it as a miss.
+//!
+//! All writes are Lua scripts that check `__v` server-side, so a delayed writer or reader can
+//! never replace a newer entry with an older one.
+
+use super::{Cache, CacheFill, SinkError, Store, Target};
+use crate::feature::Versioned;
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+const BACKEND: &str = "Redis";
+
+/// Replace the hash with the given fields if its version is older (an invalidation marker at
+/// the same version also yields). ARGV: version, ttl ms (0 = none), field, value, ...
+static PUT_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HMGET', KEYS[1], '__v', '__inv')
+local v = tonumber(ARGV[1])
+if cur[1] then
+  local cv = tonumber(cur[1])
+  if (cur[2] and v < cv) or ((not cur[2]) and v <= cv) then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '__v', ARGV[1], unpack(ARGV, 3))
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Replace the hash with an invalidation marker at version ARGV[1] unless it holds a newer
+/// version. ARGV: version, ttl ms.
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cv = tonumber(redis.call('HGET', KEYS[1], '__v') or '0')
+if cv > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '__v', ARGV[1], '__inv', '1')
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Compare-and-swap for `cache-only` groups. ARGV: expected version ('0' = absent), new
+/// version, expire-at Unix seconds (0 = none), field, value, ...
+static CAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HGET', KEYS[1], '__v')
+if (cur == false and ARGV[1] ~= '0') or (cur ~= false and cur ~= ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '__v', ARGV[2], unpack(ARGV, 4))
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIREAT', KEYS[1], ARGV[3]) end
+return 1
+"#,
+    )
+});
+
+pub struct RedisCache {
+    conn: ConnectionManager,
+}
+
+fn unavailable(e: redis::RedisError) -> SinkError {
+    SinkError::Unavailable { backend: BACKEND, message: e.to_string() }
+}
+
+impl RedisCache {
+    /// Connect to `url` (`redis://host:port/db`). The connection reconnects by itself.
+    pub async fn connect(url: &str) -> anyhow::Result<RedisCache> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid Redis URL {url:?}: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))?;
+        Ok(RedisCache { conn })
+    }
+
+    /// The Redis key of a store key.
+    pub fn redis_key(key: &str) -> String {
+        format!("fh:{key}")
+    }
+
+    fn fields(entry: &Versioned) -> Result<Vec<String>, SinkError> {
+        let mut out = Vec::with_capacity(2 + entry.state.features.len() * 2);
+        out.push("__s".into());
+        out.push(serde_json::to_string(&entry.state).map_err(|e| SinkError::Rejected { backend: BACKEND, message: e.to_string() })?);
+        for (name, value) in entry.state.values() {
+            out.push(name.to_owned());
+            out.push(value.to_json().to_string());
+        }
+        Ok(out)
+    }
+
+    async fn read(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("HMGET").arg(Self::redis_key(k)).arg("__v").arg("__s").arg("__inv");
+        }
+        let rows: Vec<(Option<u64>, Option<String>, Option<String>)> =
+            pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        rows.into_iter()
+            .map(|(v, s, inv)| match (v, s, inv) {
+                (Some(version), Some(state), None) => serde_json::from_str(&state)
+                    .map(|state| Some(Versioned { version, state }))
+                    .map_err(|e| SinkError::Rejected { backend: BACKEND, message: format!("corrupt cache entry: {e}") }),
+                _ => Ok(None),
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn put_if_newer(&self, fills: &[CacheFill]) -> Result<(), SinkError> {
+        if fills.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&PUT_IF_NEWER).ignore();
+        for f in fills {
+            let mut inv = PUT_IF_NEWER.key(Self::redis_key(&f.key));
+            inv.arg(f.entry.version).arg(f.ttl.as_millis() as u64).arg(Self::fields(&f.entry)?);
+            pipe.invoke_script(&inv).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
+    }
+
+    async fn invalidate(&self, keys: &[(String, u64)], ttl: Duration) -> Result<(), SinkError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&INVALIDATE).ignore();
+        for (key, version) in keys {
+            let mut inv = INVALIDATE.key(Self::redis_key(key));
+            inv.arg(*version).arg(ttl.as_millis() as u64);
+            pipe.invoke_script(&inv).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError> {
+        Ok(self.read(&[key.to_owned()]).await?.pop().flatten())
+    }
+}
+
+#[async_trait]
+impl Store for RedisCache {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn load(&self, _target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        self.read(keys).await
+    }
+
+    async fn compare_and_swap(&self, _target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+        let mut inv = CAS.key(Self::redis_key(key));
+        inv.arg(expected).arg(next.version).arg(next.state.expires_at.unwrap_or(0)).arg(Self::fields(next)?);
+        let swapped: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(|e| {
+            // A value of a different type at the key is data, not an outage.
+            if e.code() == Some("WRONGTYPE") {
+                SinkError::Rejected { backend: BACKEND, message: e.to_string() }
+            } else {
+                unavailable(e)
+            }
+        })?;
+        Ok(swapped == 1)
+    }
+}

@@ -1,0 +1,443 @@
+//! Loading a spec directory: YAML → structural check against the JSON Schema (every
+//! violation, with its field path) → typed documents → semantic checks across documents
+//! (duplicates, references, cycles, cron, durations, plugin files).
+
+use super::model::*;
+use schemars::schema_for;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// One problem in one spec file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// The file (and document, for multi-document files): `specs/a.yaml` or `specs/a.yaml#2`.
+    pub file: String,
+    /// Dotted field path inside the document, e.g. `spec.features[1].type`; empty for the
+    /// whole document.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.field, self.message)
+        }
+    }
+}
+
+/// All problems found in a set of spec files.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} spec error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A validated FeatureGroup with its derived settings.
+#[derive(Debug, Clone)]
+pub struct GroupDef {
+    pub name: String,
+    pub file: PathBuf,
+    pub spec: FeatureGroupSpec,
+    /// Resolved path of the plugin component.
+    pub plugin_path: PathBuf,
+    pub store_ttl: Option<Duration>,
+    pub cache_ttl: Duration,
+    pub retry_backoff: Duration,
+    pub retry_topic: String,
+    pub dead_letter_topic: String,
+}
+
+/// A validated Ingestion.
+#[derive(Debug, Clone)]
+pub struct IngestionDef {
+    pub name: String,
+    pub file: PathBuf,
+    pub spec: IngestionSpec,
+}
+
+/// Every valid document of a spec directory.
+#[derive(Debug, Clone, Default)]
+pub struct SpecSet {
+    pub groups: BTreeMap<String, GroupDef>,
+    pub ingestions: BTreeMap<String, IngestionDef>,
+}
+
+impl SpecSet {
+    /// Every Kafka topic some group consumes.
+    pub fn topics(&self) -> BTreeSet<String> {
+        self.groups.values().flat_map(|g| g.spec.sources.iter().map(|s| s.topic.clone())).collect()
+    }
+}
+
+/// The JSON Schema of a spec document, for editors (`yaml-language-server`) and CI.
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schema_for!(Document)).expect("schema serializes");
+    schema["title"] = "feature-host spec document".into();
+    schema
+}
+
+struct Validators {
+    group: jsonschema::Validator,
+    ingestion: jsonschema::Validator,
+}
+
+static VALIDATORS: LazyLock<Validators> = LazyLock::new(|| {
+    let compile = |schema: schemars::Schema| {
+        let mut value = serde_json::to_value(schema).expect("schema serializes");
+        // `kind` is the enum tag, not a field of the per-kind structs.
+        if let Some(props) = value.get_mut("properties").and_then(|p| p.as_object_mut()) {
+            props.insert("kind".into(), serde_json::json!({"type": "string"}));
+        }
+        jsonschema::validator_for(&value).expect("generated schema compiles")
+    };
+    Validators { group: compile(schema_for!(FeatureGroupDoc)), ingestion: compile(schema_for!(IngestionDoc)) }
+});
+
+/// Load and validate every `*.yaml` / `*.yml` below `dir` (recursively). Plugin paths resolve
+/// against `plugin_dir`.
+pub fn load_dir(dir: &Path, plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
+    let mut files = Vec::new();
+    if let Err(e) = collect_yaml(dir, &mut files) {
+        return Err(SpecErrors(vec![SpecError {
+            file: dir.display().to_string(),
+            field: String::new(),
+            message: format!("cannot read spec directory: {e}"),
+        }]));
+    }
+    files.sort();
+    load_files(&files, plugin_dir)
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_yaml(&path, out)?;
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Load and validate the given files as one set.
+pub fn load_files(files: &[PathBuf], plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
+    let mut errors = Vec::new();
+    let mut docs = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => parse_file(file, &text, &mut docs, &mut errors),
+            Err(e) => errors.push(SpecError {
+                file: file.display().to_string(),
+                field: String::new(),
+                message: format!("cannot read file: {e}"),
+            }),
+        }
+    }
+    let set = check_semantics(docs, plugin_dir, &mut errors);
+    if errors.is_empty() { Ok(set) } else { Err(SpecErrors(errors)) }
+}
+
+struct ParsedDoc {
+    file: PathBuf,
+    label: String,
+    doc: Document,
+}
+
+fn parse_file(file: &Path, text: &str, docs: &mut Vec<ParsedDoc>, errors: &mut Vec<SpecError>) {
+    let mut raw = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        raw.push((i, serde_norway::Value::deserialize(de)));
+    }
+    let many = raw.len() > 1;
+    for (i, value) in raw {
+        let label = if many { format!("{}#{}", file.display(), i + 1) } else { file.display().to_string() };
+        let err = |field: &str, message: String| SpecError { file: label.clone(), field: field.into(), message };
+        let value = match value {
+            Ok(serde_norway::Value::Null) => continue, // empty document (e.g. trailing `---`)
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(err("", format!("not valid YAML: {e}")));
+                continue;
+            }
+        };
+        let json = match serde_json::to_value(&value) {
+            Ok(j) => j,
+            Err(e) => {
+                errors.push(err("", format!("not representable as JSON (non-string keys or tags?): {e}")));
+                continue;
+            }
+        };
+        let validator = match json.get("kind").and_then(|k| k.as_str()) {
+            Some("FeatureGroup") => &VALIDATORS.group,
+            Some("Ingestion") => &VALIDATORS.ingestion,
+            Some(other) => {
+                errors.push(err("kind", format!("unknown kind {other:?}: expected FeatureGroup or Ingestion")));
+                continue;
+            }
+            None => {
+                errors.push(err("kind", "missing: expected FeatureGroup or Ingestion".into()));
+                continue;
+            }
+        };
+        let before = errors.len();
+        for e in validator.iter_errors(&json) {
+            errors.push(err(&pointer_to_path(e.instance_path().as_str()), e.to_string()));
+        }
+        if errors.len() > before {
+            continue;
+        }
+        match serde_path_to_error::deserialize::<_, Document>(json) {
+            Ok(doc) => docs.push(ParsedDoc { file: file.to_path_buf(), label, doc }),
+            Err(e) => errors.push(err(&e.path().to_string(), e.inner().to_string())),
+        }
+    }
+}
+
+/// `/spec/features/1/type` → `spec.features[1].type`.
+fn pointer_to_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        if seg.chars().all(|c| c.is_ascii_digit()) && !seg.is_empty() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg);
+        }
+    }
+    out
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. `30s`, `10m`, `12h`, `30d`"))
+}
+
+fn check_semantics(docs: Vec<ParsedDoc>, plugin_dir: &Path, errors: &mut Vec<SpecError>) -> SpecSet {
+    let mut set = SpecSet::default();
+    let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
+    let mut ingestion_docs = Vec::new();
+
+    for ParsedDoc { file, label, doc } in docs {
+        let err = |field: &str, message: String| SpecError { file: label.clone(), field: field.into(), message };
+        let (kind, api_version, name) = match &doc {
+            Document::FeatureGroup(d) => ("FeatureGroup", &d.api_version, d.metadata.name.clone()),
+            Document::Ingestion(d) => ("Ingestion", &d.api_version, d.metadata.name.clone()),
+        };
+        let mut problems = Vec::new();
+        if api_version != API_VERSION {
+            problems.push(err("apiVersion", format!("unsupported {api_version:?}: expected {API_VERSION:?}")));
+        }
+        if let Some(first) = seen.get(&(kind, name.clone())) {
+            problems.push(err("metadata.name", format!("duplicate {kind} {name:?}: already defined in {first}")));
+        } else {
+            seen.insert((kind, name.clone()), label.clone());
+        }
+        match doc {
+            Document::FeatureGroup(d) => {
+                let group = check_group(&name, &file, d.spec, plugin_dir, &err, &mut problems);
+                if problems.is_empty() {
+                    set.groups.insert(name, group);
+                }
+            }
+            Document::Ingestion(d) => {
+                if let Some(schedule) = &d.spec.schedule
+                    && let Err(e) = schedule.parse::<croner::Cron>()
+                {
+                    problems.push(err("spec.schedule", format!("invalid cron expression {schedule:?}: {e}")));
+                }
+                ingestion_docs.push((label.clone(), file, name, d.spec, problems.is_empty()));
+            }
+        }
+        errors.extend(problems);
+    }
+
+    // Cross-references need every group loaded first.
+    let names: BTreeSet<String> = ingestion_docs.iter().map(|(_, _, n, _, _)| n.clone()).collect();
+    let group_names: BTreeSet<String> =
+        seen.keys().filter(|(k, _)| *k == "FeatureGroup").map(|(_, n)| n.clone()).collect();
+    for (label, file, name, spec, ok) in &ingestion_docs {
+        let mut ok = *ok;
+        let err = |field: &str, message: String| SpecError { file: label.clone(), field: field.into(), message };
+        if !group_names.contains(&spec.feature_group) {
+            ok = false;
+            errors.push(err("spec.featureGroup", format!("unknown FeatureGroup {:?}", spec.feature_group)));
+        }
+        for (i, dep) in spec.depends_on.iter().enumerate() {
+            if dep == name {
+                ok = false;
+                errors.push(err(&format!("spec.dependsOn[{i}]"), "an ingestion cannot depend on itself".into()));
+            } else if !names.contains(dep) {
+                ok = false;
+                errors.push(err(&format!("spec.dependsOn[{i}]"), format!("unknown Ingestion {dep:?}")));
+            }
+        }
+        if ok {
+            set.ingestions
+                .insert(name.clone(), IngestionDef { name: name.clone(), file: file.clone(), spec: spec.clone() });
+        }
+    }
+    let edges: BTreeMap<String, (String, Vec<String>)> = ingestion_docs
+        .iter()
+        .map(|(label, _, n, s, _)| (n.clone(), (label.clone(), s.depends_on.clone())))
+        .collect();
+    for cycle in find_cycles(&edges) {
+        let (label, _) = &edges[&cycle[0]];
+        errors.push(SpecError {
+            file: label.clone(),
+            field: "spec.dependsOn".into(),
+            message: format!("dependency cycle: {} -> {}", cycle.join(" -> "), cycle[0]),
+        });
+        for n in &cycle {
+            set.ingestions.remove(n);
+        }
+    }
+    set
+}
+
+fn check_group(
+    name: &str,
+    file: &Path,
+    spec: FeatureGroupSpec,
+    plugin_dir: &Path,
+    err: &dyn Fn(&str, String) -> SpecError,
+    problems: &mut Vec<SpecError>,
+) -> GroupDef {
+    let mut names = BTreeSet::new();
+    for (i, f) in spec.features.iter().enumerate() {
+        if !names.insert(f.name.as_str()) {
+            problems.push(err(&format!("spec.features[{i}].name"), format!("duplicate feature {:?}", f.name)));
+        }
+        if f.dim.is_some() && f.ty != FeatureType::Vector {
+            problems.push(err(&format!("spec.features[{i}].dim"), "`dim` is only valid for type `vector`".into()));
+        }
+    }
+    let mut topics = BTreeSet::new();
+    for (i, s) in spec.sources.iter().enumerate() {
+        if !topics.insert(s.topic.as_str()) {
+            problems.push(err(&format!("spec.sources[{i}].topic"), format!("topic {:?} listed twice", s.topic)));
+        }
+        if let Some(f) = &s.filter
+            && f.header.is_some() == f.field.is_some()
+        {
+            problems.push(err(&format!("spec.sources[{i}].filter"), "give exactly one of `header` and `field`".into()));
+        }
+    }
+    let mut duration = |field: &str, s: &str| match parse_duration(s) {
+        Ok(d) if d.is_zero() => {
+            problems.push(err(field, "must be greater than zero".into()));
+            Duration::from_secs(1)
+        }
+        Ok(d) => d,
+        Err(m) => {
+            problems.push(err(field, m));
+            Duration::from_secs(1)
+        }
+    };
+    let store_ttl = spec.store.ttl.as_deref().map(|t| duration("spec.store.ttl", t));
+    let cache_ttl = duration("spec.cache.ttl", &spec.cache.ttl);
+    let retry_backoff = duration("spec.retry.backoff", &spec.retry.backoff);
+    let plugin_path = plugin_dir.join(&spec.plugin.wasm);
+    if !plugin_path.is_file() {
+        problems.push(err(
+            "spec.plugin.wasm",
+            format!("plugin file {} not found (plugin directory: {})", plugin_path.display(), plugin_dir.display()),
+        ));
+    }
+    GroupDef {
+        name: name.to_owned(),
+        file: file.to_path_buf(),
+        retry_topic: spec.retry.topic.clone().unwrap_or_else(|| format!("{name}.retry")),
+        dead_letter_topic: spec.retry.dead_letter_topic.clone().unwrap_or_else(|| format!("{name}.dlq")),
+        spec,
+        plugin_path,
+        store_ttl,
+        cache_ttl,
+        retry_backoff,
+    }
+}
+
+/// Each elementary cycle once, as the list of its nodes starting from the smallest name.
+fn find_cycles(edges: &BTreeMap<String, (String, Vec<String>)>) -> Vec<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(
+        n: &str,
+        edges: &BTreeMap<String, (String, Vec<String>)>,
+        marks: &mut BTreeMap<String, Mark>,
+        stack: &mut Vec<String>,
+        out: &mut BTreeSet<Vec<String>>,
+    ) {
+        marks.insert(n.to_owned(), Mark::Active);
+        stack.push(n.to_owned());
+        for d in edges.get(n).map(|(_, d)| d.as_slice()).unwrap_or_default() {
+            match marks.get(d).copied().unwrap_or(Mark::New) {
+                Mark::Active => {
+                    let start = stack.iter().position(|s| s == d).expect("active node is on the stack");
+                    let mut cycle = stack[start..].to_vec();
+                    let min = (0..cycle.len()).min_by_key(|&i| &cycle[i]).unwrap_or(0);
+                    cycle.rotate_left(min);
+                    out.insert(cycle);
+                }
+                Mark::New if edges.contains_key(d) => visit(d, edges, marks, stack, out),
+                _ => {}
+            }
+        }
+        stack.pop();
+        marks.insert(n.to_owned(), Mark::Done);
+    }
+    let mut marks = BTreeMap::new();
+    let mut out = BTreeSet::new();
+    for n in edges.keys() {
+        if marks.get(n).copied().unwrap_or(Mark::New) == Mark::New {
+            visit(n, edges, &mut marks, &mut Vec::new(), &mut out);
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_paths_read_like_fields() {
+        assert_eq!(pointer_to_path("/spec/features/1/type"), "spec.features[1].type");
+        assert_eq!(pointer_to_path(""), "");
+        assert_eq!(pointer_to_path("/metadata/labels/a~1b"), "metadata.labels.a/b");
+    }
+
+    #[test]
+    fn cycles_are_found_once() {
+        let e = |deps: &[&str]| (String::new(), deps.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let edges = BTreeMap::from([
+            ("a".to_string(), e(&["b"])),
+            ("b".to_string(), e(&["c"])),
+            ("c".to_string(), e(&["a"])),
+            ("d".to_string(), e(&["a"])),
+        ]);
+        assert_eq!(find_cycles(&edges), vec![vec!["a".to_string(), "b".into(), "c".into()]]);
+        let acyclic = BTreeMap::from([("a".to_string(), e(&["b"])), ("b".to_string(), e(&[]))]);
+        assert!(find_cycles(&acyclic).is_empty());
+    }
+}

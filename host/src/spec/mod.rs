@@ -1,0 +1,11 @@
+//! Specs: the YAML documents (`FeatureGroup`, `Ingestion`) that declare what the host does.
+//!
+//! - [`model`]: the typed documents (also the source of the published JSON Schema);
+//! - [`load`]: reading a directory, strict structural checks against the schema, then the
+//!   semantic checks across documents — every problem reported, with file and field path.
+
+pub mod load;
+pub mod model;
+
+pub use load::{GroupDef, IngestionDef, SpecError, SpecErrors, SpecSet, json_schema, load_dir};
+pub use model::*;

@@ -1,0 +1,364 @@
+//! The spec documents. Kubernetes-style: `apiVersion`, `kind`, `metadata`, `spec`; field names
+//! in camelCase; unknown fields are errors.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The only accepted `apiVersion`.
+pub const API_VERSION: &str = "feature-host/v1";
+
+/// Any spec document.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum Document {
+    FeatureGroup(FeatureGroupDoc),
+    Ingestion(IngestionDoc),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FeatureGroupDoc {
+    /// Must be `feature-host/v1`.
+    pub api_version: String,
+    pub metadata: Metadata,
+    pub spec: FeatureGroupSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngestionDoc {
+    /// Must be `feature-host/v1`.
+    pub api_version: String,
+    pub metadata: Metadata,
+    pub spec: IngestionSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// Unique among documents of the same kind. Lowercase letters, digits and `-`.
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// Free-form labels (owner team, surface, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A group of features of one entity type, computed by one plugin from one or more topics.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FeatureGroupSpec {
+    /// The entity type the features describe (`user`, `item`, ...).
+    pub entity: String,
+    /// Free text for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The features a plugin may write; a write to an undeclared feature or of the wrong type
+    /// dead-letters the event.
+    #[schemars(length(min = 1))]
+    pub features: Vec<FeatureSpec>,
+    pub plugin: PluginSpec,
+    /// Kafka topics the group consumes. Many groups may name the same topic.
+    #[serde(default)]
+    pub sources: Vec<SourceSpec>,
+    #[serde(default)]
+    pub store: StoreSpec,
+    #[serde(default)]
+    pub cache: CacheSpec,
+    /// Which events may be processed concurrently within a partition.
+    #[serde(default)]
+    pub ordering: Ordering,
+    #[serde(default)]
+    pub retry: RetrySpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Letters, digits and `_`, starting with a letter.
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_]{0,127}$"))]
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FeatureType,
+    /// For `vector`: the required dimension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub dim: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Feature value types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureType {
+    Bool,
+    Int,
+    Float,
+    String,
+    Bytes,
+    IntList,
+    FloatList,
+    StringList,
+    Vector,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginSpec {
+    /// The component file, relative to the plugin directory (or absolute).
+    #[schemars(regex(pattern = r"\.wasm$"))]
+    pub wasm: String,
+    /// Passed to the plugin's init call as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub limits: PluginLimits,
+}
+
+/// Sandbox limits per plugin call / instance.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Wall-clock CPU deadline per batch call, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub timeout_ms: u64,
+    /// Linear memory cap per instance, in MiB.
+    #[serde(default = "default_memory_mb")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub memory_mb: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    2_000
+}
+fn default_memory_mb() -> u64 {
+    64
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits { timeout_ms: default_timeout_ms(), memory_mb: default_memory_mb() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Kafka topic name.
+    #[schemars(length(min = 1, max = 249))]
+    pub topic: String,
+    /// Only events matching the filter reach this group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterSpec>,
+}
+
+/// Match on a header or a payload field (a JSON pointer such as `/type`): the value must be
+/// one of `in`. Exactly one of `header` and `field` must be given.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// JSON pointer into a JSON payload, e.g. `/type` or `/after/status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub field: Option<String>,
+    #[serde(rename = "in")]
+    #[schemars(length(min = 1))]
+    pub values: Vec<String>,
+}
+
+/// The durable online store (DynamoDB, or the embedded store).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreSpec {
+    /// Table name; several groups may share a table.
+    #[serde(default = "default_table")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]{3,255}$"))]
+    pub table: String,
+    /// Item time-to-live after its last write (`30d`, `12h`); absent: never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+fn default_table() -> String {
+    "features".into()
+}
+
+impl Default for StoreSpec {
+    fn default() -> Self {
+        StoreSpec { table: default_table(), ttl: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheSpec {
+    #[serde(default)]
+    pub strategy: CacheStrategy,
+    /// Cache entry time-to-live (`1h`, `10m`).
+    #[serde(default = "default_cache_ttl")]
+    pub ttl: String,
+}
+
+fn default_cache_ttl() -> String {
+    "1h".into()
+}
+
+impl Default for CacheSpec {
+    fn default() -> Self {
+        CacheSpec { strategy: CacheStrategy::default(), ttl: default_cache_ttl() }
+    }
+}
+
+/// How writes reach the store and the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheStrategy {
+    /// Store, then cache the store's resulting value.
+    #[default]
+    WriteThrough,
+    /// Store, then invalidate the cache entry.
+    WriteAround,
+    /// Cache only (high-cardinality, short-lived features).
+    CacheOnly,
+    /// Store only.
+    StoreOnly,
+}
+
+/// Ordering of processing within a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ordering {
+    /// Same key in order, different keys in parallel.
+    #[default]
+    Key,
+    /// Any order.
+    Unordered,
+    /// Strict partition order.
+    Partition,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts before an event is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: u32,
+    /// First backoff (`1s`); grows per attempt.
+    #[serde(default = "default_backoff")]
+    pub backoff: String,
+    /// Retry topic; default `<group>.retry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Dead-letter topic; default `<group>.dlq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff() -> String {
+    "1s".into()
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        RetrySpec {
+            max_attempts: default_max_attempts(),
+            backoff: default_backoff(),
+            topic: None,
+            dead_letter_topic: None,
+        }
+    }
+}
+
+/// A batch ingestion: a bulk source run through a group's plugin, on demand or on a schedule.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngestionSpec {
+    /// The FeatureGroup whose plugin and stores are used.
+    pub feature_group: String,
+    pub source: BatchSourceSpec,
+    /// Cron expression (5 fields, or 6 with seconds), UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Ingestions that must succeed (same schedule tick) before this one runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub parallelism: Parallelism,
+    #[serde(default)]
+    pub engine: Engine,
+    /// Let backfilled values replace newer ones (explicit override of event-time ordering).
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchSourceSpec {
+    /// A local path or `s3://bucket/prefix`, with globs and `{date}` placeholders.
+    #[schemars(length(min = 1))]
+    pub uri: String,
+    pub format: BatchFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchFormat {
+    Jsonl,
+    Csv,
+    Parquet,
+}
+
+/// `auto` (computed from the source's size) or a shard count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Parallelism {
+    #[default]
+    #[serde(with = "auto_literal")]
+    #[schemars(with = "AutoLiteral")]
+    Auto,
+    Shards(#[schemars(range(min = 1, max = 10000))] u32),
+}
+
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+enum AutoLiteral {
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+mod auto_literal {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("auto")
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "auto" => Ok(()),
+            other => Err(serde::de::Error::custom(format!("expected \"auto\" or a number, got {other:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    #[default]
+    Local,
+    AwsBatch,
+}
+
+impl FeatureGroupSpec {
+    /// The declared feature named `name`.
+    pub fn feature(&self, name: &str) -> Option<&FeatureSpec> {
+        self.features.iter().find(|f| f.name == name)
+    }
+}

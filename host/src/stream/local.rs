@@ -1,0 +1,191 @@
+//! Local event sources for the no-services default: a JSON-lines file and HTTP push.
+//!
+//! One event per line:
+//! `{"topic": "web-events", "key": "u1", "timestamp": 1700000000000, "headers": {"type": "click"},
+//!   "payload": {...}}` — `payload` is any JSON (a JSON string is sent as its raw text);
+//! `key`, `timestamp` (ms, default now), `headers`, `partition` (default 0) and `offset` are
+//! optional. Without `offset`, a file line's number is its offset (so re-ingesting the same file
+//! is a no-op: exactly-once effect), and an HTTP-pushed event has no replayable position.
+
+use super::dead_letter::{DeadLetterFile, to_json_line};
+use crate::event::Event;
+use crate::pipeline::{FailureKind, Pipeline};
+use anyhow::Context as _;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::io::BufRead as _;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalEvent {
+    topic: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    partition: Option<i32>,
+    #[serde(default)]
+    offset: Option<i64>,
+    #[serde(default)]
+    timestamp: Option<i64>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    payload: serde_json::Value,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Parse one local event. `line_offset` is the file line number (None for HTTP pushes).
+pub fn parse_event(line: &str, line_offset: Option<i64>, origin: Option<&str>) -> Result<Event, String> {
+    let e: LocalEvent = serde_json::from_str(line).map_err(|e| format!("not a local event: {e}"))?;
+    let payload = match e.payload {
+        serde_json::Value::String(s) => s.into_bytes(),
+        other => other.to_string().into_bytes(),
+    };
+    let explicit = e.offset.is_some();
+    Ok(Event {
+        topic: e.topic,
+        partition: e.partition.unwrap_or(0),
+        offset: e.offset.or(line_offset).unwrap_or(0),
+        key: e.key.map(String::into_bytes),
+        timestamp_ms: e.timestamp.unwrap_or_else(now_ms),
+        headers: e.headers.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
+        payload,
+        replayable: explicit || line_offset.is_some(),
+        origin: if explicit { None } else { origin.map(str::to_owned) },
+    })
+}
+
+/// What ingesting some local events did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct IngestSummary {
+    pub events: usize,
+    /// (event, group) pairs.
+    pub routed: usize,
+    pub unrouted: usize,
+    pub writes: usize,
+    pub replayed: usize,
+    pub stale_skips: u32,
+    pub dead_lettered: usize,
+}
+
+impl IngestSummary {
+    fn add(&mut self, o: &IngestSummary) {
+        self.events += o.events;
+        self.routed += o.routed;
+        self.unrouted += o.unrouted;
+        self.writes += o.writes;
+        self.replayed += o.replayed;
+        self.stale_skips += o.stale_skips;
+        self.dead_lettered += o.dead_lettered;
+    }
+}
+
+/// Process parsed events (and dead-letter lines that did not parse) through the pipeline.
+pub async fn ingest(
+    pipeline: &Pipeline,
+    events: Vec<Event>,
+    unparsed: Vec<(String, String)>,
+    dead_letters: &DeadLetterFile,
+) -> anyhow::Result<IngestSummary> {
+    let events = Arc::new(events);
+    let pairs = pipeline.route(&events);
+    let routed_events: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.0).collect();
+    let (failures, stats) = pipeline.process_with_retries(&events, &pairs).await;
+    let mut lines: Vec<String> = failures
+        .iter()
+        .map(|f| to_json_line(&events[f.event], &pipeline.groups()[f.group].def.name, f))
+        .collect();
+    for (line, reason) in &unparsed {
+        lines.push(serde_json::json!({"kind": FailureKind::Invalid.as_str(), "reason": reason, "line": line}).to_string());
+    }
+    let dl = dead_letters.clone();
+    tokio::task::spawn_blocking(move || dl.write(&lines))
+        .await?
+        .with_context(|| format!("cannot write dead letters to {}", dead_letters.path().display()))?;
+    for f in &failures {
+        tracing::warn!(group = %pipeline.groups()[f.group].def.name, kind = f.kind.as_str(), reason = %f.reason,
+            offset = events[f.event].offset, "event dead-lettered");
+    }
+    Ok(IngestSummary {
+        events: events.len() + unparsed.len(),
+        routed: stats.routed,
+        unrouted: events.len() - routed_events.len(),
+        writes: stats.writes,
+        replayed: stats.replayed,
+        stale_skips: stats.stale_skips,
+        dead_lettered: failures.len() + unparsed.len(),
+    })
+}
+
+/// Ingest a JSON-lines file in batches of `batch_size`.
+pub async fn ingest_file(
+    pipeline: &Pipeline,
+    path: &Path,
+    batch_size: usize,
+    dead_letters: &DeadLetterFile,
+) -> anyhow::Result<IngestSummary> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open events file {}", path.display()))?;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let origin = format!("file:{}", canonical.display());
+    let mut total = IngestSummary::default();
+    let mut events = Vec::new();
+    let mut unparsed = Vec::new();
+    let mut lines = std::io::BufReader::new(file).lines().enumerate();
+    loop {
+        let next = lines.next();
+        if let Some((n, line)) = &next {
+            let line = line.as_ref().map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            if !line.trim().is_empty() {
+                match parse_event(line, Some(*n as i64 + 1), Some(&origin)) {
+                    Ok(e) => events.push(e),
+                    Err(reason) => unparsed.push((line.clone(), format!("{}:{}: {reason}", path.display(), n + 1))),
+                }
+            }
+        }
+        if events.len() + unparsed.len() >= batch_size || (next.is_none() && !(events.is_empty() && unparsed.is_empty())) {
+            let s = ingest(pipeline, std::mem::take(&mut events), std::mem::take(&mut unparsed), dead_letters).await?;
+            total.add(&s);
+        }
+        if next.is_none() {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_and_minimal_events() {
+        let e = parse_event(
+            r#"{"topic":"t","key":"u1","timestamp":5,"headers":{"type":"click"},"payload":{"a":1}}"#,
+            Some(3),
+            Some("file:x"),
+        )
+        .unwrap();
+        assert_eq!((e.topic.as_str(), e.offset, e.timestamp_ms), ("t", 3, 5));
+        assert_eq!(e.payload, br#"{"a":1}"#);
+        assert_eq!(e.header("type"), Some(&b"click"[..]));
+        assert_eq!(e.position().unwrap().source, "file:x");
+
+        let raw = parse_event(r#"{"topic":"t","payload":"not json at all"}"#, None, None).unwrap();
+        assert_eq!(raw.payload, b"not json at all");
+        assert!(raw.position().is_none(), "HTTP push without offset is not replayable");
+
+        let explicit = parse_event(r#"{"topic":"t","partition":2,"offset":9,"payload":1}"#, None, None).unwrap();
+        let p = explicit.position().unwrap();
+        assert_eq!((p.source.as_str(), p.partition, p.offset), ("t", 2, 9));
+    }
+
+    #[test]
+    fn rejects_with_reason() {
+        assert!(parse_event("{", None, None).unwrap_err().contains("not a local event"));
+        assert!(parse_event(r#"{"payload":1}"#, None, None).unwrap_err().contains("topic"));
+        assert!(parse_event(r#"{"topic":"t","payload":1,"extra":2}"#, None, None).unwrap_err().contains("extra"));
+    }
+}
