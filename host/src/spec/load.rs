@@ -149,6 +149,8 @@ pub fn load_files(files: &[PathBuf], plugin_dir: &Path) -> Result<SpecSet, SpecE
         }
     }
     let set = check_semantics(docs, plugin_dir, &mut errors);
+    // Group each file's problems together (stable: structural before semantic).
+    errors.sort_by(|a, b| a.file.cmp(&b.file));
     if errors.is_empty() { Ok(set) } else { Err(SpecErrors(errors)) }
 }
 
@@ -161,7 +163,14 @@ struct ParsedDoc {
 fn parse_file(file: &Path, text: &str, docs: &mut Vec<ParsedDoc>, errors: &mut Vec<SpecError>) {
     let mut raw = Vec::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
-        raw.push((i, serde_norway::Value::deserialize(de)));
+        let value = serde_norway::Value::deserialize(de);
+        // After a syntax error the document stream cannot resynchronize (and would repeat
+        // the error forever): report it once and stop reading this file.
+        let stop = value.is_err();
+        raw.push((i, value));
+        if stop {
+            break;
+        }
     }
     let many = raw.len() > 1;
     for (i, value) in raw {
@@ -182,6 +191,10 @@ fn parse_file(file: &Path, text: &str, docs: &mut Vec<ParsedDoc>, errors: &mut V
                 continue;
             }
         };
+        let api_version = json.get("apiVersion").and_then(|v| v.as_str());
+        if api_version != Some(API_VERSION) {
+            errors.push(err("apiVersion", format!("unsupported {:?}: expected {API_VERSION:?}", api_version.unwrap_or(""))));
+        }
         let validator = match json.get("kind").and_then(|k| k.as_str()) {
             Some("FeatureGroup") => &VALIDATORS.group,
             Some("Ingestion") => &VALIDATORS.ingestion,
@@ -242,7 +255,8 @@ fn check_semantics(docs: Vec<ParsedDoc>, plugin_dir: &Path, errors: &mut Vec<Spe
         };
         let mut problems = Vec::new();
         if api_version != API_VERSION {
-            problems.push(err("apiVersion", format!("unsupported {api_version:?}: expected {API_VERSION:?}")));
+            // Already reported while parsing; keep the document out of the set.
+            continue;
         }
         if let Some(first) = seen.get(&(kind, name.clone())) {
             problems.push(err("metadata.name", format!("duplicate {kind} {name:?}: already defined in {first}")));
@@ -419,6 +433,59 @@ fn find_cycles(edges: &BTreeMap<String, (String, Vec<String>)>) -> Vec<Vec<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_str(files: &[(&str, &str)]) -> Result<SpecSet, SpecErrors> {
+        let dir = std::env::temp_dir().join(format!("fh-spec-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.wasm"), b"").unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let out = load_dir(&dir, &dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        out
+    }
+
+    const GROUP: &str = "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {name: g}\nspec:\n  entity: user\n  features: [{name: n, type: int}]\n  plugin: {wasm: p.wasm}\n  sources: [{topic: t}]\n";
+
+    #[test]
+    fn valid_group_gets_defaults() {
+        let set = load_str(&[("g.yaml", GROUP)]).unwrap();
+        let g = &set.groups["g"];
+        assert_eq!(g.spec.cache.strategy, CacheStrategy::WriteThrough);
+        assert_eq!(g.spec.ordering, Ordering::Key);
+        assert_eq!(g.cache_ttl, Duration::from_secs(3600));
+        assert_eq!(g.dead_letter_topic, "g.dlq");
+        assert_eq!(g.spec.plugin.limits.memory_mb, 64);
+        assert_eq!(set.topics().into_iter().collect::<Vec<_>>(), vec!["t".to_string()]);
+    }
+
+    #[test]
+    fn every_error_names_file_and_field() {
+        let bad = GROUP.replace("type: int", "type: integer").replace("entity: user", "entity: user\n  extra: 1");
+        let errs = load_str(&[("bad.yaml", &bad)]).unwrap_err().0;
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().all(|e| e.file.ends_with("bad.yaml")));
+        assert!(errs.iter().any(|e| e.field == "spec.features[0].type" && e.message.contains("integer")));
+        assert!(errs.iter().any(|e| e.field == "spec" && e.message.contains("extra")));
+    }
+
+    #[test]
+    fn parallelism_accepts_auto_or_number_only() {
+        let ing = |p: &str| format!("apiVersion: feature-host/v1\nkind: Ingestion\nmetadata: {{name: i}}\nspec:\n  featureGroup: g\n  source: {{uri: /x, format: csv}}\n  parallelism: {p}\n");
+        let set = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("auto"))]).unwrap();
+        assert_eq!(set.ingestions["i"].spec.parallelism, Parallelism::Auto);
+        let set = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("12"))]).unwrap();
+        assert_eq!(set.ingestions["i"].spec.parallelism, Parallelism::Shards(12));
+        let errs = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("lots"))]).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.field.starts_with("spec.parallelism")), "{errs:?}");
+    }
+
+    #[test]
+    fn published_schema_has_both_kinds() {
+        let s = json_schema().to_string();
+        assert!(s.contains("FeatureGroup") && s.contains("Ingestion") && s.contains("additionalProperties"));
+    }
 
     #[test]
     fn pointer_paths_read_like_fields() {

@@ -102,6 +102,8 @@ pub async fn run(
     consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
     tracing::info!(?topics, group_id = %settings.kafka_group_id, "consuming");
 
+    // Next offset to commit per partition: everything below it is finished.
+    let mut finished: BTreeMap<(String, i32), i64> = BTreeMap::new();
     loop {
         let first = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -131,37 +133,42 @@ pub async fn run(
         let (failures, stats) = pipeline.process_with_retries(&events, &pairs).await;
         dead_letter(&producer, &pipeline, &events, &failures).await;
         tracing::debug!(events = events.len(), writes = stats.writes, replayed = stats.replayed, "batch done");
-        commit(&consumer, &events, CommitMode::Async)?;
+        let mut batch: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for e in events.iter() {
+            let next = batch.entry((e.topic.clone(), e.partition)).or_insert(0);
+            *next = (*next).max(e.offset + 1);
+        }
+        commit(&consumer, &batch, CommitMode::Async);
+        finished.extend(batch);
     }
-    // Drain: the last batch is finished; make its commit durable before leaving the group.
-    let assignment = consumer.assignment()?;
-    let committed = tokio::task::block_in_place(|| consumer.commit_consumer_state(CommitMode::Sync));
-    if let Err(e) = committed {
-        // Nothing stored since the last async commit is also fine.
-        tracing::debug!(error = %e, partitions = assignment.count(), "final commit");
-    }
+    // The last batch is finished: make the commits of partitions we still own durable before
+    // leaving the group (a revoked partition's new owner commits for itself).
+    let owned: BTreeSet<(String, i32)> = consumer
+        .assignment()
+        .map(|a| a.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect())
+        .unwrap_or_default();
+    finished.retain(|tp, _| owned.contains(tp));
+    tokio::task::block_in_place(|| commit(&consumer, &finished, CommitMode::Sync));
     consumer.unsubscribe();
     tracing::info!("consumer stopped");
     Ok(())
 }
 
-/// Commit one past the highest offset per partition of a fully processed batch.
-fn commit(consumer: &StreamConsumer, events: &[Event], mode: CommitMode) -> anyhow::Result<()> {
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for e in events {
-        let o = next.entry((e.topic.as_str(), e.partition)).or_insert(0);
-        *o = (*o).max(e.offset + 1);
+/// Commit the given next offsets (one past the last finished message per partition).
+fn commit(consumer: &StreamConsumer, next: &BTreeMap<(String, i32), i64>, mode: CommitMode) {
+    if next.is_empty() {
+        return;
     }
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in next {
-        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::error!(error = %e, topic, partition, "cannot build commit");
+        }
     }
-    // Also store, so commit_consumer_state at shutdown covers it.
-    consumer.store_offsets(&tpl)?;
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::warn!(error = %e, "offset commit failed; it is retried with the next batch");
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => tracing::debug!(partitions = next.len(), ?mode, "offsets committed"),
+        Err(e) => tracing::warn!(error = %e, "offset commit failed; the next commit covers it"),
     }
-    Ok(())
 }
 
 /// Publish failures to their group's dead-letter topic, retrying until the broker
