@@ -44,7 +44,12 @@ async fn plugins(State(s): State<AdminState>) -> Response {
         .pipeline
         .groups()
         .iter()
-        .map(|g| (g.def.name.as_str(), serde_json::json!({ "version": g.plugin.version(), "wasm": g.def.plugin_path })))
+        .map(|g| {
+            (
+                g.def.name.as_str(),
+                serde_json::json!({ "version": g.plugin.version(), "wasm": g.def.plugin_path }),
+            )
+        })
         .collect();
     Json(out).into_response()
 }
@@ -55,25 +60,44 @@ async fn features(
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
     let Some(g) = s.pipeline.group(&group) else {
-        return error(StatusCode::NOT_FOUND, format!("unknown feature group {group:?}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown feature group {group:?}"),
+        );
     };
-    let only: Vec<String> = q.get("features").map(|f| f.split(',').map(str::to_owned).collect()).unwrap_or_default();
+    let only: Vec<String> = q
+        .get("features")
+        .map(|f| f.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     match s.pipeline.writer().get(&g.sink, &entity).await {
-        Ok(Some(found)) => Json(crate::app::entity_json(&g.sink, &entity, &found, &only)).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no features for entity {entity:?} in group {group:?}")),
+        Ok(Some(found)) => {
+            Json(crate::app::entity_json(&g.sink, &entity, &found, &only)).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no features for entity {entity:?} in group {group:?}"),
+        ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
 /// Body: JSON lines of local events (see `stream::local`). Responds after the writes land.
 async fn push(State(s): State<AdminState>, body: String) -> Response {
-    let Some(dead_letters) = &s.push else { return error(StatusCode::NOT_FOUND, "push disabled".into()) };
+    let Some(dead_letters) = &s.push else {
+        return error(StatusCode::NOT_FOUND, "push disabled".into());
+    };
     let mut events = Vec::new();
     let mut unparsed = Vec::new();
-    for (n, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in body
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         match parse_event(line, None, None) {
             Ok(e) => events.push(e),
-            Err(reason) => unparsed.push((line.to_owned(), format!("request line {}: {reason}", n + 1))),
+            Err(reason) => {
+                unparsed.push((line.to_owned(), format!("request line {}: {reason}", n + 1)))
+            }
         }
     }
     match ingest(&s.pipeline, events, unparsed, dead_letters).await {

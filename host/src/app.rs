@@ -4,12 +4,12 @@ use crate::config::{CacheKind, StoreKind, StoreSettings};
 use crate::dispatch::Router;
 use crate::pipeline::{GroupRuntime, Pipeline};
 use crate::plugin::PluginEngine;
+use crate::sink::Store;
 use crate::sink::dynamo::DynamoStore;
 use crate::sink::embedded::EmbeddedStore;
 use crate::sink::memory_cache::MemoryCache;
 use crate::sink::redis_cache::RedisCache;
 use crate::sink::writer::{CacheStore, FeatureWriter, GroupSink};
-use crate::sink::Store;
 use crate::spec::{CacheStrategy, SpecSet, load_dir};
 use anyhow::Context as _;
 use std::collections::BTreeSet;
@@ -23,17 +23,26 @@ pub fn load_specs(settings: &StoreSettings) -> anyhow::Result<SpecSet> {
 /// Connect the configured store and cache.
 pub async fn connect_writer(settings: &StoreSettings) -> anyhow::Result<FeatureWriter> {
     let store: Arc<dyn Store> = match settings.store_kind() {
-        StoreKind::Dynamodb => Arc::new(DynamoStore::connect(settings.dynamodb_endpoint.as_deref()).await),
+        StoreKind::Dynamodb => {
+            Arc::new(DynamoStore::connect(settings.dynamodb_endpoint.as_deref()).await)
+        }
         _ => Arc::new(EmbeddedStore::open(&settings.embedded_path())?),
     };
     let cache: Arc<dyn CacheStore> = match settings.cache_kind() {
         CacheKind::Redis => {
-            let url = settings.redis_url.as_deref().context("FH_CACHE=redis needs FH_REDIS_URL")?;
+            let url = settings
+                .redis_url
+                .as_deref()
+                .context("FH_CACHE=redis needs FH_REDIS_URL")?;
             Arc::new(RedisCache::connect(url).await?)
         }
         _ => Arc::new(MemoryCache::new()),
     };
-    tracing::info!(store = store.backend(), cache = crate::sink::Cache::backend(&*cache), "stores connected");
+    tracing::info!(
+        store = store.backend(),
+        cache = crate::sink::Cache::backend(&*cache),
+        "stores connected"
+    );
     Ok(FeatureWriter::new(store, cache))
 }
 
@@ -46,7 +55,11 @@ pub async fn ensure_tables(writer: &FeatureWriter, specs: &SpecSet) -> anyhow::R
         .map(|g| g.spec.store.table.as_str())
         .collect();
     for t in tables {
-        writer.store().ensure_table(t).await.with_context(|| format!("cannot create table {t}"))?;
+        writer
+            .store()
+            .ensure_table(t)
+            .await
+            .with_context(|| format!("cannot create table {t}"))?;
     }
     Ok(())
 }
@@ -58,12 +71,21 @@ pub async fn build_pipeline(specs: &SpecSet, writer: FeatureWriter) -> anyhow::R
     for def in specs.groups.values() {
         let (engine, d) = (engine.clone(), def.clone());
         let plugin = tokio::task::spawn_blocking(move || {
-            engine.load(&d.name, &d.plugin_path, d.spec.plugin.config.as_ref(), &d.spec.plugin.limits)
+            engine.load(
+                &d.name,
+                &d.plugin_path,
+                d.spec.plugin.config.as_ref(),
+                &d.spec.plugin.limits,
+            )
         })
         .await?
         .with_context(|| format!("feature group {} ({})", def.name, def.file.display()))?;
         tracing::info!(group = %def.name, version = plugin.version(), "plugin loaded");
-        groups.push(GroupRuntime { def: def.clone(), plugin, sink: GroupSink::from_def(def) });
+        groups.push(GroupRuntime {
+            def: def.clone(),
+            plugin,
+            sink: GroupSink::from_def(def),
+        });
     }
     Ok(Pipeline::new(groups, Router::new(specs), writer))
 }
@@ -71,16 +93,28 @@ pub async fn build_pipeline(specs: &SpecSet, writer: FeatureWriter) -> anyhow::R
 /// The sink settings of a group, for reads outside a running pipeline.
 pub fn group_sink(specs: &SpecSet, group: &str) -> anyhow::Result<GroupSink> {
     let def = specs.groups.get(group).with_context(|| {
-        format!("unknown feature group {group:?}; known: {}", specs.groups.keys().cloned().collect::<Vec<_>>().join(", "))
+        format!(
+            "unknown feature group {group:?}; known: {}",
+            specs.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
     })?;
     Ok(GroupSink::from_def(def))
 }
 
 /// Render an entity for humans and tests.
-pub fn entity_json(sink: &GroupSink, entity: &str, found: &crate::feature::Versioned, only: &[String]) -> serde_json::Value {
+pub fn entity_json(
+    sink: &GroupSink,
+    entity: &str,
+    found: &crate::feature::Versioned,
+    only: &[String],
+) -> serde_json::Value {
     let keep = |name: &str| only.is_empty() || only.iter().any(|f| f == name);
-    let features: serde_json::Map<String, serde_json::Value> =
-        found.state.values().filter(|(n, _)| keep(n)).map(|(n, v)| (n.to_owned(), v.to_json())).collect();
+    let features: serde_json::Map<String, serde_json::Value> = found
+        .state
+        .values()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, v)| (n.to_owned(), v.to_json()))
+        .collect();
     let times: serde_json::Map<String, serde_json::Value> = found
         .state
         .features
@@ -96,4 +130,3 @@ pub fn entity_json(sink: &GroupSink, entity: &str, found: &crate::feature::Versi
         "event_time_ms": times,
     })
 }
-

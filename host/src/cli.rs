@@ -81,10 +81,22 @@ pub enum PluginCommand {
     },
 }
 
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// Logs go to stderr (stdout carries command output). `RUST_LOG` overrides the level: the
+/// default is `info` for `run` and `warn` for one-shot commands.
+pub fn init_logging(format: LogFormat, command: &Command) {
+    let level = if matches!(command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},aws_config=warn,aws_smithy_runtime=warn"
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -95,19 +107,34 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { stores, run } => run_host(stores, run).await.map(|_| ExitCode::SUCCESS),
         Command::Validate { dir, plugin_dir } => Ok(validate(&dir, &plugin_dir)),
-        Command::Get { group, entity, features, stores } => get(&stores, &group, &entity, &features).await,
+        Command::Get {
+            group,
+            entity,
+            features,
+            stores,
+        } => get(&stores, &group, &entity, &features).await,
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&crate::spec::json_schema())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::spec::json_schema())?
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugin(PluginCommand::Test { wasm, spec, events }) => crate::plugin::test_cmd::run(&wasm, &spec, &events).await,
+        Command::Plugin(PluginCommand::Test { wasm, spec, events }) => {
+            crate::plugin::test_cmd::run(&wasm, &spec, &events).await
+        }
     }
 }
 
 fn validate(dir: &std::path::Path, plugin_dir: &std::path::Path) -> ExitCode {
     match crate::spec::load_dir(dir, plugin_dir) {
         Ok(set) => {
-            println!("{}: {} feature group(s), {} ingestion(s): ok", dir.display(), set.groups.len(), set.ingestions.len());
+            println!(
+                "{}: {} feature group(s), {} ingestion(s): ok",
+                dir.display(),
+                set.groups.len(),
+                set.ingestions.len()
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -117,13 +144,21 @@ fn validate(dir: &std::path::Path, plugin_dir: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn get(stores: &StoreSettings, group: &str, entity: &str, only: &[String]) -> anyhow::Result<ExitCode> {
+async fn get(
+    stores: &StoreSettings,
+    group: &str,
+    entity: &str,
+    only: &[String],
+) -> anyhow::Result<ExitCode> {
     let specs = app::load_specs(stores)?;
     let sink = app::group_sink(&specs, group)?;
     let writer = app::connect_writer(stores).await?;
     match writer.get(&sink, entity).await? {
         Some(found) => {
-            println!("{}", serde_json::to_string_pretty(&app::entity_json(&sink, entity, &found, only))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&app::entity_json(&sink, entity, &found, only))?
+            );
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -149,21 +184,32 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
 
     let dead_letters = DeadLetterFile::new(stores.data_dir.join("dead-letters.jsonl"));
     let push = run.kafka_brokers.is_none().then(|| dead_letters.clone());
-    let admin = crate::admin::router(crate::admin::AdminState { pipeline: pipeline.clone(), push });
+    let admin = crate::admin::router(crate::admin::AdminState {
+        pipeline: pipeline.clone(),
+        push,
+    });
     let listener = tokio::net::TcpListener::bind(&run.admin_addr)
         .await
-        .with_context(|| format!("cannot bind admin address {} (set FH_ADMIN_ADDR)", run.admin_addr))?;
+        .with_context(|| {
+            format!(
+                "cannot bind admin address {} (set FH_ADMIN_ADDR)",
+                run.admin_addr
+            )
+        })?;
     tracing::info!(addr = %listener.local_addr()?, "admin API listening");
     let mut admin_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, admin).with_graceful_shutdown(async move {
-            let _ = admin_shutdown.wait_for(|s| *s).await;
-        })
-        .await
+        axum::serve(listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.wait_for(|s| *s).await;
+            })
+            .await
     });
 
     if let Some(file) = &run.events {
-        let summary = crate::stream::local::ingest_file(&pipeline, file, run.batch_size, &dead_letters).await?;
+        let summary =
+            crate::stream::local::ingest_file(&pipeline, file, run.batch_size, &dead_letters)
+                .await?;
         println!("{}", serde_json::to_string(&summary)?);
         if summary.dead_lettered > 0 {
             tracing::warn!(count = summary.dead_lettered, file = %dead_letters.path().display(), "events dead-lettered");
@@ -174,7 +220,9 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
         return Ok(());
     }
     match &run.kafka_brokers {
-        Some(brokers) => crate::stream::kafka::run(&run, brokers, pipeline, shutdown_rx.clone()).await?,
+        Some(brokers) => {
+            crate::stream::kafka::run(&run, brokers, pipeline, shutdown_rx.clone()).await?
+        }
         None => {
             let mut rx = shutdown_rx.clone();
             let _ = rx.wait_for(|s| *s).await;

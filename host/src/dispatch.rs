@@ -8,17 +8,32 @@ use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 enum Filter {
-    Header { name: String, values: Vec<String> },
-    Field { pointer: String, values: Vec<String> },
+    Header {
+        name: String,
+        values: Vec<String>,
+    },
+    Field {
+        pointer: String,
+        values: Vec<String>,
+    },
 }
 
 impl Filter {
     fn from_spec(f: &FilterSpec) -> Filter {
         match (&f.header, &f.field) {
-            (Some(name), _) => Filter::Header { name: name.clone(), values: f.values.clone() },
-            (None, Some(pointer)) => Filter::Field { pointer: pointer.clone(), values: f.values.clone() },
+            (Some(name), _) => Filter::Header {
+                name: name.clone(),
+                values: f.values.clone(),
+            },
+            (None, Some(pointer)) => Filter::Field {
+                pointer: pointer.clone(),
+                values: f.values.clone(),
+            },
             // Spec validation requires exactly one; an empty filter matches nothing.
-            (None, None) => Filter::Header { name: String::new(), values: Vec::new() },
+            (None, None) => Filter::Header {
+                name: String::new(),
+                values: Vec::new(),
+            },
         }
     }
 
@@ -28,14 +43,16 @@ impl Filter {
                 .header(name)
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .is_some_and(|v| values.iter().any(|x| x == v)),
-            Filter::Field { pointer, values } => match json.get(&event.payload).and_then(|j| j.pointer(pointer)) {
-                Some(serde_json::Value::String(s)) => values.iter().any(|x| x == s),
-                Some(other @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
-                    let s = other.to_string();
-                    values.iter().any(|x| *x == s)
+            Filter::Field { pointer, values } => {
+                match json.get(&event.payload).and_then(|j| j.pointer(pointer)) {
+                    Some(serde_json::Value::String(s)) => values.iter().any(|x| x == s),
+                    Some(other @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                        let s = other.to_string();
+                        values.contains(&s)
+                    }
+                    _ => false,
                 }
-                _ => false,
-            },
+            }
         }
     }
 }
@@ -46,7 +63,9 @@ struct LazyJson(Option<Option<serde_json::Value>>);
 
 impl LazyJson {
     fn get(&mut self, payload: &[u8]) -> Option<&serde_json::Value> {
-        self.0.get_or_insert_with(|| serde_json::from_slice(payload).ok()).as_ref()
+        self.0
+            .get_or_insert_with(|| serde_json::from_slice(payload).ok())
+            .as_ref()
     }
 }
 
@@ -85,7 +104,9 @@ impl Router {
 
     /// Indices of the groups `event` goes to.
     pub fn route(&self, event: &Event) -> Vec<usize> {
-        let Some(targets) = self.by_topic.get(&event.topic) else { return Vec::new() };
+        let Some(targets) = self.by_topic.get(&event.topic) else {
+            return Vec::new();
+        };
         let mut json = LazyJson::default();
         targets
             .iter()
@@ -105,14 +126,20 @@ mod tests {
         for (i, (name, sources)) in groups.iter().enumerate() {
             r.groups.push(name.to_string());
             for s in sources {
-                r.by_topic.entry(s.topic.clone()).or_default().push((i, s.filter.as_ref().map(Filter::from_spec)));
+                r.by_topic
+                    .entry(s.topic.clone())
+                    .or_default()
+                    .push((i, s.filter.as_ref().map(Filter::from_spec)));
             }
         }
         r
     }
 
     fn src(topic: &str, filter: Option<FilterSpec>) -> SourceSpec {
-        SourceSpec { topic: topic.into(), filter }
+        SourceSpec {
+            topic: topic.into(),
+            filter,
+        }
     }
 
     fn ev(topic: &str, payload: &str, headers: &[(&str, &str)]) -> Event {
@@ -122,7 +149,10 @@ mod tests {
             offset: 0,
             key: None,
             timestamp_ms: 0,
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
             payload: payload.as_bytes().to_vec(),
             replayable: true,
             origin: None,
@@ -142,12 +172,26 @@ mod tests {
 
     #[test]
     fn header_and_field_filters() {
-        let by_header = FilterSpec { header: Some("type".into()), field: None, values: vec!["click".into()] };
-        let by_field = FilterSpec { header: None, field: Some("/after/status".into()), values: vec!["live".into(), "7".into()] };
-        let r = router(&[("a", vec![src("t", Some(by_header))]), ("b", vec![src("t", Some(by_field))])]);
+        let by_header = FilterSpec {
+            header: Some("type".into()),
+            field: None,
+            values: vec!["click".into()],
+        };
+        let by_field = FilterSpec {
+            header: None,
+            field: Some("/after/status".into()),
+            values: vec!["live".into(), "7".into()],
+        };
+        let r = router(&[
+            ("a", vec![src("t", Some(by_header))]),
+            ("b", vec![src("t", Some(by_field))]),
+        ]);
         assert_eq!(r.route(&ev("t", "{}", &[("type", "click")])), vec![0]);
         assert!(r.route(&ev("t", "{}", &[("type", "view")])).is_empty());
-        assert_eq!(r.route(&ev("t", r#"{"after":{"status":"live"}}"#, &[])), vec![1]);
+        assert_eq!(
+            r.route(&ev("t", r#"{"after":{"status":"live"}}"#, &[])),
+            vec![1]
+        );
         assert_eq!(r.route(&ev("t", r#"{"after":{"status":7}}"#, &[])), vec![1]);
         assert!(r.route(&ev("t", "not json", &[])).is_empty());
     }

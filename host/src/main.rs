@@ -5,7 +5,7 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, &cli.command);
     match cli_main(cli).await {
         Ok(code) => code,
         Err(e) => {

@@ -68,8 +68,17 @@ pub struct Pipeline {
 impl Pipeline {
     /// `groups` must be in the router's group order (both come from one `SpecSet`).
     pub fn new(groups: Vec<GroupRuntime>, router: Router, writer: FeatureWriter) -> Pipeline {
-        debug_assert!(groups.iter().map(|g| &g.def.name).eq(router.groups().iter()));
-        Pipeline { groups, router, writer }
+        debug_assert!(
+            groups
+                .iter()
+                .map(|g| &g.def.name)
+                .eq(router.groups().iter())
+        );
+        Pipeline {
+            groups,
+            router,
+            writer,
+        }
     }
 
     pub fn groups(&self) -> &[GroupRuntime] {
@@ -90,18 +99,31 @@ impl Pipeline {
 
     /// The (event, group) pairs of a batch.
     pub fn route(&self, events: &[Event]) -> Vec<(usize, usize)> {
-        events.iter().enumerate().flat_map(|(i, e)| self.router.route(e).into_iter().map(move |g| (i, g))).collect()
+        events
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| self.router.route(e).into_iter().map(move |g| (i, g)))
+            .collect()
     }
 
     /// Process the given (event, group) pairs; return the failures.
-    pub async fn process(&self, events: &Arc<Vec<Event>>, pairs: &[(usize, usize)]) -> (Vec<Failure>, BatchStats) {
+    pub async fn process(
+        &self,
+        events: &Arc<Vec<Event>>,
+        pairs: &[(usize, usize)],
+    ) -> (Vec<Failure>, BatchStats) {
         let mut per_group: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for &(e, g) in pairs {
             per_group.entry(g).or_default().push(e);
         }
-        let runs = per_group.into_iter().map(|(g, idx)| self.process_group(events, g, idx));
+        let runs = per_group
+            .into_iter()
+            .map(|(g, idx)| self.process_group(events, g, idx));
         let mut failures = Vec::new();
-        let mut stats = BatchStats { routed: pairs.len(), ..Default::default() };
+        let mut stats = BatchStats {
+            routed: pairs.len(),
+            ..Default::default()
+        };
         for (f, report) in join_all(runs).await {
             failures.extend(f);
             if let Some(r) = report {
@@ -115,12 +137,17 @@ impl Pipeline {
 
     /// Process, retrying retryable failures in place with a growing backoff, up to each
     /// group's `retry.maxAttempts`. Returns the failures that remain (invalid ones at once).
-    pub async fn process_with_retries(&self, events: &Arc<Vec<Event>>, pairs: &[(usize, usize)]) -> (Vec<Failure>, BatchStats) {
+    pub async fn process_with_retries(
+        &self,
+        events: &Arc<Vec<Event>>,
+        pairs: &[(usize, usize)],
+    ) -> (Vec<Failure>, BatchStats) {
         let (mut failures, mut stats) = self.process(events, pairs).await;
         let mut attempt = 1;
         loop {
             let (retry, done): (Vec<Failure>, Vec<Failure>) = failures.into_iter().partition(|f| {
-                f.kind == FailureKind::Retryable && attempt < self.groups[f.group].def.spec.retry.max_attempts
+                f.kind == FailureKind::Retryable
+                    && attempt < self.groups[f.group].def.spec.retry.max_attempts
             });
             if retry.is_empty() {
                 return (done, stats);
@@ -143,10 +170,22 @@ impl Pipeline {
         }
     }
 
-    async fn process_group(&self, events: &Arc<Vec<Event>>, g: usize, idx: Vec<usize>) -> (Vec<Failure>, Option<WriteReport>) {
+    async fn process_group(
+        &self,
+        events: &Arc<Vec<Event>>,
+        g: usize,
+        idx: Vec<usize>,
+    ) -> (Vec<Failure>, Option<WriteReport>) {
         let group = &self.groups[g];
         let fail_all = |idx: &[usize], kind, reason: String| -> Vec<Failure> {
-            idx.iter().map(|&event| Failure { event, group: g, kind, reason: reason.clone() }).collect()
+            idx.iter()
+                .map(|&event| Failure {
+                    event,
+                    group: g,
+                    kind,
+                    reason: reason.clone(),
+                })
+                .collect()
         };
         let input: Arc<Vec<Event>> = if idx.len() == events.len() {
             events.clone()
@@ -165,8 +204,14 @@ impl Pipeline {
         let mut written_events = Vec::new();
         for (&i, result) in idx.iter().zip(results) {
             match result.map_err(|f| match f {
-                EventFailure::Invalid(m) => (FailureKind::Invalid, format!("plugin rejected the event: {m}")),
-                EventFailure::Retryable(m) => (FailureKind::Retryable, format!("plugin asked to retry: {m}")),
+                EventFailure::Invalid(m) => (
+                    FailureKind::Invalid,
+                    format!("plugin rejected the event: {m}"),
+                ),
+                EventFailure::Retryable(m) => (
+                    FailureKind::Retryable,
+                    format!("plugin asked to retry: {m}"),
+                ),
             }) {
                 Ok(writes) => match to_mutations(&group.def, &events[i], writes) {
                     Ok(ms) if ms.is_empty() => {}
@@ -174,9 +219,19 @@ impl Pipeline {
                         mutations.extend(ms);
                         written_events.push(i);
                     }
-                    Err(reason) => failures.push(Failure { event: i, group: g, kind: FailureKind::Invalid, reason }),
+                    Err(reason) => failures.push(Failure {
+                        event: i,
+                        group: g,
+                        kind: FailureKind::Invalid,
+                        reason,
+                    }),
                 },
-                Err((kind, reason)) => failures.push(Failure { event: i, group: g, kind, reason }),
+                Err((kind, reason)) => failures.push(Failure {
+                    event: i,
+                    group: g,
+                    kind,
+                    reason,
+                }),
             }
         }
         if mutations.is_empty() {
@@ -191,7 +246,11 @@ impl Pipeline {
             }
             Err(e) => {
                 tracing::warn!(group = %group.def.name, error = %e, "store write failed");
-                failures.extend(fail_all(&written_events, FailureKind::Retryable, format!("store write failed: {e}")));
+                failures.extend(fail_all(
+                    &written_events,
+                    FailureKind::Retryable,
+                    format!("store write failed: {e}"),
+                ));
                 (failures, None)
             }
         }
@@ -200,13 +259,22 @@ impl Pipeline {
 
 /// Check an event's writes and turn them into one mutation per entity. Any bad write
 /// rejects the whole event, so an event is applied entirely or not at all.
-fn to_mutations(def: &GroupDef, event: &Event, writes: Vec<Write>) -> Result<Vec<(String, Mutation)>, String> {
+fn to_mutations(
+    def: &GroupDef,
+    event: &Event,
+    writes: Vec<Write>,
+) -> Result<Vec<(String, Mutation)>, String> {
     let mut by_entity: BTreeMap<String, Mutation> = BTreeMap::new();
     for w in writes {
-        let w = check_write(&def.spec, w).map_err(|e| format!("plugin produced a bad write: {e}"))?;
+        let w =
+            check_write(&def.spec, w).map_err(|e| format!("plugin produced a bad write: {e}"))?;
         by_entity
             .entry(w.entity)
-            .or_insert_with(|| Mutation { position: event.position(), ops: Vec::new(), overwrite: false })
+            .or_insert_with(|| Mutation {
+                position: event.position(),
+                ops: Vec::new(),
+                overwrite: false,
+            })
             .ops
             .push((w.feature, w.op, w.event_time_ms));
     }

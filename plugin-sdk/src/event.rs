@@ -91,7 +91,10 @@ impl Event {
     /// assert_eq!(Event::for_test(b"").with_header("a", "b").headers.len(), 1);
     /// ```
     pub fn with_header(mut self, key: &str, value: &str) -> Self {
-        self.headers.push(Header { key: key.into(), value: value.as_bytes().to_vec() });
+        self.headers.push(Header {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+        });
         self
     }
 
@@ -129,7 +132,9 @@ impl Event {
     /// assert_eq!(Event::for_test(b"").key_str(), None);
     /// ```
     pub fn key_str(&self) -> Option<&str> {
-        self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
     }
 
     /// The first header named `key`, as UTF-8.
@@ -139,7 +144,10 @@ impl Event {
     /// assert_eq!(Event::for_test(b"").with_header("t", "view").header_str("t"), Some("view"));
     /// ```
     pub fn header_str(&self, key: &str) -> Option<&str> {
-        self.headers.iter().find(|h| h.key == key).and_then(Header::value_str)
+        self.headers
+            .iter()
+            .find(|h| h.key == key)
+            .and_then(Header::value_str)
     }
 }
 
@@ -151,7 +159,14 @@ impl From<wit::Event> for Event {
             offset: e.offset,
             key: e.key,
             timestamp_ms: e.timestamp_ms,
-            headers: e.headers.into_iter().map(|h| Header { key: h.key, value: h.value }).collect(),
+            headers: e
+                .headers
+                .into_iter()
+                .map(|h| Header {
+                    key: h.key,
+                    value: h.value,
+                })
+                .collect(),
             payload: e.payload,
         }
     }

@@ -13,8 +13,14 @@ thread_local! {
 /// Decode the config and build the plugin. Installs a panic hook so that a guest panic
 /// reaches the host's logs with its message and location before the trap.
 pub fn init<P: Plugin>(config: &str) -> Result<(), String> {
-    std::panic::set_hook(Box::new(|info| crate::log::error(&format!("plugin {info}"))));
-    let config = if config.trim().is_empty() { "null" } else { config };
+    std::panic::set_hook(Box::new(|info| {
+        crate::log::error(&format!("plugin {info}"))
+    }));
+    let config = if config.trim().is_empty() {
+        "null"
+    } else {
+        config
+    };
     let config: P::Config = serde_json::from_str(config)
         .map_err(|e| format!("plugin config does not match the plugin's Config type: {e}"))?;
     let plugin = P::new(config)?;
@@ -23,11 +29,14 @@ pub fn init<P: Plugin>(config: &str) -> Result<(), String> {
 }
 
 /// Run the plugin over a batch: one result per event, in order.
-pub fn process<P: Plugin>(events: Vec<wit::Event>) -> Vec<Result<Vec<wit::Write>, wit::EventError>> {
+pub fn process<P: Plugin>(
+    events: Vec<wit::Event>,
+) -> Vec<Result<Vec<wit::Write>, wit::EventError>> {
     INSTANCE.with(|slot| {
         let mut slot = slot.borrow_mut();
         let Some(plugin) = slot.as_mut().and_then(|p| p.downcast_mut::<P>()) else {
-            let err = wit::EventError::Retryable("plugin was called before a successful init".into());
+            let err =
+                wit::EventError::Retryable("plugin was called before a successful init".into());
             return events.iter().map(|_| Err(err.clone())).collect();
         };
         events

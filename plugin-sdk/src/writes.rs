@@ -54,10 +54,18 @@ impl From<Write> for wit::Write {
             Op::Incr(v) => wit::Op::Incr(v.into()),
             Op::Max(v) => wit::Op::Max(v.into()),
             Op::Min(v) => wit::Op::Min(v.into()),
-            Op::Append { item, cap } => wit::Op::Append(wit::AppendCapped { item: item.into(), cap }),
+            Op::Append { item, cap } => wit::Op::Append(wit::AppendCapped {
+                item: item.into(),
+                cap,
+            }),
             Op::Delete => wit::Op::Delete,
         };
-        wit::Write { entity: w.entity, feature: w.feature, op, event_time_ms: w.event_time_ms }
+        wit::Write {
+            entity: w.entity,
+            feature: w.feature,
+            op,
+            event_time_ms: w.event_time_ms,
+        }
     }
 }
 
@@ -86,7 +94,10 @@ impl Writes {
     /// assert!(Writes::for_event(&Event::for_test(b"")).is_empty());
     /// ```
     pub fn for_event(event: &Event) -> Self {
-        Writes { event_time_ms: event.timestamp_ms, writes: Vec::new() }
+        Writes {
+            event_time_ms: event.timestamp_ms,
+            writes: Vec::new(),
+        }
     }
 
     /// Override the event time of writes added from now on (e.g. a time field in the payload).
@@ -111,7 +122,10 @@ impl Writes {
     /// assert_eq!(out.len(), 2);
     /// ```
     pub fn entity<'a>(&'a mut self, entity: &str) -> EntityWrites<'a> {
-        EntityWrites { entity: entity.to_owned(), out: self }
+        EntityWrites {
+            entity: entity.to_owned(),
+            out: self,
+        }
     }
 
     /// Add one raw write.
@@ -230,7 +244,13 @@ impl EntityWrites<'_> {
     /// Writes::for_event(&Event::for_test(b"")).entity("u").append("last_viewed", "item-9", 20);
     /// ```
     pub fn append(self, feature: &str, item: impl Into<Value>, cap: u32) -> Self {
-        self.op(feature, Op::Append { item: item.into(), cap })
+        self.op(
+            feature,
+            Op::Append {
+                item: item.into(),
+                cap,
+            },
+        )
     }
 
     /// Delete `feature` (a tombstone at this event time).

@@ -32,7 +32,13 @@ spec:
 "#
         )
     };
-    let users = group("user-activity", &format!("    - topic: {web}\n    - topic: {app}"), "user_id", "item_id", "last_viewed");
+    let users = group(
+        "user-activity",
+        &format!("    - topic: {web}\n    - topic: {app}"),
+        "user_id",
+        "item_id",
+        "last_viewed",
+    );
     let items = group(
         "item-activity",
         &format!("    - topic: {web}\n      filter: {{field: /type, in: [click, view]}}"),
@@ -44,7 +50,11 @@ spec:
     std::fs::write(dir.join("items.yaml"), items).unwrap();
 }
 
-async fn item(client: &aws_sdk_dynamodb::Client, table: &str, pk: &str) -> Option<std::collections::HashMap<String, AttributeValue>> {
+async fn item(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    pk: &str,
+) -> Option<std::collections::HashMap<String, AttributeValue>> {
     client
         .get_item()
         .table_name(table)
@@ -71,7 +81,11 @@ fn strings(item: &std::collections::HashMap<String, AttributeValue>, attr: &str)
 async fn events_reach_dynamodb_and_redis_for_every_group() {
     let stack = Stack::from_env();
     let id = unique();
-    let (web, app, table) = (format!("web-{id}"), format!("app-{id}"), format!("features-{id}"));
+    let (web, app, table) = (
+        format!("web-{id}"),
+        format!("app-{id}"),
+        format!("features-{id}"),
+    );
     let tmp = std::env::temp_dir().join(format!("fh-e2e-{id}"));
     let spec_dir = tmp.join("specs");
     std::fs::create_dir_all(&spec_dir).unwrap();
@@ -92,7 +106,8 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
     let mut host = Host::spawn(&["run"], &env);
 
     let p = stack.producer();
-    let ev = |t: &str, u: &str, i: &str| format!(r#"{{"type":"{t}","user_id":"{u}","item_id":"{i}"}}"#);
+    let ev =
+        |t: &str, u: &str, i: &str| format!(r#"{{"type":"{t}","user_id":"{u}","item_id":"{i}"}}"#);
     produce(&p, &web, "u1", 1_000, &ev("view", "u1", "item-1"), &[]).await;
     produce(&p, &app, "u1", 2_000, &ev("click", "u1", "item-2"), &[]).await;
     produce(&p, &web, "u2", 3_000, &ev("view", "u2", "item-1"), &[]).await;
@@ -101,26 +116,48 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
 
     let ddb = stack.dynamodb().await;
     // Group on two topics: u1's view (web) and click (app) both land.
-    let u1 = eventually(Duration::from_secs(60), "user-activity#u1 in DynamoDB", || async {
-        item(&ddb, &table, "user-activity#u1").await.filter(|i| n(i, "f:views") == Some(2) && n(i, "f:clicks") == Some(1))
-    })
+    let u1 = eventually(
+        Duration::from_secs(60),
+        "user-activity#u1 in DynamoDB",
+        || async {
+            item(&ddb, &table, "user-activity#u1")
+                .await
+                .filter(|i| n(i, "f:views") == Some(2) && n(i, "f:clicks") == Some(1))
+        },
+    )
     .await;
-    assert_eq!(strings(&u1, "f:last_viewed"), vec!["item-3", "item-1"], "last-k, newest first");
-    assert_eq!(n(&u1, "t:views"), Some(4_000), "event time of the newest view");
+    assert_eq!(
+        strings(&u1, "f:last_viewed"),
+        vec!["item-3", "item-1"],
+        "last-k, newest first"
+    );
+    assert_eq!(
+        n(&u1, "t:views"),
+        Some(4_000),
+        "event time of the newest view"
+    );
     assert!(n(&u1, "ttl").is_some(), "TTL attribute set");
     // Two groups on one topic: item-activity sees the web views but not the app click.
     let i1 = eventually(Duration::from_secs(30), "item-activity#item-1", || async {
-        item(&ddb, &table, "item-activity#item-1").await.filter(|i| n(i, "f:views") == Some(2))
+        item(&ddb, &table, "item-activity#item-1")
+            .await
+            .filter(|i| n(i, "f:views") == Some(2))
     })
     .await;
     assert_eq!(strings(&i1, "f:last_viewers"), vec!["u2", "u1"]);
-    assert!(item(&ddb, &table, "item-activity#item-2").await.is_none(), "app-events are not routed to item-activity");
+    assert!(
+        item(&ddb, &table, "item-activity#item-2").await.is_none(),
+        "app-events are not routed to item-activity"
+    );
 
     // Write-through: Redis holds the store's resulting values.
     let mut r = stack.redis().await;
     let views: Option<String> = r.hget("fh:user-activity#u1", "views").await.unwrap();
     assert_eq!(views.as_deref(), Some("2"));
-    let viewers: Option<String> = r.hget("fh:item-activity#item-1", "last_viewers").await.unwrap();
+    let viewers: Option<String> = r
+        .hget("fh:item-activity#item-1", "last_viewers")
+        .await
+        .unwrap();
     assert_eq!(viewers.as_deref(), Some(r#"["u2","u1"]"#));
     let ttl: i64 = r.ttl("fh:user-activity#u1").await.unwrap();
     assert!(ttl > 0 && ttl <= 600, "cache TTL set, got {ttl}");
@@ -134,10 +171,18 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
         .unwrap();
     consumer.subscribe(&["user-activity.dlq"]).unwrap();
     let reason = eventually(Duration::from_secs(30), "dead letter", || async {
-        let m = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await.ok()?.ok()?;
+        let m = tokio::time::timeout(Duration::from_secs(2), consumer.recv())
+            .await
+            .ok()?
+            .ok()?;
         (m.payload() == Some(b"{definitely not json".as_slice())).then(|| {
             m.headers()
-                .and_then(|h| h.iter().find(|h| h.key == "fh-error").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()))
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "fh-error")
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
                 .unwrap_or_default()
         })
     })
@@ -154,15 +199,26 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
             .envs(env.iter().map(|(k, v)| (*k, v.clone())))
             .output()
             .unwrap();
-        assert!(out.status.success(), "get failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "get failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let cached = get("item-1");
     assert_eq!(cached["features"]["views"], 2);
     let _: () = r.del("fh:item-activity#item-1").await.unwrap();
     let from_store = get("item-1");
-    assert_eq!(from_store["features"]["last_viewers"], serde_json::json!(["u2", "u1"]));
+    assert_eq!(
+        from_store["features"]["last_viewers"],
+        serde_json::json!(["u2", "u1"])
+    );
     let refilled: Option<String> = r.hget("fh:item-activity#item-1", "views").await.unwrap();
-    assert_eq!(refilled.as_deref(), Some("2"), "a store read refills the cache");
+    assert_eq!(
+        refilled.as_deref(),
+        Some("2"),
+        "a store read refills the cache"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -10,9 +10,18 @@ pub enum WriteCheckError {
     #[error("write to undeclared feature {feature:?} (declare it in the FeatureGroup spec)")]
     UnknownFeature { feature: String },
     #[error("feature {feature:?} is {declared:?}: `{op}` with a {given} value does not fit")]
-    TypeMismatch { feature: String, declared: FeatureType, op: &'static str, given: &'static str },
+    TypeMismatch {
+        feature: String,
+        declared: FeatureType,
+        op: &'static str,
+        given: &'static str,
+    },
     #[error("feature {feature:?} is a vector of dimension {expected}, got {got}")]
-    WrongDimension { feature: String, expected: u32, got: usize },
+    WrongDimension {
+        feature: String,
+        expected: u32,
+        got: usize,
+    },
     #[error("empty entity id in write to {feature:?}")]
     EmptyEntity { feature: String },
     #[error("append to {feature:?} with cap 0")]
@@ -25,10 +34,14 @@ pub enum WriteCheckError {
 /// becomes a float).
 pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, WriteCheckError> {
     let Some(decl) = spec.feature(&write.feature) else {
-        return Err(WriteCheckError::UnknownFeature { feature: write.feature });
+        return Err(WriteCheckError::UnknownFeature {
+            feature: write.feature,
+        });
     };
     if write.entity.is_empty() {
-        return Err(WriteCheckError::EmptyEntity { feature: write.feature });
+        return Err(WriteCheckError::EmptyEntity {
+            feature: write.feature,
+        });
     }
     let ty = decl.ty;
     let finite = |v: &Value| match v {
@@ -38,11 +51,15 @@ pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, W
         _ => true,
     };
     let all_finite = match &write.op {
-        Op::Set(v) | Op::Incr(v) | Op::Max(v) | Op::Min(v) | Op::Append { item: v, .. } => finite(v),
+        Op::Set(v) | Op::Incr(v) | Op::Max(v) | Op::Min(v) | Op::Append { item: v, .. } => {
+            finite(v)
+        }
         Op::Delete => true,
     };
     if !all_finite {
-        return Err(WriteCheckError::NonFinite { feature: write.feature });
+        return Err(WriteCheckError::NonFinite {
+            feature: write.feature,
+        });
     }
     let mismatch = |op: &Op, v: &Value| WriteCheckError::TypeMismatch {
         feature: decl.name.clone(),
@@ -58,20 +75,25 @@ pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, W
             if let (Value::Vector(vec), Some(dim)) = (&*v, decl.dim)
                 && vec.len() != dim as usize
             {
-                return Err(WriteCheckError::WrongDimension { feature: decl.name.clone(), expected: dim, got: vec.len() });
+                return Err(WriteCheckError::WrongDimension {
+                    feature: decl.name.clone(),
+                    expected: dim,
+                    got: vec.len(),
+                });
             }
         }
         Op::Incr(v) | Op::Max(v) | Op::Min(v) => {
-            if !matches!(ty, FeatureType::Int | FeatureType::Float)
-                && !(extreme && ty == FeatureType::String)
-            {
+            let numeric = matches!(ty, FeatureType::Int | FeatureType::Float);
+            if !(numeric || extreme && ty == FeatureType::String) {
                 return Err(mismatch(&op_name, v));
             }
             coerce(ty, v).map_err(|v| mismatch(&op_name, &v))?;
         }
         Op::Append { item, cap } => {
             if *cap == 0 {
-                return Err(WriteCheckError::ZeroCap { feature: decl.name.clone() });
+                return Err(WriteCheckError::ZeroCap {
+                    feature: decl.name.clone(),
+                });
             }
             let element = match ty {
                 FeatureType::IntList => FeatureType::Int,
@@ -117,7 +139,12 @@ mod tests {
     use crate::spec::{FeatureSpec, PluginSpec};
 
     fn spec() -> FeatureGroupSpec {
-        let f = |name: &str, ty, dim| FeatureSpec { name: name.into(), ty, dim, description: None };
+        let f = |name: &str, ty, dim| FeatureSpec {
+            name: name.into(),
+            ty,
+            dim,
+            description: None,
+        };
         FeatureGroupSpec {
             entity: "user".into(),
             description: None,
@@ -128,7 +155,11 @@ mod tests {
                 f("emb", FeatureType::Vector, Some(3)),
                 f("country", FeatureType::String, None),
             ],
-            plugin: PluginSpec { wasm: "x.wasm".into(), config: None, limits: Default::default() },
+            plugin: PluginSpec {
+                wasm: "x.wasm".into(),
+                config: None,
+                limits: Default::default(),
+            },
             sources: vec![],
             store: Default::default(),
             cache: Default::default(),
@@ -138,14 +169,29 @@ mod tests {
     }
 
     fn w(feature: &str, op: Op) -> Write {
-        Write { entity: "u1".into(), feature: feature.into(), op, event_time_ms: 1 }
+        Write {
+            entity: "u1".into(),
+            feature: feature.into(),
+            op,
+            event_time_ms: 1,
+        }
     }
 
     #[test]
     fn accepts_and_widens() {
         let out = check_write(&spec(), w("spend", Op::Incr(Value::Int(2)))).unwrap();
         assert_eq!(out.op, Op::Incr(Value::Float(2.0)));
-        check_write(&spec(), w("last", Op::Append { item: Value::String("i".into()), cap: 3 })).unwrap();
+        check_write(
+            &spec(),
+            w(
+                "last",
+                Op::Append {
+                    item: Value::String("i".into()),
+                    cap: 3,
+                },
+            ),
+        )
+        .unwrap();
         check_write(&spec(), w("country", Op::Max(Value::String("DE".into())))).unwrap();
         check_write(&spec(), w("clicks", Op::Delete)).unwrap();
     }
@@ -159,15 +205,45 @@ mod tests {
         let e = check_write(&spec(), w("country", Op::Incr(Value::Int(1)))).unwrap_err();
         assert!(matches!(e, WriteCheckError::TypeMismatch { .. }));
         let e = check_write(&spec(), w("emb", Op::Set(Value::Vector(vec![1.0])))).unwrap_err();
-        assert_eq!(e, WriteCheckError::WrongDimension { feature: "emb".into(), expected: 3, got: 1 });
-        let e = check_write(&spec(), w("last", Op::Append { item: Value::Int(1), cap: 3 })).unwrap_err();
+        assert_eq!(
+            e,
+            WriteCheckError::WrongDimension {
+                feature: "emb".into(),
+                expected: 3,
+                got: 1
+            }
+        );
+        let e = check_write(
+            &spec(),
+            w(
+                "last",
+                Op::Append {
+                    item: Value::Int(1),
+                    cap: 3,
+                },
+            ),
+        )
+        .unwrap_err();
         assert!(matches!(e, WriteCheckError::TypeMismatch { .. }));
-        let e = check_write(&spec(), w("last", Op::Append { item: Value::String("a".into()), cap: 0 })).unwrap_err();
+        let e = check_write(
+            &spec(),
+            w(
+                "last",
+                Op::Append {
+                    item: Value::String("a".into()),
+                    cap: 0,
+                },
+            ),
+        )
+        .unwrap_err();
         assert!(matches!(e, WriteCheckError::ZeroCap { .. }));
         let e = check_write(&spec(), w("spend", Op::Set(Value::Float(f64::NAN)))).unwrap_err();
         assert!(matches!(e, WriteCheckError::NonFinite { .. }));
         let mut empty = w("clicks", Op::Delete);
         empty.entity.clear();
-        assert!(matches!(check_write(&spec(), empty), Err(WriteCheckError::EmptyEntity { .. })));
+        assert!(matches!(
+            check_write(&spec(), empty),
+            Err(WriteCheckError::EmptyEntity { .. })
+        ));
     }
 }

@@ -113,7 +113,9 @@ impl EntityState {
 
     /// The live (non-tombstone) feature values.
     pub fn values(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.features.iter().filter_map(|(k, c)| c.value.as_ref().map(|v| (k.as_str(), v)))
+        self.features
+            .iter()
+            .filter_map(|(k, c)| c.value.as_ref().map(|v| (k.as_str(), v)))
     }
 
     /// Apply one op; false if it was skipped as stale.
@@ -127,13 +129,21 @@ impl EntityState {
                 if newer_stored {
                     return false;
                 }
-                Cell { value: Some(v.clone()), event_time_ms: t, item_times: Vec::new() }
+                Cell {
+                    value: Some(v.clone()),
+                    event_time_ms: t,
+                    item_times: Vec::new(),
+                }
             }
             Op::Delete => {
                 if newer_stored {
                     return false;
                 }
-                Cell { value: None, event_time_ms: t, item_times: Vec::new() }
+                Cell {
+                    value: None,
+                    event_time_ms: t,
+                    item_times: Vec::new(),
+                }
             }
             Op::Incr(delta) => {
                 if deleted_later {
@@ -153,7 +163,11 @@ impl EntityState {
                     // Absent, tombstoned, or a type the spec no longer declares: restart.
                     _ => delta.clone(),
                 };
-                Cell { value: Some(value), event_time_ms: max_time(cell, t), item_times: Vec::new() }
+                Cell {
+                    value: Some(value),
+                    event_time_ms: max_time(cell, t),
+                    item_times: Vec::new(),
+                }
             }
             Op::Max(v) | Op::Min(v) => {
                 if deleted_later {
@@ -168,14 +182,22 @@ impl EntityState {
                     },
                     None => v.clone(),
                 };
-                Cell { value: Some(value), event_time_ms: max_time(cell, t), item_times: Vec::new() }
+                Cell {
+                    value: Some(value),
+                    event_time_ms: max_time(cell, t),
+                    item_times: Vec::new(),
+                }
             }
             Op::Append { item, cap } => {
                 if deleted_later {
                     return false;
                 }
                 let (mut list, mut times) = match cell {
-                    Some(Cell { value: Some(v), item_times, .. }) if same_list_kind(v, item) => (v.clone(), item_times.clone()),
+                    Some(Cell {
+                        value: Some(v),
+                        item_times,
+                        ..
+                    }) if same_list_kind(v, item) => (v.clone(), item_times.clone()),
                     _ => (empty_list_like(item), Vec::new()),
                 };
                 // Newest first; equal times keep arrival order (the newer arrival first).
@@ -187,7 +209,11 @@ impl EntityState {
                 times.insert(at, t);
                 truncate_list(&mut list, *cap as usize);
                 times.truncate(*cap as usize);
-                Cell { value: Some(list), event_time_ms: max_time(cell, t), item_times: times }
+                Cell {
+                    value: Some(list),
+                    event_time_ms: max_time(cell, t),
+                    item_times: times,
+                }
             }
         };
         self.features.insert(feature.to_owned(), new_cell);
@@ -213,7 +239,9 @@ fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
 fn same_list_kind(list: &Value, item: &Value) -> bool {
     matches!(
         (list, item),
-        (Value::IntList(_), Value::Int(_)) | (Value::FloatList(_), Value::Float(_)) | (Value::StringList(_), Value::String(_))
+        (Value::IntList(_), Value::Int(_))
+            | (Value::FloatList(_), Value::Float(_))
+            | (Value::StringList(_), Value::String(_))
     )
 }
 
@@ -251,8 +279,15 @@ mod tests {
 
     fn m(offset: Option<i64>, ops: Vec<(&str, Op, i64)>) -> Mutation {
         Mutation {
-            position: offset.map(|o| Position { source: "t".into(), partition: 0, offset: o }),
-            ops: ops.into_iter().map(|(f, o, t)| (f.to_string(), o, t)).collect(),
+            position: offset.map(|o| Position {
+                source: "t".into(),
+                partition: 0,
+                offset: o,
+            }),
+            ops: ops
+                .into_iter()
+                .map(|(f, o, t)| (f.to_string(), o, t))
+                .collect(),
             overwrite: false,
         }
     }
@@ -268,7 +303,10 @@ mod tests {
         assert_eq!(s.apply(&ev).applied_ops, 1);
         let again = s.apply(&ev);
         assert!(again.replayed);
-        assert!(s.apply(&m(Some(3), vec![("n", Op::Incr(Value::Int(1)), 5)])).replayed);
+        assert!(
+            s.apply(&m(Some(3), vec![("n", Op::Incr(Value::Int(1)), 5)]))
+                .replayed
+        );
         assert_eq!(get(&s, "n"), Some(&Value::Int(1)));
         // Another partition has its own high-water mark.
         let mut other = m(Some(3), vec![("n", Op::Incr(Value::Int(1)), 5)]);
@@ -281,8 +319,21 @@ mod tests {
     fn stale_set_does_not_block_incr_of_same_event() {
         let mut s = EntityState::default();
         s.apply(&m(None, vec![("price", Op::Set(Value::Int(20)), 100)]));
-        let out = s.apply(&m(None, vec![("price", Op::Set(Value::Int(10)), 50), ("n", Op::Incr(Value::Int(1)), 50)]));
-        assert_eq!(out, ApplyOutcome { replayed: false, applied_ops: 1, stale_skips: 1 });
+        let out = s.apply(&m(
+            None,
+            vec![
+                ("price", Op::Set(Value::Int(10)), 50),
+                ("n", Op::Incr(Value::Int(1)), 50),
+            ],
+        ));
+        assert_eq!(
+            out,
+            ApplyOutcome {
+                replayed: false,
+                applied_ops: 1,
+                stale_skips: 1
+            }
+        );
         assert_eq!(get(&s, "price"), Some(&Value::Int(20)));
         assert_eq!(get(&s, "n"), Some(&Value::Int(1)));
     }
@@ -300,13 +351,33 @@ mod tests {
     #[test]
     fn delete_tombstone_blocks_older_writes() {
         let mut s = EntityState::default();
-        s.apply(&m(None, vec![("status", Op::Set(Value::String("live".into())), 10)]));
+        s.apply(&m(
+            None,
+            vec![("status", Op::Set(Value::String("live".into())), 10)],
+        ));
         s.apply(&m(None, vec![("status", Op::Delete, 20)]));
-        assert_eq!(s.apply(&m(None, vec![("status", Op::Set(Value::String("old".into())), 15)])).stale_skips, 1);
-        assert_eq!(s.apply(&m(None, vec![("status", Op::Max(Value::String("zzz".into())), 15)])).stale_skips, 1);
+        assert_eq!(
+            s.apply(&m(
+                None,
+                vec![("status", Op::Set(Value::String("old".into())), 15)]
+            ))
+            .stale_skips,
+            1
+        );
+        assert_eq!(
+            s.apply(&m(
+                None,
+                vec![("status", Op::Max(Value::String("zzz".into())), 15)]
+            ))
+            .stale_skips,
+            1
+        );
         assert_eq!(get(&s, "status"), None);
         assert_eq!(s.values().count(), 0);
-        s.apply(&m(None, vec![("status", Op::Set(Value::String("new".into())), 25)]));
+        s.apply(&m(
+            None,
+            vec![("status", Op::Set(Value::String("new".into())), 25)],
+        ));
         assert_eq!(get(&s, "status"), Some(&Value::String("new".into())));
     }
 
@@ -314,7 +385,13 @@ mod tests {
     fn max_min_keep_extremes() {
         let mut s = EntityState::default();
         for (v, t) in [(5, 1), (9, 2), (7, 3)] {
-            s.apply(&m(None, vec![("hi", Op::Max(Value::Int(v)), t), ("lo", Op::Min(Value::Int(v)), t)]));
+            s.apply(&m(
+                None,
+                vec![
+                    ("hi", Op::Max(Value::Int(v)), t),
+                    ("lo", Op::Min(Value::Int(v)), t),
+                ],
+            ));
         }
         assert_eq!(get(&s, "hi"), Some(&Value::Int(9)));
         assert_eq!(get(&s, "lo"), Some(&Value::Int(5)));
@@ -324,7 +401,19 @@ mod tests {
     #[test]
     fn append_orders_by_event_time_and_caps() {
         let mut s = EntityState::default();
-        let app = |item: &str, t| m(None, vec![("last", Op::Append { item: Value::String(item.into()), cap: 3 }, t)]);
+        let app = |item: &str, t| {
+            m(
+                None,
+                vec![(
+                    "last",
+                    Op::Append {
+                        item: Value::String(item.into()),
+                        cap: 3,
+                    },
+                    t,
+                )],
+            )
+        };
         for (i, t) in [("a", 1), ("b", 2), ("d", 4), ("c", 3)] {
             s.apply(&app(i, t));
         }

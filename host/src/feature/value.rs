@@ -59,7 +59,10 @@ pub enum Op {
     Max(Value),
     Min(Value),
     /// Insert into a last-k list (newest first, at most `cap` items).
-    Append { item: Value, cap: u32 },
+    Append {
+        item: Value,
+        cap: u32,
+    },
     Delete,
 }
 

@@ -35,7 +35,10 @@ const POOL_SIZE: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("cannot read plugin {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("plugin {path} is not a valid WASM component: {message}")]
     Compile { path: String, message: String },
     #[error("plugin {path} does not implement the feature-host plugin interface: {message}")]
@@ -47,7 +50,11 @@ pub enum PluginError {
     #[error("plugin {plugin} trapped: {message}")]
     Trap { plugin: String, message: String },
     #[error("plugin {plugin} returned {got} results for {expected} events")]
-    ResultCount { plugin: String, expected: usize, got: usize },
+    ResultCount {
+        plugin: String,
+        expected: usize,
+        got: usize,
+    },
     #[error("plugin call was cancelled: {0}")]
     Cancelled(String),
 }
@@ -83,16 +90,25 @@ impl PluginEngine {
         // The WASI imports Rust's std links are provided with an empty context: no
         // preopened directories, no environment, no arguments, no network, no stdio.
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        bindings::FeaturePlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        bindings::FeaturePlugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )?;
         let weak = engine.weak();
-        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
-        Ok(PluginEngine { engine, linker: Arc::new(linker), compiled: Default::default() })
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        Ok(PluginEngine {
+            engine,
+            linker: Arc::new(linker),
+            compiled: Default::default(),
+        })
     }
 
     /// Compile and type-check the component at `path` and initialize one instance with
@@ -106,7 +122,10 @@ impl PluginEngine {
         limits: &PluginLimits,
     ) -> Result<Plugin, PluginError> {
         let display = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| PluginError::Read { path: display.clone(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            path: display.clone(),
+            source,
+        })?;
         self.load_bytes(group, &display, &bytes, config, limits)
     }
 
@@ -120,17 +139,30 @@ impl PluginEngine {
         limits: &PluginLimits,
     ) -> Result<Plugin, PluginError> {
         let version = hex::encode(&Sha256::digest(bytes)[..8]);
-        let cached = self.compiled.lock().expect("compiled lock").get(&version).cloned();
+        let cached = self
+            .compiled
+            .lock()
+            .expect("compiled lock")
+            .get(&version)
+            .cloned();
         let component = match cached {
             Some(c) => c,
             None => {
-                let c = Component::new(&self.engine, bytes)
-                    .map_err(|e| PluginError::Compile { path: path.into(), message: format!("{e:#}") })?;
-                self.compiled.lock().expect("compiled lock").insert(version.clone(), c.clone());
+                let c = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+                    path: path.into(),
+                    message: format!("{e:#}"),
+                })?;
+                self.compiled
+                    .lock()
+                    .expect("compiled lock")
+                    .insert(version.clone(), c.clone());
                 c
             }
         };
-        let interface = |e: wasmtime::Error| PluginError::Interface { path: path.into(), message: format!("{e:#}") };
+        let interface = |e: wasmtime::Error| PluginError::Interface {
+            path: path.into(),
+            message: format!("{e:#}"),
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(interface)?;
         let pre = bindings::FeaturePluginPre::new(pre).map_err(interface)?;
         let plugin = Plugin {
@@ -184,7 +216,10 @@ struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -194,10 +229,18 @@ impl wit_log::Host for HostState {
     fn log(&mut self, level: wit_log::Level, message: String) {
         let (group, version) = (&self.group, &self.version);
         match level {
-            wit_log::Level::Trace => tracing::trace!(plugin = %group, version = %version, "{message}"),
-            wit_log::Level::Debug => tracing::debug!(plugin = %group, version = %version, "{message}"),
-            wit_log::Level::Info => tracing::info!(plugin = %group, version = %version, "{message}"),
-            wit_log::Level::Warn => tracing::warn!(plugin = %group, version = %version, "{message}"),
+            wit_log::Level::Trace => {
+                tracing::trace!(plugin = %group, version = %version, "{message}")
+            }
+            wit_log::Level::Debug => {
+                tracing::debug!(plugin = %group, version = %version, "{message}")
+            }
+            wit_log::Level::Info => {
+                tracing::info!(plugin = %group, version = %version, "{message}")
+            }
+            wit_log::Level::Warn => {
+                tracing::warn!(plugin = %group, version = %version, "{message}")
+            }
             wit_log::Level::Error => {
                 tracing::error!(plugin = %group, version = %version, "{message}");
                 self.last_error = Some(message);
@@ -226,28 +269,44 @@ impl PluginInner {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         self.arm_deadline(&mut store);
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| self.call_error(&mut store, e))?;
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.call_error(&mut store, e))?;
         match bindings.call_init(&mut store, &self.config_json) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
-            Ok(Err(message)) => Err(PluginError::Init { plugin: self.tag(), message }),
+            Ok(Err(message)) => Err(PluginError::Init {
+                plugin: self.tag(),
+                message,
+            }),
             Err(e) => Err(self.call_error(&mut store, e)),
         }
     }
 
     fn arm_deadline(&self, store: &mut Store<HostState>) {
-        let ticks = self.limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1);
+        let ticks = self
+            .limits
+            .timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            .max(1);
         store.set_epoch_deadline(ticks);
     }
 
     fn call_error(&self, store: &mut Store<HostState>, e: wasmtime::Error) -> PluginError {
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return PluginError::Timeout { plugin: self.tag(), timeout_ms: self.limits.timeout_ms };
+            return PluginError::Timeout {
+                plugin: self.tag(),
+                timeout_ms: self.limits.timeout_ms,
+            };
         }
         let mut message = format!("{e:#}");
         if let Some(panic) = store.data_mut().last_error.take() {
             message = format!("{panic} ({message})");
         }
-        PluginError::Trap { plugin: self.tag(), message }
+        PluginError::Trap {
+            plugin: self.tag(),
+            message,
+        }
     }
 
     fn call(&self, events: &[Event]) -> Result<Vec<EventResult>, PluginError> {
@@ -266,7 +325,11 @@ impl PluginInner {
             Err(e) => return Err(self.call_error(&mut instance.store, e)),
         };
         if output.len() != events.len() {
-            return Err(PluginError::ResultCount { plugin: self.tag(), expected: events.len(), got: output.len() });
+            return Err(PluginError::ResultCount {
+                plugin: self.tag(),
+                expected: events.len(),
+                got: output.len(),
+            });
         }
         let mut pool = self.pool.lock().expect("pool lock");
         if pool.len() < POOL_SIZE {
@@ -316,7 +379,14 @@ fn to_wit_event(e: &Event) -> wit::Event {
         offset: e.offset,
         key: e.key.clone(),
         timestamp_ms: e.timestamp_ms,
-        headers: e.headers.iter().map(|(k, v)| wit::Header { key: k.clone(), value: v.clone() }).collect(),
+        headers: e
+            .headers
+            .iter()
+            .map(|(k, v)| wit::Header {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
         payload: e.payload.clone(),
     }
 }
@@ -341,8 +411,16 @@ fn from_wit_write(w: wit::Write) -> Write {
         wit::Op::Incr(v) => Op::Incr(from_wit_value(v)),
         wit::Op::Max(v) => Op::Max(from_wit_value(v)),
         wit::Op::Min(v) => Op::Min(from_wit_value(v)),
-        wit::Op::Append(a) => Op::Append { item: from_wit_value(a.item), cap: a.cap },
+        wit::Op::Append(a) => Op::Append {
+            item: from_wit_value(a.item),
+            cap: a.cap,
+        },
         wit::Op::Delete => Op::Delete,
     };
-    Write { entity: w.entity, feature: w.feature, op, event_time_ms: w.event_time_ms }
+    Write {
+        entity: w.entity,
+        feature: w.feature,
+        op,
+        event_time_ms: w.event_time_ms,
+    }
 }

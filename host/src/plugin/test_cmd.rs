@@ -14,7 +14,11 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
     let group = match load_files(&[spec_file.to_path_buf()], plugin_dir) {
         Ok(set) => set.groups.into_values().next(),
         Err(errors) => {
-            let real: Vec<_> = errors.0.iter().filter(|e| e.field != "spec.plugin.wasm").collect();
+            let real: Vec<_> = errors
+                .0
+                .iter()
+                .filter(|e| e.field != "spec.plugin.wasm")
+                .collect();
             if !real.is_empty() {
                 anyhow::bail!("{errors}");
             }
@@ -37,14 +41,24 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
     }
     .with_context(|| format!("{} holds no FeatureGroup", spec_file.display()))?;
 
-    let text = std::fs::read_to_string(events_file).with_context(|| format!("cannot read {}", events_file.display()))?;
+    let text = std::fs::read_to_string(events_file)
+        .with_context(|| format!("cannot read {}", events_file.display()))?;
     let mut events = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let e = crate::stream::local::parse_event(line, Some(n as i64 + 1), None)
             .map_err(|e| anyhow::anyhow!("{}:{}: {e}", events_file.display(), n + 1))?;
         events.push(e);
     }
-    let (wasm, name, config, limits) = (wasm.to_path_buf(), group.name.clone(), group.spec.plugin.config.clone(), group.spec.plugin.limits.clone());
+    let (wasm, name, config, limits) = (
+        wasm.to_path_buf(),
+        group.name.clone(),
+        group.spec.plugin.config.clone(),
+        group.spec.plugin.limits.clone(),
+    );
     let results = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let plugin = PluginEngine::new()?.load(&name, &wasm, config.as_ref(), &limits)?;
         eprintln!("plugin {} version {}", plugin.group(), plugin.version());
@@ -68,10 +82,18 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
                     .collect();
                 serde_json::json!({ "offset": event.offset, "writes": checked })
             }
-            Err(EventFailure::Invalid(m)) => serde_json::json!({ "offset": event.offset, "invalid": m }),
-            Err(EventFailure::Retryable(m)) => serde_json::json!({ "offset": event.offset, "retryable": m }),
+            Err(EventFailure::Invalid(m)) => {
+                serde_json::json!({ "offset": event.offset, "invalid": m })
+            }
+            Err(EventFailure::Retryable(m)) => {
+                serde_json::json!({ "offset": event.offset, "retryable": m })
+            }
         };
         println!("{line}");
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

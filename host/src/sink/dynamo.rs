@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes, ScalarAttributeType,
-    TableStatus, TimeToLiveSpecification,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,19 +32,31 @@ pub struct DynamoStore {
     client: Client,
 }
 
-fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(what: &str, e: SdkError<E>) -> SinkError {
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    what: &str,
+    e: SdkError<E>,
+) -> SinkError {
     let message = match &e {
         SdkError::ServiceError(s) => {
             let code = s.err().code().unwrap_or("unknown");
             let msg = format!("{what}: {code}: {}", s.err().message().unwrap_or(""));
             if code.contains("Validation") || code == "ResourceNotFoundException" {
-                return SinkError::Rejected { backend: BACKEND, message: msg };
+                return SinkError::Rejected {
+                    backend: BACKEND,
+                    message: msg,
+                };
             }
             msg
         }
-        other => format!("{what}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(other)),
+        other => format!(
+            "{what}: {}",
+            aws_sdk_dynamodb::error::DisplayErrorContext(other)
+        ),
     };
-    SinkError::Unavailable { backend: BACKEND, message }
+    SinkError::Unavailable {
+        backend: BACKEND,
+        message,
+    }
 }
 
 impl DynamoStore {
@@ -52,7 +64,9 @@ impl DynamoStore {
     /// `endpoint` overrides the service URL (DynamoDB Local).
     pub async fn connect(endpoint: Option<&str>) -> DynamoStore {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+        if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+        {
             loader = loader.region(aws_config::Region::new("us-east-1"));
         }
         let shared = loader.load().await;
@@ -60,7 +74,9 @@ impl DynamoStore {
         if let Some(url) = endpoint {
             config = config.endpoint_url(url);
         }
-        DynamoStore { client: Client::from_conf(config.build()) }
+        DynamoStore {
+            client: Client::from_conf(config.build()),
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -86,17 +102,31 @@ impl Store for DynamoStore {
                     .build()
                     .expect("complete builder"),
             )
-            .key_schema(KeySchemaElement::builder().attribute_name("pk").key_type(KeyType::Hash).build().expect("complete builder"))
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("pk")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("complete builder"),
+            )
             .billing_mode(BillingMode::PayPerRequest)
             .send()
             .await;
         match created {
             Ok(_) => {}
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_in_use_exception()) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_in_use_exception()) => {}
             Err(e) => return Err(classify(&format!("create table {table}"), e)),
         }
         for _ in 0..120 {
-            let d = self.client.describe_table().table_name(table).send().await.map_err(|e| classify("describe table", e))?;
+            let d = self
+                .client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map_err(|e| classify("describe table", e))?;
             if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
                 break;
             }
@@ -107,27 +137,51 @@ impl Store for DynamoStore {
             .update_time_to_live()
             .table_name(table)
             .time_to_live_specification(
-                TimeToLiveSpecification::builder().enabled(true).attribute_name("ttl").build().expect("complete builder"),
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name("ttl")
+                    .build()
+                    .expect("complete builder"),
             )
             .send()
             .await;
         match ttl {
             Ok(_) => Ok(()),
             // Already enabled: fine.
-            Err(e) if e.as_service_error().and_then(|s| s.message()).is_some_and(|m| m.contains("already enabled")) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .and_then(|s| s.message())
+                    .is_some_and(|m| m.contains("already enabled")) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(classify(&format!("enable TTL on {table}"), e)),
         }
     }
 
-    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(
+        &self,
+        target: &Target,
+        keys: &[String],
+    ) -> Result<Vec<Option<Versioned>>, SinkError> {
         let mut found: HashMap<String, Item> = HashMap::with_capacity(keys.len());
         for chunk in keys.chunks(100) {
             let mut request = Some(
                 KeysAndAttributes::builder()
-                    .set_keys(Some(chunk.iter().map(|k| HashMap::from([("pk".to_string(), AttributeValue::S(k.clone()))])).collect()))
+                    .set_keys(Some(
+                        chunk
+                            .iter()
+                            .map(|k| {
+                                HashMap::from([("pk".to_string(), AttributeValue::S(k.clone()))])
+                            })
+                            .collect(),
+                    ))
                     .consistent_read(true)
                     .build()
-                    .map_err(|e| SinkError::Rejected { backend: BACKEND, message: e.to_string() })?,
+                    .map_err(|e| SinkError::Rejected {
+                        backend: BACKEND,
+                        message: e.to_string(),
+                    })?,
             );
             let mut backoff = Duration::from_millis(10);
             while let Some(req) = request.take() {
@@ -138,12 +192,21 @@ impl Store for DynamoStore {
                     .send()
                     .await
                     .map_err(|e| classify(&format!("batch get from {}", target.table), e))?;
-                for item in out.responses.unwrap_or_default().remove(&target.table).unwrap_or_default() {
+                for item in out
+                    .responses
+                    .unwrap_or_default()
+                    .remove(&target.table)
+                    .unwrap_or_default()
+                {
                     if let Some(AttributeValue::S(pk)) = item.get("pk") {
                         found.insert(pk.clone(), item);
                     }
                 }
-                request = out.unprocessed_keys.unwrap_or_default().remove(&target.table).filter(|k| !k.keys().is_empty());
+                request = out
+                    .unprocessed_keys
+                    .unwrap_or_default()
+                    .remove(&target.table)
+                    .filter(|k| !k.keys().is_empty());
                 if request.is_some() {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -162,8 +225,18 @@ impl Store for DynamoStore {
             .collect()
     }
 
-    async fn compare_and_swap(&self, target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
-        let mut request = self.client.put_item().table_name(&target.table).set_item(Some(encode_item(key, next)));
+    async fn compare_and_swap(
+        &self,
+        target: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError> {
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&target.table)
+            .set_item(Some(encode_item(key, next)));
         request = if expected == 0 {
             request.condition_expression("attribute_not_exists(pk)")
         } else {
@@ -174,7 +247,12 @@ impl Store for DynamoStore {
         };
         match request.send().await {
             Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(classify(&format!("conditional put to {}", target.table), e)),
         }
     }
@@ -192,11 +270,19 @@ pub fn encode_item(key: &str, v: &Versioned) -> Item {
         if let Some(value) = &cell.value {
             item.insert(format!("f:{name}"), encode_value(value));
         }
-        item.insert(format!("t:{name}"), AttributeValue::N(cell.event_time_ms.to_string()));
+        item.insert(
+            format!("t:{name}"),
+            AttributeValue::N(cell.event_time_ms.to_string()),
+        );
         if !cell.item_times.is_empty() {
             item.insert(
                 format!("i:{name}"),
-                AttributeValue::L(cell.item_times.iter().map(|t| AttributeValue::N(t.to_string())).collect()),
+                AttributeValue::L(
+                    cell.item_times
+                        .iter()
+                        .map(|t| AttributeValue::N(t.to_string()))
+                        .collect(),
+                ),
             );
         }
     }
@@ -216,26 +302,46 @@ fn encode_value(v: &Value) -> AttributeValue {
         Value::Bytes(b) => AttributeValue::B(b.clone().into()),
         Value::IntList(l) => AttributeValue::L(l.iter().map(|i| n(i.to_string())).collect()),
         Value::FloatList(l) => AttributeValue::L(l.iter().map(|f| n(format_float(*f))).collect()),
-        Value::StringList(l) => AttributeValue::L(l.iter().map(|s| AttributeValue::S(s.clone())).collect()),
-        Value::Vector(v) => AttributeValue::B(v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>().into()),
+        Value::StringList(l) => {
+            AttributeValue::L(l.iter().map(|s| AttributeValue::S(s.clone())).collect())
+        }
+        Value::Vector(v) => AttributeValue::B(
+            v.iter()
+                .flat_map(|f| f.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
     }
 }
 
 fn format_float(f: f64) -> String {
     // check_write rejects non-finite floats; DynamoDB numbers cannot hold them.
-    if f.is_finite() { format!("{f:?}") } else { "0".into() }
+    if f.is_finite() {
+        format!("{f:?}")
+    } else {
+        "0".into()
+    }
 }
 
 fn corrupt(what: String) -> SinkError {
-    SinkError::Rejected { backend: BACKEND, message: format!("unreadable item: {what}") }
+    SinkError::Rejected {
+        backend: BACKEND,
+        message: format!("unreadable item: {what}"),
+    }
 }
 
 fn num<T: std::str::FromStr>(a: &AttributeValue, what: &str) -> Result<T, SinkError> {
-    a.as_n().ok().and_then(|s| s.parse().ok()).ok_or_else(|| corrupt(format!("{what} is not a number")))
+    a.as_n()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt(format!("{what} is not a number")))
 }
 
 /// Decode an item; `types` are the group's declared feature types.
-pub fn decode_item(item: &Item, types: &std::collections::BTreeMap<String, FeatureType>) -> Result<Versioned, SinkError> {
+pub fn decode_item(
+    item: &Item,
+    types: &std::collections::BTreeMap<String, FeatureType>,
+) -> Result<Versioned, SinkError> {
     let mut state = EntityState::default();
     let mut version = 0;
     for (name, attr) in item {
@@ -245,13 +351,43 @@ pub fn decode_item(item: &Item, types: &std::collections::BTreeMap<String, Featu
             state.expires_at = Some(num(attr, "ttl")?);
         } else if let Some(f) = name.strip_prefix("t:") {
             let t = num(attr, name)?;
-            state.features.entry(f.to_owned()).or_insert(Cell { value: None, event_time_ms: 0, item_times: vec![] }).event_time_ms = t;
+            state
+                .features
+                .entry(f.to_owned())
+                .or_insert(Cell {
+                    value: None,
+                    event_time_ms: 0,
+                    item_times: vec![],
+                })
+                .event_time_ms = t;
         } else if let Some(f) = name.strip_prefix("f:") {
-            let value = decode_value(attr, types.get(f).copied()).ok_or_else(|| corrupt(format!("feature {f:?}")))?;
-            state.features.entry(f.to_owned()).or_insert(Cell { value: None, event_time_ms: 0, item_times: vec![] }).value = Some(value);
+            let value = decode_value(attr, types.get(f).copied())
+                .ok_or_else(|| corrupt(format!("feature {f:?}")))?;
+            state
+                .features
+                .entry(f.to_owned())
+                .or_insert(Cell {
+                    value: None,
+                    event_time_ms: 0,
+                    item_times: vec![],
+                })
+                .value = Some(value);
         } else if let Some(f) = name.strip_prefix("i:") {
-            let times = attr.as_l().map_err(|_| corrupt(name.clone()))?.iter().map(|a| num(a, name)).collect::<Result<_, _>>()?;
-            state.features.entry(f.to_owned()).or_insert(Cell { value: None, event_time_ms: 0, item_times: vec![] }).item_times = times;
+            let times = attr
+                .as_l()
+                .map_err(|_| corrupt(name.clone()))?
+                .iter()
+                .map(|a| num(a, name))
+                .collect::<Result<_, _>>()?;
+            state
+                .features
+                .entry(f.to_owned())
+                .or_insert(Cell {
+                    value: None,
+                    event_time_ms: 0,
+                    item_times: vec![],
+                })
+                .item_times = times;
         } else if let Some(p) = name.strip_prefix("p:") {
             state.positions.insert(p.to_owned(), num(attr, name)?);
         }
@@ -266,22 +402,35 @@ fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
         (AttributeValue::Bool(b), _) => Value::Bool(*b),
         (AttributeValue::S(s), _) => Value::String(s.clone()),
         (AttributeValue::N(_), Some(FeatureType::Float)) => Value::Float(float(a)?),
-        (AttributeValue::N(_), _) => int(a).map(Value::Int).or_else(|| float(a).map(Value::Float))?,
+        (AttributeValue::N(_), _) => int(a)
+            .map(Value::Int)
+            .or_else(|| float(a).map(Value::Float))?,
         (AttributeValue::B(b), Some(FeatureType::Vector)) => Value::Vector(
-            b.as_ref().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            b.as_ref()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
         ),
         (AttributeValue::B(b), _) => Value::Bytes(b.clone().into_inner()),
-        (AttributeValue::L(l), Some(FeatureType::StringList)) => {
-            Value::StringList(l.iter().map(|x| x.as_s().ok().cloned()).collect::<Option<_>>()?)
+        (AttributeValue::L(l), Some(FeatureType::StringList)) => Value::StringList(
+            l.iter()
+                .map(|x| x.as_s().ok().cloned())
+                .collect::<Option<_>>()?,
+        ),
+        (AttributeValue::L(l), Some(FeatureType::FloatList)) => {
+            Value::FloatList(l.iter().map(float).collect::<Option<_>>()?)
         }
-        (AttributeValue::L(l), Some(FeatureType::FloatList)) => Value::FloatList(l.iter().map(float).collect::<Option<_>>()?),
         (AttributeValue::L(l), _) => {
             if let Some(ints) = l.iter().map(int).collect::<Option<Vec<_>>>() {
                 Value::IntList(ints)
             } else if let Some(fs) = l.iter().map(float).collect::<Option<Vec<_>>>() {
                 Value::FloatList(fs)
             } else {
-                Value::StringList(l.iter().map(|x| x.as_s().ok().cloned()).collect::<Option<_>>()?)
+                Value::StringList(
+                    l.iter()
+                        .map(|x| x.as_s().ok().cloned())
+                        .collect::<Option<_>>()?,
+                )
             }
         }
         _ => return None,
@@ -296,14 +445,28 @@ mod tests {
     #[test]
     fn item_round_trip() {
         let mut state = EntityState::default();
-        let cell = |v: Option<Value>, t| Cell { value: v, event_time_ms: t, item_times: vec![] };
-        state.features.insert("n".into(), cell(Some(Value::Int(3)), 10));
-        state.features.insert("f".into(), cell(Some(Value::Float(2.0)), 11));
+        let cell = |v: Option<Value>, t| Cell {
+            value: v,
+            event_time_ms: t,
+            item_times: vec![],
+        };
+        state
+            .features
+            .insert("n".into(), cell(Some(Value::Int(3)), 10));
+        state
+            .features
+            .insert("f".into(), cell(Some(Value::Float(2.0)), 11));
         state.features.insert("gone".into(), cell(None, 12));
-        state.features.insert("emb".into(), cell(Some(Value::Vector(vec![0.5, -1.0])), 13));
+        state
+            .features
+            .insert("emb".into(), cell(Some(Value::Vector(vec![0.5, -1.0])), 13));
         state.features.insert(
             "last".into(),
-            Cell { value: Some(Value::StringList(vec!["a".into(), "b".into()])), event_time_ms: 14, item_times: vec![14, 9] },
+            Cell {
+                value: Some(Value::StringList(vec!["a".into(), "b".into()])),
+                event_time_ms: 14,
+                item_times: vec![14, 9],
+            },
         );
         state.positions.insert("topic#3".into(), 99);
         state.expires_at = Some(1_900_000_000);

@@ -16,7 +16,10 @@ pub struct EmbeddedStore {
 }
 
 fn err(e: impl std::fmt::Display) -> SinkError {
-    SinkError::Unavailable { backend: BACKEND, message: e.to_string() }
+    SinkError::Unavailable {
+        backend: BACKEND,
+        message: e.to_string(),
+    }
 }
 
 impl EmbeddedStore {
@@ -44,7 +47,10 @@ impl EmbeddedStore {
 }
 
 fn decode(bytes: &[u8]) -> Result<Versioned, SinkError> {
-    serde_json::from_slice(bytes).map_err(|e| SinkError::Rejected { backend: BACKEND, message: format!("corrupt item: {e}") })
+    serde_json::from_slice(bytes).map_err(|e| SinkError::Rejected {
+        backend: BACKEND,
+        message: format!("corrupt item: {e}"),
+    })
 }
 
 #[async_trait]
@@ -53,9 +59,16 @@ impl Store for EmbeddedStore {
         BACKEND
     }
 
-    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(
+        &self,
+        target: &Target,
+        keys: &[String],
+    ) -> Result<Vec<Option<Versioned>>, SinkError> {
         let db = self.db.clone();
-        let keys: Vec<String> = keys.iter().map(|k| Self::item_key(&target.table, k)).collect();
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| Self::item_key(&target.table, k))
+            .collect();
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_read().map_err(err)?;
             let table = tx.open_table(ITEMS).map_err(err)?;
@@ -64,7 +77,11 @@ impl Store for EmbeddedStore {
                 .map(|k| match table.get(k.as_str()).map_err(err)? {
                     Some(v) => {
                         let item = decode(v.value())?;
-                        Ok(item.state.expires_at.is_none_or(|t| t > now).then_some(item))
+                        Ok(item
+                            .state
+                            .expires_at
+                            .is_none_or(|t| t > now)
+                            .then_some(item))
                     }
                     None => Ok(None),
                 })
@@ -74,7 +91,13 @@ impl Store for EmbeddedStore {
         .map_err(err)?
     }
 
-    async fn compare_and_swap(&self, target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+    async fn compare_and_swap(
+        &self,
+        target: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError> {
         let db = self.db.clone();
         let key = Self::item_key(&target.table, key);
         let bytes = serde_json::to_vec(next).map_err(err)?;

@@ -32,8 +32,13 @@ impl MemoryCache {
         MemoryCache::default()
     }
 
-    fn live<'a>(map: &'a HashMap<String, (Entry, Option<Instant>)>, key: &str) -> Option<&'a Entry> {
-        map.get(key).filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now())).map(|(e, _)| e)
+    fn live<'a>(
+        map: &'a HashMap<String, (Entry, Option<Instant>)>,
+        key: &str,
+    ) -> Option<&'a Entry> {
+        map.get(key)
+            .filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now()))
+            .map(|(e, _)| e)
     }
 }
 
@@ -56,7 +61,10 @@ impl Cache for MemoryCache {
                 Some(Entry::Value(v)) => f.entry.version > v.version,
             };
             if accept {
-                map.insert(f.key.clone(), (Entry::Value(f.entry.clone()), expiry(f.ttl)));
+                map.insert(
+                    f.key.clone(),
+                    (Entry::Value(f.entry.clone()), expiry(f.ttl)),
+                );
             }
         }
         Ok(())
@@ -87,7 +95,11 @@ impl Store for MemoryCache {
         "memory cache"
     }
 
-    async fn load(&self, _target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(
+        &self,
+        _target: &Target,
+        keys: &[String],
+    ) -> Result<Vec<Option<Versioned>>, SinkError> {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             out.push(Cache::get(self, k).await?);
@@ -95,14 +107,26 @@ impl Store for MemoryCache {
         Ok(out)
     }
 
-    async fn compare_and_swap(&self, _target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+    async fn compare_and_swap(
+        &self,
+        _target: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError> {
         let mut map = self.entries.lock().expect("cache lock");
         let current = Self::live(&map, key).map_or(0, Entry::version);
         if current != expected {
             return Ok(false);
         }
-        let ttl = next.state.expires_at.map(|t| Duration::from_secs((t - super::unix_now()).max(1) as u64));
-        map.insert(key.to_owned(), (Entry::Value(next.clone()), ttl.and_then(expiry)));
+        let ttl = next
+            .state
+            .expires_at
+            .map(|t| Duration::from_secs((t - super::unix_now()).max(1) as u64));
+        map.insert(
+            key.to_owned(),
+            (Entry::Value(next.clone()), ttl.and_then(expiry)),
+        );
         Ok(true)
     }
 }

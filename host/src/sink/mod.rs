@@ -26,13 +26,23 @@ use std::time::Duration;
 pub enum SinkError {
     /// Transient (network, throttling, service down): the events go to the retry path.
     #[error("{backend} unavailable: {message}")]
-    Unavailable { backend: &'static str, message: String },
+    Unavailable {
+        backend: &'static str,
+        message: String,
+    },
     /// Bad data or configuration: retrying cannot help.
     #[error("{backend} rejected the request: {message}")]
-    Rejected { backend: &'static str, message: String },
+    Rejected {
+        backend: &'static str,
+        message: String,
+    },
     /// Optimistic concurrency kept losing races.
     #[error("{backend}: gave up on {key} after {attempts} conflicting concurrent updates")]
-    Contended { backend: &'static str, key: String, attempts: u32 },
+    Contended {
+        backend: &'static str,
+        key: String,
+        attempts: u32,
+    },
 }
 
 /// Where and how one group's items are stored.
@@ -62,11 +72,21 @@ pub trait Store: Send + Sync {
     }
 
     /// Current state of each key (`None`: absent or expired).
-    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError>;
+    async fn load(
+        &self,
+        target: &Target,
+        keys: &[String],
+    ) -> Result<Vec<Option<Versioned>>, SinkError>;
 
     /// Replace the item at `key` with `next` iff its version is still `expected`
     /// (0: the item must not exist). False when another writer won the race.
-    async fn compare_and_swap(&self, target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError>;
+    async fn compare_and_swap(
+        &self,
+        target: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError>;
 }
 
 /// One cache write of a write-through group.
@@ -96,5 +116,7 @@ pub trait Cache: Send + Sync {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }

@@ -13,8 +13,8 @@
 use super::{Cache, CacheFill, SinkError, Store, Target};
 use crate::feature::Versioned;
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::Script;
+use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -74,13 +74,17 @@ pub struct RedisCache {
 }
 
 fn unavailable(e: redis::RedisError) -> SinkError {
-    SinkError::Unavailable { backend: BACKEND, message: e.to_string() }
+    SinkError::Unavailable {
+        backend: BACKEND,
+        message: e.to_string(),
+    }
 }
 
 impl RedisCache {
     /// Connect to `url` (`redis://host:port/db`). The connection reconnects by itself.
     pub async fn connect(url: &str) -> anyhow::Result<RedisCache> {
-        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid Redis URL {url:?}: {e}"))?;
+        let client = redis::Client::open(url)
+            .map_err(|e| anyhow::anyhow!("invalid Redis URL {url:?}: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
@@ -99,7 +103,12 @@ impl RedisCache {
     fn fields(entry: &Versioned) -> Result<Vec<String>, SinkError> {
         let mut out = Vec::with_capacity(2 + entry.state.features.len() * 2);
         out.push("__s".into());
-        out.push(serde_json::to_string(&entry.state).map_err(|e| SinkError::Rejected { backend: BACKEND, message: e.to_string() })?);
+        out.push(
+            serde_json::to_string(&entry.state).map_err(|e| SinkError::Rejected {
+                backend: BACKEND,
+                message: e.to_string(),
+            })?,
+        );
         for (name, value) in entry.state.values() {
             out.push(name.to_owned());
             out.push(value.to_json().to_string());
@@ -110,15 +119,24 @@ impl RedisCache {
     async fn read(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
         let mut pipe = redis::pipe();
         for k in keys {
-            pipe.cmd("HMGET").arg(Self::redis_key(k)).arg("__v").arg("__s").arg("__inv");
+            pipe.cmd("HMGET")
+                .arg(Self::redis_key(k))
+                .arg("__v")
+                .arg("__s")
+                .arg("__inv");
         }
-        let rows: Vec<(Option<u64>, Option<String>, Option<String>)> =
-            pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        let rows: Vec<(Option<u64>, Option<String>, Option<String>)> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
         rows.into_iter()
             .map(|(v, s, inv)| match (v, s, inv) {
                 (Some(version), Some(state), None) => serde_json::from_str(&state)
                     .map(|state| Some(Versioned { version, state }))
-                    .map_err(|e| SinkError::Rejected { backend: BACKEND, message: format!("corrupt cache entry: {e}") }),
+                    .map_err(|e| SinkError::Rejected {
+                        backend: BACKEND,
+                        message: format!("corrupt cache entry: {e}"),
+                    }),
                 _ => Ok(None),
             })
             .collect()
@@ -139,10 +157,14 @@ impl Cache for RedisCache {
         pipe.load_script(&PUT_IF_NEWER).ignore();
         for f in fills {
             let mut inv = PUT_IF_NEWER.key(Self::redis_key(&f.key));
-            inv.arg(f.entry.version).arg(f.ttl.as_millis() as u64).arg(Self::fields(&f.entry)?);
+            inv.arg(f.entry.version)
+                .arg(f.ttl.as_millis() as u64)
+                .arg(Self::fields(&f.entry)?);
             pipe.invoke_script(&inv).ignore();
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
     }
 
     async fn invalidate(&self, keys: &[(String, u64)], ttl: Duration) -> Result<(), SinkError> {
@@ -156,7 +178,9 @@ impl Cache for RedisCache {
             inv.arg(*version).arg(ttl.as_millis() as u64);
             pipe.invoke_script(&inv).ignore();
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError> {
@@ -170,21 +194,40 @@ impl Store for RedisCache {
         BACKEND
     }
 
-    async fn load(&self, _target: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(
+        &self,
+        _target: &Target,
+        keys: &[String],
+    ) -> Result<Vec<Option<Versioned>>, SinkError> {
         self.read(keys).await
     }
 
-    async fn compare_and_swap(&self, _target: &Target, key: &str, expected: u64, next: &Versioned) -> Result<bool, SinkError> {
+    async fn compare_and_swap(
+        &self,
+        _target: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError> {
         let mut inv = CAS.key(Self::redis_key(key));
-        inv.arg(expected).arg(next.version).arg(next.state.expires_at.unwrap_or(0)).arg(Self::fields(next)?);
-        let swapped: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(|e| {
-            // A value of a different type at the key is data, not an outage.
-            if e.code() == Some("WRONGTYPE") {
-                SinkError::Rejected { backend: BACKEND, message: e.to_string() }
-            } else {
-                unavailable(e)
-            }
-        })?;
+        inv.arg(expected)
+            .arg(next.version)
+            .arg(next.state.expires_at.unwrap_or(0))
+            .arg(Self::fields(next)?);
+        let swapped: i64 = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| {
+                // A value of a different type at the key is data, not an outage.
+                if e.code() == Some("WRONGTYPE") {
+                    SinkError::Rejected {
+                        backend: BACKEND,
+                        message: e.to_string(),
+                    }
+                } else {
+                    unavailable(e)
+                }
+            })?;
         Ok(swapped == 1)
     }
 }

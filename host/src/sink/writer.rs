@@ -33,7 +33,12 @@ impl GroupSink {
             target: Target {
                 group: def.name.clone(),
                 table: def.spec.store.table.clone(),
-                types: def.spec.features.iter().map(|f| (f.name.clone(), f.ty)).collect(),
+                types: def
+                    .spec
+                    .features
+                    .iter()
+                    .map(|f| (f.name.clone(), f.ty))
+                    .collect(),
             },
             strategy: def.spec.cache.strategy,
             store_ttl: def.store_ttl,
@@ -81,30 +86,47 @@ impl FeatureWriter {
 
     /// Apply `batch` (entity, mutation) — all mutations of one entity coalesced into one
     /// read and one conditional write.
-    pub async fn apply(&self, sink: &GroupSink, batch: Vec<(String, Mutation)>) -> Result<WriteReport, SinkError> {
+    pub async fn apply(
+        &self,
+        sink: &GroupSink,
+        batch: Vec<(String, Mutation)>,
+    ) -> Result<WriteReport, SinkError> {
         let mut by_entity: BTreeMap<String, Vec<Mutation>> = BTreeMap::new();
         for (entity, m) in batch {
-            by_entity.entry(sink.target.key(&entity)).or_default().push(m);
+            by_entity
+                .entry(sink.target.key(&entity))
+                .or_default()
+                .push(m);
         }
         let store = self.primary(sink);
         let ttl = match sink.strategy {
             CacheStrategy::CacheOnly => Some(sink.cache_ttl),
             _ => sink.store_ttl,
         };
-        let mut report = WriteReport { entities: by_entity.len(), ..Default::default() };
+        let mut report = WriteReport {
+            entities: by_entity.len(),
+            ..Default::default()
+        };
         let mut pending: Vec<String> = by_entity.keys().cloned().collect();
         let mut written: Vec<(String, Versioned)> = Vec::new();
         let mut rounds = 0;
         while !pending.is_empty() {
             rounds += 1;
             if rounds > MAX_CAS_ROUNDS {
-                return Err(SinkError::Contended { backend: store.backend(), key: pending[0].clone(), attempts: MAX_CAS_ROUNDS });
+                return Err(SinkError::Contended {
+                    backend: store.backend(),
+                    key: pending[0].clone(),
+                    attempts: MAX_CAS_ROUNDS,
+                });
             }
             let current = store.load(&sink.target, &pending).await?;
             let mut swaps = Vec::new();
             for (key, cur) in pending.iter().zip(current) {
                 let cur = cur.unwrap_or_default();
-                let mut next = Versioned { version: cur.version + 1, state: cur.state.clone() };
+                let mut next = Versioned {
+                    version: cur.version + 1,
+                    state: cur.state.clone(),
+                };
                 let mut outcome = ApplyOutcome::default();
                 let mut replayed = 0;
                 for m in &by_entity[key] {
@@ -148,12 +170,19 @@ impl FeatureWriter {
         report.written = written.len();
         let cache_result = match sink.strategy {
             CacheStrategy::WriteThrough => {
-                let fills: Vec<CacheFill> =
-                    written.into_iter().map(|(key, entry)| CacheFill { key, entry, ttl: sink.cache_ttl }).collect();
+                let fills: Vec<CacheFill> = written
+                    .into_iter()
+                    .map(|(key, entry)| CacheFill {
+                        key,
+                        entry,
+                        ttl: sink.cache_ttl,
+                    })
+                    .collect();
                 self.cache.put_if_newer(&fills).await
             }
             CacheStrategy::WriteAround => {
-                let keys: Vec<(String, u64)> = written.into_iter().map(|(k, v)| (k, v.version)).collect();
+                let keys: Vec<(String, u64)> =
+                    written.into_iter().map(|(k, v)| (k, v.version)).collect();
                 self.cache.invalidate(&keys, sink.cache_ttl).await
             }
             CacheStrategy::CacheOnly | CacheStrategy::StoreOnly => Ok(()),
@@ -164,10 +193,16 @@ impl FeatureWriter {
 
     /// Read an entity: the cache first, the store on a miss (filling the cache for
     /// write-through and write-around groups).
-    pub async fn get(&self, sink: &GroupSink, entity: &str) -> Result<Option<Versioned>, SinkError> {
+    pub async fn get(
+        &self,
+        sink: &GroupSink,
+        entity: &str,
+    ) -> Result<Option<Versioned>, SinkError> {
         let key = sink.target.key(entity);
         match sink.strategy {
-            CacheStrategy::StoreOnly => Ok(self.store.load(&sink.target, &[key]).await?.pop().flatten()),
+            CacheStrategy::StoreOnly => {
+                Ok(self.store.load(&sink.target, &[key]).await?.pop().flatten())
+            }
             CacheStrategy::CacheOnly => Cache::get(&*self.cache, &key).await,
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround => {
                 match Cache::get(&*self.cache, &key).await {
@@ -175,10 +210,21 @@ impl FeatureWriter {
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "cache read failed; reading the store"),
                 }
-                let found = self.store.load(&sink.target, std::slice::from_ref(&key)).await?.pop().flatten();
+                let found = self
+                    .store
+                    .load(&sink.target, std::slice::from_ref(&key))
+                    .await?
+                    .pop()
+                    .flatten();
                 if let Some(entry) = &found
-                    && let Err(e) =
-                        self.cache.put_if_newer(&[CacheFill { key, entry: entry.clone(), ttl: sink.cache_ttl }]).await
+                    && let Err(e) = self
+                        .cache
+                        .put_if_newer(&[CacheFill {
+                            key,
+                            entry: entry.clone(),
+                            ttl: sink.cache_ttl,
+                        }])
+                        .await
                 {
                     tracing::warn!(error = %e, "cache fill failed");
                 }
@@ -196,7 +242,11 @@ mod tests {
 
     fn sink(strategy: CacheStrategy) -> GroupSink {
         GroupSink {
-            target: Target { group: "g".into(), table: "t".into(), types: Default::default() },
+            target: Target {
+                group: "g".into(),
+                table: "t".into(),
+                types: Default::default(),
+            },
             strategy,
             store_ttl: None,
             cache_ttl: Duration::from_secs(60),
@@ -205,7 +255,11 @@ mod tests {
 
     fn incr(offset: i64) -> Mutation {
         Mutation {
-            position: Some(Position { source: "s".into(), partition: 0, offset }),
+            position: Some(Position {
+                source: "s".into(),
+                partition: 0,
+                offset,
+            }),
             ops: vec![("n".into(), Op::Incr(Value::Int(1)), offset)],
             overwrite: false,
         }
@@ -221,7 +275,17 @@ mod tests {
         let cache = Arc::new(MemoryCache::new());
         let w = FeatureWriter::new(store.clone(), cache.clone());
         let s = sink(CacheStrategy::WriteThrough);
-        let r = w.apply(&s, vec![("u".into(), incr(1)), ("u".into(), incr(2)), ("v".into(), incr(3))]).await.unwrap();
+        let r = w
+            .apply(
+                &s,
+                vec![
+                    ("u".into(), incr(1)),
+                    ("u".into(), incr(2)),
+                    ("v".into(), incr(3)),
+                ],
+            )
+            .await
+            .unwrap();
         assert_eq!((r.entities, r.written, r.replayed), (2, 2, 0));
         let r = w.apply(&s, vec![("u".into(), incr(2))]).await.unwrap();
         assert_eq!((r.written, r.replayed), (0, 1));
@@ -240,10 +304,23 @@ mod tests {
         // Read fills the cache with version 1.
         assert_eq!(w.get(&s, "u").await.unwrap().unwrap().version, 1);
         w.apply(&s, vec![("u".into(), incr(2))]).await.unwrap();
-        assert!(Cache::get(&*cache, "g#u").await.unwrap().is_none(), "invalidated");
+        assert!(
+            Cache::get(&*cache, "g#u").await.unwrap().is_none(),
+            "invalidated"
+        );
         // A slow reader that read version 1 before the write cannot re-fill it.
-        let old = Versioned { version: 1, ..Default::default() };
-        cache.put_if_newer(&[CacheFill { key: "g#u".into(), entry: old, ttl: Duration::from_secs(60) }]).await.unwrap();
+        let old = Versioned {
+            version: 1,
+            ..Default::default()
+        };
+        cache
+            .put_if_newer(&[CacheFill {
+                key: "g#u".into(),
+                entry: old,
+                ttl: Duration::from_secs(60),
+            }])
+            .await
+            .unwrap();
         assert!(Cache::get(&*cache, "g#u").await.unwrap().is_none());
         let v = w.get(&s, "u").await.unwrap().unwrap();
         assert_eq!((v.version, count(&v)), (2, Some(&Value::Int(2))));
@@ -254,7 +331,9 @@ mod tests {
         let store = Arc::new(MemoryCache::new());
         let cache = Arc::new(MemoryCache::new());
         let w = FeatureWriter::new(store.clone(), cache.clone());
-        w.apply(&sink(CacheStrategy::CacheOnly), vec![("u".into(), incr(1))]).await.unwrap();
+        w.apply(&sink(CacheStrategy::CacheOnly), vec![("u".into(), incr(1))])
+            .await
+            .unwrap();
         assert!(Cache::get(&*store, "g#u").await.unwrap().is_none());
         assert!(Cache::get(&*cache, "g#u").await.unwrap().is_some());
         let s = sink(CacheStrategy::StoreOnly);
@@ -284,6 +363,9 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(count(&w.get(&s, "hot").await.unwrap().unwrap()), Some(&Value::Int(160)));
+        assert_eq!(
+            count(&w.get(&s, "hot").await.unwrap().unwrap()),
+            Some(&Value::Int(160))
+        );
     }
 }

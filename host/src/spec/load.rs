@@ -79,7 +79,10 @@ pub struct SpecSet {
 impl SpecSet {
     /// Every Kafka topic some group consumes.
     pub fn topics(&self) -> BTreeSet<String> {
-        self.groups.values().flat_map(|g| g.spec.sources.iter().map(|s| s.topic.clone())).collect()
+        self.groups
+            .values()
+            .flat_map(|g| g.spec.sources.iter().map(|s| s.topic.clone()))
+            .collect()
     }
 }
 
@@ -104,7 +107,10 @@ static VALIDATORS: LazyLock<Validators> = LazyLock::new(|| {
         }
         jsonschema::validator_for(&value).expect("generated schema compiles")
     };
-    Validators { group: compile(schema_for!(FeatureGroupDoc)), ingestion: compile(schema_for!(IngestionDoc)) }
+    Validators {
+        group: compile(schema_for!(FeatureGroupDoc)),
+        ingestion: compile(schema_for!(IngestionDoc)),
+    }
 });
 
 /// Load and validate every `*.yaml` / `*.yml` below `dir` (recursively). Plugin paths resolve
@@ -127,7 +133,10 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             collect_yaml(&path, out)?;
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
             out.push(path);
         }
     }
@@ -151,7 +160,11 @@ pub fn load_files(files: &[PathBuf], plugin_dir: &Path) -> Result<SpecSet, SpecE
     let set = check_semantics(docs, plugin_dir, &mut errors);
     // Group each file's problems together (stable: structural before semantic).
     errors.sort_by(|a, b| a.file.cmp(&b.file));
-    if errors.is_empty() { Ok(set) } else { Err(SpecErrors(errors)) }
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(SpecErrors(errors))
+    }
 }
 
 struct ParsedDoc {
@@ -174,8 +187,16 @@ fn parse_file(file: &Path, text: &str, docs: &mut Vec<ParsedDoc>, errors: &mut V
     }
     let many = raw.len() > 1;
     for (i, value) in raw {
-        let label = if many { format!("{}#{}", file.display(), i + 1) } else { file.display().to_string() };
-        let err = |field: &str, message: String| SpecError { file: label.clone(), field: field.into(), message };
+        let label = if many {
+            format!("{}#{}", file.display(), i + 1)
+        } else {
+            file.display().to_string()
+        };
+        let err = |field: &str, message: String| SpecError {
+            file: label.clone(),
+            field: field.into(),
+            message,
+        };
         let value = match value {
             Ok(serde_norway::Value::Null) => continue, // empty document (e.g. trailing `---`)
             Ok(v) => v,
@@ -187,35 +208,57 @@ fn parse_file(file: &Path, text: &str, docs: &mut Vec<ParsedDoc>, errors: &mut V
         let json = match serde_json::to_value(&value) {
             Ok(j) => j,
             Err(e) => {
-                errors.push(err("", format!("not representable as JSON (non-string keys or tags?): {e}")));
+                errors.push(err(
+                    "",
+                    format!("not representable as JSON (non-string keys or tags?): {e}"),
+                ));
                 continue;
             }
         };
         let api_version = json.get("apiVersion").and_then(|v| v.as_str());
         if api_version != Some(API_VERSION) {
-            errors.push(err("apiVersion", format!("unsupported {:?}: expected {API_VERSION:?}", api_version.unwrap_or(""))));
+            errors.push(err(
+                "apiVersion",
+                format!(
+                    "unsupported {:?}: expected {API_VERSION:?}",
+                    api_version.unwrap_or("")
+                ),
+            ));
         }
         let validator = match json.get("kind").and_then(|k| k.as_str()) {
             Some("FeatureGroup") => &VALIDATORS.group,
             Some("Ingestion") => &VALIDATORS.ingestion,
             Some(other) => {
-                errors.push(err("kind", format!("unknown kind {other:?}: expected FeatureGroup or Ingestion")));
+                errors.push(err(
+                    "kind",
+                    format!("unknown kind {other:?}: expected FeatureGroup or Ingestion"),
+                ));
                 continue;
             }
             None => {
-                errors.push(err("kind", "missing: expected FeatureGroup or Ingestion".into()));
+                errors.push(err(
+                    "kind",
+                    "missing: expected FeatureGroup or Ingestion".into(),
+                ));
                 continue;
             }
         };
         let before = errors.len();
         for e in validator.iter_errors(&json) {
-            errors.push(err(&pointer_to_path(e.instance_path().as_str()), e.to_string()));
+            errors.push(err(
+                &pointer_to_path(e.instance_path().as_str()),
+                e.to_string(),
+            ));
         }
         if errors.len() > before {
             continue;
         }
         match serde_path_to_error::deserialize::<_, Document>(json) {
-            Ok(doc) => docs.push(ParsedDoc { file: file.to_path_buf(), label, doc }),
+            Ok(doc) => docs.push(ParsedDoc {
+                file: file.to_path_buf(),
+                label,
+                doc,
+            }),
             Err(e) => errors.push(err(&e.path().to_string(), e.inner().to_string())),
         }
     }
@@ -239,16 +282,25 @@ fn pointer_to_path(pointer: &str) -> String {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. `30s`, `10m`, `12h`, `30d`"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. `30s`, `10m`, `12h`, `30d`"))
 }
 
-fn check_semantics(docs: Vec<ParsedDoc>, plugin_dir: &Path, errors: &mut Vec<SpecError>) -> SpecSet {
+fn check_semantics(
+    docs: Vec<ParsedDoc>,
+    plugin_dir: &Path,
+    errors: &mut Vec<SpecError>,
+) -> SpecSet {
     let mut set = SpecSet::default();
     let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
     let mut ingestion_docs = Vec::new();
 
     for ParsedDoc { file, label, doc } in docs {
-        let err = |field: &str, message: String| SpecError { file: label.clone(), field: field.into(), message };
+        let err = |field: &str, message: String| SpecError {
+            file: label.clone(),
+            field: field.into(),
+            message,
+        };
         let (kind, api_version, name) = match &doc {
             Document::FeatureGroup(d) => ("FeatureGroup", &d.api_version, d.metadata.name.clone()),
             Document::Ingestion(d) => ("Ingestion", &d.api_version, d.metadata.name.clone()),
@@ -259,7 +311,10 @@ fn check_semantics(docs: Vec<ParsedDoc>, plugin_dir: &Path, errors: &mut Vec<Spe
             continue;
         }
         if let Some(first) = seen.get(&(kind, name.clone())) {
-            problems.push(err("metadata.name", format!("duplicate {kind} {name:?}: already defined in {first}")));
+            problems.push(err(
+                "metadata.name",
+                format!("duplicate {kind} {name:?}: already defined in {first}"),
+            ));
         } else {
             seen.insert((kind, name.clone()), label.clone());
         }
@@ -274,7 +329,10 @@ fn check_semantics(docs: Vec<ParsedDoc>, plugin_dir: &Path, errors: &mut Vec<Spe
                 if let Some(schedule) = &d.spec.schedule
                     && let Err(e) = schedule.parse::<croner::Cron>()
                 {
-                    problems.push(err("spec.schedule", format!("invalid cron expression {schedule:?}: {e}")));
+                    problems.push(err(
+                        "spec.schedule",
+                        format!("invalid cron expression {schedule:?}: {e}"),
+                    ));
                 }
                 ingestion_docs.push((label.clone(), file, name, d.spec, problems.is_empty()));
             }
@@ -283,28 +341,53 @@ fn check_semantics(docs: Vec<ParsedDoc>, plugin_dir: &Path, errors: &mut Vec<Spe
     }
 
     // Cross-references need every group loaded first.
-    let names: BTreeSet<String> = ingestion_docs.iter().map(|(_, _, n, _, _)| n.clone()).collect();
-    let group_names: BTreeSet<String> =
-        seen.keys().filter(|(k, _)| *k == "FeatureGroup").map(|(_, n)| n.clone()).collect();
+    let names: BTreeSet<String> = ingestion_docs
+        .iter()
+        .map(|(_, _, n, _, _)| n.clone())
+        .collect();
+    let group_names: BTreeSet<String> = seen
+        .keys()
+        .filter(|(k, _)| *k == "FeatureGroup")
+        .map(|(_, n)| n.clone())
+        .collect();
     for (label, file, name, spec, ok) in &ingestion_docs {
         let mut ok = *ok;
-        let err = |field: &str, message: String| SpecError { file: label.clone(), field: field.into(), message };
+        let err = |field: &str, message: String| SpecError {
+            file: label.clone(),
+            field: field.into(),
+            message,
+        };
         if !group_names.contains(&spec.feature_group) {
             ok = false;
-            errors.push(err("spec.featureGroup", format!("unknown FeatureGroup {:?}", spec.feature_group)));
+            errors.push(err(
+                "spec.featureGroup",
+                format!("unknown FeatureGroup {:?}", spec.feature_group),
+            ));
         }
         for (i, dep) in spec.depends_on.iter().enumerate() {
             if dep == name {
                 ok = false;
-                errors.push(err(&format!("spec.dependsOn[{i}]"), "an ingestion cannot depend on itself".into()));
+                errors.push(err(
+                    &format!("spec.dependsOn[{i}]"),
+                    "an ingestion cannot depend on itself".into(),
+                ));
             } else if !names.contains(dep) {
                 ok = false;
-                errors.push(err(&format!("spec.dependsOn[{i}]"), format!("unknown Ingestion {dep:?}")));
+                errors.push(err(
+                    &format!("spec.dependsOn[{i}]"),
+                    format!("unknown Ingestion {dep:?}"),
+                ));
             }
         }
         if ok {
-            set.ingestions
-                .insert(name.clone(), IngestionDef { name: name.clone(), file: file.clone(), spec: spec.clone() });
+            set.ingestions.insert(
+                name.clone(),
+                IngestionDef {
+                    name: name.clone(),
+                    file: file.clone(),
+                    spec: spec.clone(),
+                },
+            );
         }
     }
     let edges: BTreeMap<String, (String, Vec<String>)> = ingestion_docs
@@ -336,21 +419,33 @@ fn check_group(
     let mut names = BTreeSet::new();
     for (i, f) in spec.features.iter().enumerate() {
         if !names.insert(f.name.as_str()) {
-            problems.push(err(&format!("spec.features[{i}].name"), format!("duplicate feature {:?}", f.name)));
+            problems.push(err(
+                &format!("spec.features[{i}].name"),
+                format!("duplicate feature {:?}", f.name),
+            ));
         }
         if f.dim.is_some() && f.ty != FeatureType::Vector {
-            problems.push(err(&format!("spec.features[{i}].dim"), "`dim` is only valid for type `vector`".into()));
+            problems.push(err(
+                &format!("spec.features[{i}].dim"),
+                "`dim` is only valid for type `vector`".into(),
+            ));
         }
     }
     let mut topics = BTreeSet::new();
     for (i, s) in spec.sources.iter().enumerate() {
         if !topics.insert(s.topic.as_str()) {
-            problems.push(err(&format!("spec.sources[{i}].topic"), format!("topic {:?} listed twice", s.topic)));
+            problems.push(err(
+                &format!("spec.sources[{i}].topic"),
+                format!("topic {:?} listed twice", s.topic),
+            ));
         }
         if let Some(f) = &s.filter
             && f.header.is_some() == f.field.is_some()
         {
-            problems.push(err(&format!("spec.sources[{i}].filter"), "give exactly one of `header` and `field`".into()));
+            problems.push(err(
+                &format!("spec.sources[{i}].filter"),
+                "give exactly one of `header` and `field`".into(),
+            ));
         }
     }
     let mut duration = |field: &str, s: &str| match parse_duration(s) {
@@ -364,21 +459,37 @@ fn check_group(
             Duration::from_secs(1)
         }
     };
-    let store_ttl = spec.store.ttl.as_deref().map(|t| duration("spec.store.ttl", t));
+    let store_ttl = spec
+        .store
+        .ttl
+        .as_deref()
+        .map(|t| duration("spec.store.ttl", t));
     let cache_ttl = duration("spec.cache.ttl", &spec.cache.ttl);
     let retry_backoff = duration("spec.retry.backoff", &spec.retry.backoff);
     let plugin_path = plugin_dir.join(&spec.plugin.wasm);
     if !plugin_path.is_file() {
         problems.push(err(
             "spec.plugin.wasm",
-            format!("plugin file {} not found (plugin directory: {})", plugin_path.display(), plugin_dir.display()),
+            format!(
+                "plugin file {} not found (plugin directory: {})",
+                plugin_path.display(),
+                plugin_dir.display()
+            ),
         ));
     }
     GroupDef {
         name: name.to_owned(),
         file: file.to_path_buf(),
-        retry_topic: spec.retry.topic.clone().unwrap_or_else(|| format!("{name}.retry")),
-        dead_letter_topic: spec.retry.dead_letter_topic.clone().unwrap_or_else(|| format!("{name}.dlq")),
+        retry_topic: spec
+            .retry
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}.retry")),
+        dead_letter_topic: spec
+            .retry
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}.dlq")),
         spec,
         plugin_path,
         store_ttl,
@@ -407,7 +518,10 @@ fn find_cycles(edges: &BTreeMap<String, (String, Vec<String>)>) -> Vec<Vec<Strin
         for d in edges.get(n).map(|(_, d)| d.as_slice()).unwrap_or_default() {
             match marks.get(d).copied().unwrap_or(Mark::New) {
                 Mark::Active => {
-                    let start = stack.iter().position(|s| s == d).expect("active node is on the stack");
+                    let start = stack
+                        .iter()
+                        .position(|s| s == d)
+                        .expect("active node is on the stack");
                     let mut cycle = stack[start..].to_vec();
                     let min = (0..cycle.len()).min_by_key(|&i| &cycle[i]).unwrap_or(0);
                     cycle.rotate_left(min);
@@ -457,53 +571,94 @@ mod tests {
         assert_eq!(g.cache_ttl, Duration::from_secs(3600));
         assert_eq!(g.dead_letter_topic, "g.dlq");
         assert_eq!(g.spec.plugin.limits.memory_mb, 64);
-        assert_eq!(set.topics().into_iter().collect::<Vec<_>>(), vec!["t".to_string()]);
+        assert_eq!(
+            set.topics().into_iter().collect::<Vec<_>>(),
+            vec!["t".to_string()]
+        );
     }
 
     #[test]
     fn every_error_names_file_and_field() {
-        let bad = GROUP.replace("type: int", "type: integer").replace("entity: user", "entity: user\n  extra: 1");
+        let bad = GROUP
+            .replace("type: int", "type: integer")
+            .replace("entity: user", "entity: user\n  extra: 1");
         let errs = load_str(&[("bad.yaml", &bad)]).unwrap_err().0;
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs.iter().all(|e| e.file.ends_with("bad.yaml")));
-        assert!(errs.iter().any(|e| e.field == "spec.features[0].type" && e.message.contains("integer")));
-        assert!(errs.iter().any(|e| e.field == "spec" && e.message.contains("extra")));
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "spec.features[0].type" && e.message.contains("integer"))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "spec" && e.message.contains("extra"))
+        );
     }
 
     #[test]
     fn parallelism_accepts_auto_or_number_only() {
-        let ing = |p: &str| format!("apiVersion: feature-host/v1\nkind: Ingestion\nmetadata: {{name: i}}\nspec:\n  featureGroup: g\n  source: {{uri: /x, format: csv}}\n  parallelism: {p}\n");
+        let ing = |p: &str| {
+            format!(
+                "apiVersion: feature-host/v1\nkind: Ingestion\nmetadata: {{name: i}}\nspec:\n  featureGroup: g\n  source: {{uri: /x, format: csv}}\n  parallelism: {p}\n"
+            )
+        };
         let set = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("auto"))]).unwrap();
         assert_eq!(set.ingestions["i"].spec.parallelism, Parallelism::Auto);
         let set = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("12"))]).unwrap();
-        assert_eq!(set.ingestions["i"].spec.parallelism, Parallelism::Shards(12));
-        let errs = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("lots"))]).unwrap_err().0;
-        assert!(errs.iter().any(|e| e.field.starts_with("spec.parallelism")), "{errs:?}");
+        assert_eq!(
+            set.ingestions["i"].spec.parallelism,
+            Parallelism::Shards(12)
+        );
+        let errs = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("lots"))])
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter().any(|e| e.field.starts_with("spec.parallelism")),
+            "{errs:?}"
+        );
     }
 
     #[test]
     fn published_schema_has_both_kinds() {
         let s = json_schema().to_string();
-        assert!(s.contains("FeatureGroup") && s.contains("Ingestion") && s.contains("additionalProperties"));
+        assert!(
+            s.contains("FeatureGroup")
+                && s.contains("Ingestion")
+                && s.contains("additionalProperties")
+        );
     }
 
     #[test]
     fn pointer_paths_read_like_fields() {
-        assert_eq!(pointer_to_path("/spec/features/1/type"), "spec.features[1].type");
+        assert_eq!(
+            pointer_to_path("/spec/features/1/type"),
+            "spec.features[1].type"
+        );
         assert_eq!(pointer_to_path(""), "");
-        assert_eq!(pointer_to_path("/metadata/labels/a~1b"), "metadata.labels.a/b");
+        assert_eq!(
+            pointer_to_path("/metadata/labels/a~1b"),
+            "metadata.labels.a/b"
+        );
     }
 
     #[test]
     fn cycles_are_found_once() {
-        let e = |deps: &[&str]| (String::new(), deps.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let e = |deps: &[&str]| {
+            (
+                String::new(),
+                deps.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
         let edges = BTreeMap::from([
             ("a".to_string(), e(&["b"])),
             ("b".to_string(), e(&["c"])),
             ("c".to_string(), e(&["a"])),
             ("d".to_string(), e(&["a"])),
         ]);
-        assert_eq!(find_cycles(&edges), vec![vec!["a".to_string(), "b".into(), "c".into()]]);
+        assert_eq!(
+            find_cycles(&edges),
+            vec![vec!["a".to_string(), "b".into(), "c".into()]]
+        );
         let acyclic = BTreeMap::from([("a".to_string(), e(&["b"])), ("b".to_string(), e(&[]))]);
         assert!(find_cycles(&acyclic).is_empty());
     }

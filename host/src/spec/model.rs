@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 pub const API_VERSION: &str = "feature-host/v1";
 
 /// Any spec document.
+#[allow(clippy::large_enum_variant)] // parsed once per file; boxing would only add noise
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", deny_unknown_fields)]
 pub enum Document {
@@ -140,7 +141,10 @@ fn default_memory_mb() -> u64 {
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        PluginLimits { timeout_ms: default_timeout_ms(), memory_mb: default_memory_mb() }
+        PluginLimits {
+            timeout_ms: default_timeout_ms(),
+            memory_mb: default_memory_mb(),
+        }
     }
 }
 
@@ -190,7 +194,10 @@ fn default_table() -> String {
 
 impl Default for StoreSpec {
     fn default() -> Self {
-        StoreSpec { table: default_table(), ttl: None }
+        StoreSpec {
+            table: default_table(),
+            ttl: None,
+        }
     }
 }
 
@@ -210,7 +217,10 @@ fn default_cache_ttl() -> String {
 
 impl Default for CacheSpec {
     fn default() -> Self {
-        CacheSpec { strategy: CacheStrategy::default(), ttl: default_cache_ttl() }
+        CacheSpec {
+            strategy: CacheStrategy::default(),
+            ttl: default_cache_ttl(),
+        }
     }
 }
 
@@ -343,7 +353,9 @@ mod auto_literal {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
         match String::deserialize(d)?.as_str() {
             "auto" => Ok(()),
-            other => Err(serde::de::Error::custom(format!("expected \"auto\" or a number, got {other:?}"))),
+            other => Err(serde::de::Error::custom(format!(
+                "expected \"auto\" or a number, got {other:?}"
+            ))),
         }
     }
 }

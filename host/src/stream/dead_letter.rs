@@ -22,7 +22,9 @@ pub mod headers {
 pub fn to_json_line(event: &Event, group: &str, failure: &Failure) -> String {
     let payload = match std::str::from_utf8(&event.payload) {
         Ok(s) => serde_json::json!({ "text": s }),
-        Err(_) => serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(&event.payload) }),
+        Err(_) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(&event.payload) })
+        }
     };
     serde_json::json!({
         "group": group,
@@ -61,7 +63,10 @@ impl DeadLetterFile {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         for l in lines {
             writeln!(f, "{l}")?;
         }

@@ -26,7 +26,12 @@ use tokio::sync::watch;
 pub fn client_config(settings: &RunSettings, brokers: &str) -> anyhow::Result<ClientConfig> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers);
-    for kv in settings.kafka_properties.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for kv in settings
+        .kafka_properties
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = kv
             .split_once('=')
             .with_context(|| format!("FH_KAFKA_PROPERTIES entry {kv:?} is not key=value"))?;
@@ -40,10 +45,17 @@ pub async fn ensure_topics(cfg: &ClientConfig, topics: &BTreeSet<String>) -> any
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = cfg.create().context("cannot create Kafka admin client")?;
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
+    let admin: AdminClient<DefaultClientContext> =
+        cfg.create().context("cannot create Kafka admin client")?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
     let results = admin
-        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .context("cannot create dead-letter topics")?;
     for r in results {
@@ -64,7 +76,11 @@ fn to_event(m: &BorrowedMessage<'_>) -> Event {
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
         headers: m
             .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
             .unwrap_or_default(),
         payload: m.payload().unwrap_or_default().to_vec(),
         replayable: true,
@@ -80,7 +96,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let cfg = client_config(settings, brokers)?;
-    let dlq_topics: BTreeSet<String> = pipeline.groups().iter().map(|g| g.def.dead_letter_topic.clone()).collect();
+    let dlq_topics: BTreeSet<String> = pipeline
+        .groups()
+        .iter()
+        .map(|g| g.def.dead_letter_topic.clone())
+        .collect();
     ensure_topics(&cfg, &dlq_topics).await?;
 
     let consumer: StreamConsumer = cfg
@@ -99,7 +119,9 @@ pub async fn run(
         .create()
         .context("cannot create Kafka producer")?;
     let topics: Vec<&str> = pipeline.router().topics().collect();
-    consumer.subscribe(&topics).with_context(|| format!("cannot subscribe to {topics:?}"))?;
+    consumer
+        .subscribe(&topics)
+        .with_context(|| format!("cannot subscribe to {topics:?}"))?;
     tracing::info!(?topics, group_id = %settings.kafka_group_id, "consuming");
 
     // Next offset to commit per partition: everything below it is finished.
@@ -132,7 +154,12 @@ pub async fn run(
         let pairs = pipeline.route(&events);
         let (failures, stats) = pipeline.process_with_retries(&events, &pairs).await;
         dead_letter(&producer, &pipeline, &events, &failures).await;
-        tracing::debug!(events = events.len(), writes = stats.writes, replayed = stats.replayed, "batch done");
+        tracing::debug!(
+            events = events.len(),
+            writes = stats.writes,
+            replayed = stats.replayed,
+            "batch done"
+        );
         let mut batch: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for e in events.iter() {
             let next = batch.entry((e.topic.clone(), e.partition)).or_insert(0);
@@ -145,7 +172,12 @@ pub async fn run(
     // leaving the group (a revoked partition's new owner commits for itself).
     let owned: BTreeSet<(String, i32)> = consumer
         .assignment()
-        .map(|a| a.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect())
+        .map(|a| {
+            a.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        })
         .unwrap_or_default();
     finished.retain(|tp, _| owned.contains(tp));
     tokio::task::block_in_place(|| commit(&consumer, &finished, CommitMode::Sync));
@@ -173,7 +205,12 @@ fn commit(consumer: &StreamConsumer, next: &BTreeMap<(String, i32), i64>, mode: 
 
 /// Publish failures to their group's dead-letter topic, retrying until the broker
 /// acknowledges each: an event's offset is only committed after that.
-async fn dead_letter(producer: &FutureProducer, pipeline: &Pipeline, events: &[Event], failures: &[Failure]) {
+async fn dead_letter(
+    producer: &FutureProducer,
+    pipeline: &Pipeline,
+    events: &[Event],
+    failures: &[Failure],
+) {
     for f in failures {
         let event = &events[f.event];
         let group = &pipeline.groups()[f.group].def;
@@ -182,18 +219,41 @@ async fn dead_letter(producer: &FutureProducer, pipeline: &Pipeline, events: &[E
         let (partition, offset) = (event.partition.to_string(), event.offset.to_string());
         let mut headers = OwnedHeaders::new();
         for (k, v) in &event.headers {
-            headers = headers.insert(Header { key: k, value: Some(v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         let headers = headers
-            .insert(Header { key: dlh::ERROR, value: Some(&f.reason) })
-            .insert(Header { key: dlh::ERROR_KIND, value: Some(f.kind.as_str()) })
-            .insert(Header { key: dlh::GROUP, value: Some(&group.name) })
-            .insert(Header { key: dlh::SOURCE_TOPIC, value: Some(&event.topic) })
-            .insert(Header { key: dlh::SOURCE_PARTITION, value: Some(&partition) })
-            .insert(Header { key: dlh::SOURCE_OFFSET, value: Some(&offset) });
+            .insert(Header {
+                key: dlh::ERROR,
+                value: Some(&f.reason),
+            })
+            .insert(Header {
+                key: dlh::ERROR_KIND,
+                value: Some(f.kind.as_str()),
+            })
+            .insert(Header {
+                key: dlh::GROUP,
+                value: Some(&group.name),
+            })
+            .insert(Header {
+                key: dlh::SOURCE_TOPIC,
+                value: Some(&event.topic),
+            })
+            .insert(Header {
+                key: dlh::SOURCE_PARTITION,
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: dlh::SOURCE_OFFSET,
+                value: Some(&offset),
+            });
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut record = FutureRecord::to(&group.dead_letter_topic).payload(&event.payload).headers(headers.clone());
+            let mut record = FutureRecord::to(&group.dead_letter_topic)
+                .payload(&event.payload)
+                .headers(headers.clone());
             if let Some(k) = &event.key {
                 record = record.key(k);
             }

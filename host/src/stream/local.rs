@@ -35,12 +35,19 @@ struct LocalEvent {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Parse one local event. `line_offset` is the file line number (None for HTTP pushes).
-pub fn parse_event(line: &str, line_offset: Option<i64>, origin: Option<&str>) -> Result<Event, String> {
-    let e: LocalEvent = serde_json::from_str(line).map_err(|e| format!("not a local event: {e}"))?;
+pub fn parse_event(
+    line: &str,
+    line_offset: Option<i64>,
+    origin: Option<&str>,
+) -> Result<Event, String> {
+    let e: LocalEvent =
+        serde_json::from_str(line).map_err(|e| format!("not a local event: {e}"))?;
     let payload = match e.payload {
         serde_json::Value::String(s) => s.into_bytes(),
         other => other.to_string().into_bytes(),
@@ -52,10 +59,18 @@ pub fn parse_event(line: &str, line_offset: Option<i64>, origin: Option<&str>) -
         offset: e.offset.or(line_offset).unwrap_or(0),
         key: e.key.map(String::into_bytes),
         timestamp_ms: e.timestamp.unwrap_or_else(now_ms),
-        headers: e.headers.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
+        headers: e
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect(),
         payload,
         replayable: explicit || line_offset.is_some(),
-        origin: if explicit { None } else { origin.map(str::to_owned) },
+        origin: if explicit {
+            None
+        } else {
+            origin.map(str::to_owned)
+        },
     })
 }
 
@@ -105,7 +120,12 @@ pub async fn ingest(
     let dl = dead_letters.clone();
     tokio::task::spawn_blocking(move || dl.write(&lines))
         .await?
-        .with_context(|| format!("cannot write dead letters to {}", dead_letters.path().display()))?;
+        .with_context(|| {
+            format!(
+                "cannot write dead letters to {}",
+                dead_letters.path().display()
+            )
+        })?;
     for f in &failures {
         tracing::warn!(group = %pipeline.groups()[f.group].def.name, kind = f.kind.as_str(), reason = %f.reason,
             offset = events[f.event].offset, "event dead-lettered");
@@ -128,7 +148,8 @@ pub async fn ingest_file(
     batch_size: usize,
     dead_letters: &DeadLetterFile,
 ) -> anyhow::Result<IngestSummary> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open events file {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open events file {}", path.display()))?;
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let origin = format!("file:{}", canonical.display());
     let mut total = IngestSummary::default();
@@ -138,16 +159,29 @@ pub async fn ingest_file(
     loop {
         let next = lines.next();
         if let Some((n, line)) = &next {
-            let line = line.as_ref().map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let line = line
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
             if !line.trim().is_empty() {
                 match parse_event(line, Some(*n as i64 + 1), Some(&origin)) {
                     Ok(e) => events.push(e),
-                    Err(reason) => unparsed.push((line.clone(), format!("{}:{}: {reason}", path.display(), n + 1))),
+                    Err(reason) => unparsed.push((
+                        line.clone(),
+                        format!("{}:{}: {reason}", path.display(), n + 1),
+                    )),
                 }
             }
         }
-        if events.len() + unparsed.len() >= batch_size || (next.is_none() && !(events.is_empty() && unparsed.is_empty())) {
-            let s = ingest(pipeline, std::mem::take(&mut events), std::mem::take(&mut unparsed), dead_letters).await?;
+        if events.len() + unparsed.len() >= batch_size
+            || (next.is_none() && !(events.is_empty() && unparsed.is_empty()))
+        {
+            let s = ingest(
+                pipeline,
+                std::mem::take(&mut events),
+                std::mem::take(&mut unparsed),
+                dead_letters,
+            )
+            .await?;
             total.add(&s);
         }
         if next.is_none() {
@@ -175,17 +209,37 @@ mod tests {
 
         let raw = parse_event(r#"{"topic":"t","payload":"not json at all"}"#, None, None).unwrap();
         assert_eq!(raw.payload, b"not json at all");
-        assert!(raw.position().is_none(), "HTTP push without offset is not replayable");
+        assert!(
+            raw.position().is_none(),
+            "HTTP push without offset is not replayable"
+        );
 
-        let explicit = parse_event(r#"{"topic":"t","partition":2,"offset":9,"payload":1}"#, None, None).unwrap();
+        let explicit = parse_event(
+            r#"{"topic":"t","partition":2,"offset":9,"payload":1}"#,
+            None,
+            None,
+        )
+        .unwrap();
         let p = explicit.position().unwrap();
         assert_eq!((p.source.as_str(), p.partition, p.offset), ("t", 2, 9));
     }
 
     #[test]
     fn rejects_with_reason() {
-        assert!(parse_event("{", None, None).unwrap_err().contains("not a local event"));
-        assert!(parse_event(r#"{"payload":1}"#, None, None).unwrap_err().contains("topic"));
-        assert!(parse_event(r#"{"topic":"t","payload":1,"extra":2}"#, None, None).unwrap_err().contains("extra"));
+        assert!(
+            parse_event("{", None, None)
+                .unwrap_err()
+                .contains("not a local event")
+        );
+        assert!(
+            parse_event(r#"{"payload":1}"#, None, None)
+                .unwrap_err()
+                .contains("topic")
+        );
+        assert!(
+            parse_event(r#"{"topic":"t","payload":1,"extra":2}"#, None, None)
+                .unwrap_err()
+                .contains("extra")
+        );
     }
 }
