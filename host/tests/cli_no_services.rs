@@ -218,3 +218,165 @@ fn embedded_default_ingests_file_and_serves_features_exactly_once() {
     assert_eq!(missing.status.code(), Some(1));
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[test]
+fn published_json_schema_is_current() {
+    let out = host(&["schema"], None);
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(repo().join("specs/feature-host.schema.json")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        committed.trim(),
+        "specs/feature-host.schema.json is stale: run `feature-host schema > specs/feature-host.schema.json`"
+    );
+}
+
+/// Minimal HTTP/1.1 request over a plain socket: (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn http_push_and_feature_lookup_without_services() {
+    use std::io::BufRead;
+    let data = std::env::temp_dir().join(format!("fh-push-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_feature-host"))
+        .current_dir(repo())
+        .args(["run"])
+        .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
+        .env("FH_DATA_DIR", &data)
+        .env("FH_ADMIN_ADDR", "127.0.0.1:0")
+        .env("FH_LOG_FORMAT", "json")
+        .env_remove("FH_KAFKA_BROKERS")
+        .env_remove("FH_DYNAMODB_ENDPOINT")
+        .env_remove("FH_REDIS_URL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("host exited before listening").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "admin API listening" {
+            break v["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop)); // keep draining logs
+
+    let body = [
+        r#"{"topic":"web-events","key":"p1","timestamp":10,"payload":{"type":"view","user_id":"p1","item_id":"a"}}"#,
+        r#"{"topic":"web-events","key":"p1","timestamp":20,"payload":{"type":"click","user_id":"p1","item_id":"b"}}"#,
+        r#"{"topic":"web-events","payload":"garbage"}"#,
+        r#"not even json"#,
+    ]
+    .join("\n");
+    let (status, summary) = http(&addr, "POST", "/v1/events", &body);
+    assert_eq!(status, 200, "{summary}");
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(summary["events"], 4);
+    assert_eq!(summary["dead_lettered"], 2, "{summary}");
+
+    let (status, got) = http(&addr, "GET", "/v1/features/user-activity/p1", "");
+    assert_eq!(status, 200, "{got}");
+    let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(
+        (
+            got["features"]["views"].as_i64(),
+            got["features"]["clicks"].as_i64()
+        ),
+        (Some(1), Some(1)),
+        "{got}"
+    );
+    assert_eq!(
+        http(&addr, "GET", "/v1/features/user-activity/nobody", "").0,
+        404
+    );
+    assert_eq!(
+        http(&addr, "GET", "/v1/features/no-such-group/p1", "").0,
+        404
+    );
+    assert_eq!(http(&addr, "GET", "/healthz", "").0, 200);
+
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success(), "SIGTERM exits 0");
+    let dead = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();
+    assert!(
+        dead.contains("request line 4") && dead.contains("not the expected JSON"),
+        "{dead}"
+    );
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn plugin_test_prints_checked_writes_per_event() {
+    let out = host(
+        &[
+            "plugin",
+            "test",
+            "plugins/dist/user_activity.wasm",
+            "--spec",
+            "specs/user-activity.yaml",
+            "--events",
+            "specs/examples/events.jsonl",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 62, "one line per event");
+    assert_eq!(lines[0]["offset"], 1);
+    let first_writes = lines[0]["writes"].as_array().unwrap();
+    assert!(!first_writes.is_empty() && first_writes.iter().all(|w| w["entity"].is_string()));
+    assert!(
+        lines[60]["invalid"]
+            .as_str()
+            .unwrap()
+            .contains("not the expected JSON")
+    );
+    assert!(lines[61]["invalid"].as_str().unwrap().contains("user_id"));
+
+    // A spec whose features do not match the plugin's writes: flagged, exit 1.
+    let dir = std::env::temp_dir().join(format!("fh-ptest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = std::fs::read_to_string(repo().join("specs/user-activity.yaml"))
+        .unwrap()
+        .replace("name: clicks", "name: taps");
+    std::fs::write(dir.join("g.yaml"), spec).unwrap();
+    let out = host(
+        &[
+            "plugin",
+            "test",
+            "plugins/dist/user_activity.wasm",
+            "--spec",
+            dir.join("g.yaml").to_str().unwrap(),
+            "--events",
+            "specs/examples/events.jsonl",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("undeclared feature \\\"clicks\\\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}

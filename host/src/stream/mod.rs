@@ -4,3 +4,4 @@
 pub mod dead_letter;
 pub mod kafka;
 pub mod local;
+pub mod offsets;
