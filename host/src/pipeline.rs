@@ -7,12 +7,12 @@ use crate::dispatch::Router;
 use crate::event::Event;
 use crate::feature::{Mutation, Write, check_write};
 use crate::plugin::{EventFailure, Plugin};
+use crate::sink::SinkError;
 use crate::sink::writer::{FeatureWriter, GroupSink, WriteReport};
 use crate::spec::GroupDef;
 use futures::future::join_all;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A feature group ready to process: its spec, plugin and sink settings.
 #[derive(Clone)]
@@ -47,6 +47,8 @@ pub struct Failure {
     pub group: usize,
     pub kind: FailureKind,
     pub reason: String,
+    /// Not tried: an earlier event of its partition failed and will be retried first.
+    pub held_back: bool,
 }
 
 /// Totals of one batch.
@@ -136,59 +138,71 @@ impl Pipeline {
     }
 
     /// Process, retrying retryable failures in place with a growing backoff, up to each
-    /// group's `retry.maxAttempts`. Returns the failures that remain (invalid ones at once).
+    /// group's `retry.maxAttempts` per event. Returns the failures that remain (invalid ones
+    /// at once). Events held back behind a failed one do not use up attempts.
     pub async fn process_with_retries(
         &self,
         events: &Arc<Vec<Event>>,
         pairs: &[(usize, usize)],
     ) -> (Vec<Failure>, BatchStats) {
         let (mut failures, mut stats) = self.process(events, pairs).await;
-        let mut attempt = 1;
+        let mut attempts: HashMap<(usize, usize), u32> = HashMap::new();
         loop {
+            for f in failures.iter().filter(|f| !f.held_back) {
+                *attempts.entry((f.event, f.group)).or_insert(0) += 1;
+            }
+            let max = |f: &Failure| self.groups[f.group].def.spec.retry.max_attempts;
             let (retry, done): (Vec<Failure>, Vec<Failure>) = failures.into_iter().partition(|f| {
-                f.kind == FailureKind::Retryable
-                    && attempt < self.groups[f.group].def.spec.retry.max_attempts
+                f.held_back
+                    || (f.kind == FailureKind::Retryable && attempts[&(f.event, f.group)] < max(f))
             });
             if retry.is_empty() {
                 return (done, stats);
             }
             let backoff = retry
                 .iter()
-                .map(|f| self.groups[f.group].def.retry_backoff)
-                .min()
-                .unwrap_or(Duration::from_secs(1))
-                .saturating_mul(1 << (attempt - 1).min(6));
-            tracing::warn!(failed = retry.len(), attempt, backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events");
-            tokio::time::sleep(backoff).await;
+                .filter(|f| !f.held_back)
+                .map(|f| {
+                    let n = attempts[&(f.event, f.group)];
+                    self.groups[f.group]
+                        .def
+                        .retry_backoff
+                        .saturating_mul(1 << (n - 1).min(6))
+                })
+                .min();
+            if let Some(backoff) = backoff {
+                tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events");
+                tokio::time::sleep(backoff).await;
+            }
             let pairs: Vec<(usize, usize)> = retry.iter().map(|f| (f.event, f.group)).collect();
             let (again, more) = self.process(events, &pairs).await;
             stats.writes += more.writes;
             stats.replayed += more.replayed;
             stats.stale_skips += more.stale_skips;
             failures = done.into_iter().chain(again).collect();
-            attempt += 1;
         }
     }
 
+    /// One group's share of a batch. `idx` is sorted, so each partition's events are in
+    /// offset order — the per-entity high-water positions rely on it.
     async fn process_group(
         &self,
         events: &Arc<Vec<Event>>,
         g: usize,
-        idx: Vec<usize>,
+        mut idx: Vec<usize>,
     ) -> (Vec<Failure>, Option<WriteReport>) {
+        idx.sort_unstable();
+        idx.dedup();
         let group = &self.groups[g];
-        let fail_all = |idx: &[usize], kind, reason: String| -> Vec<Failure> {
-            idx.iter()
-                .map(|&event| Failure {
-                    event,
-                    group: g,
-                    kind,
-                    reason: reason.clone(),
-                })
-                .collect()
+        let failure = |event, kind, reason: String| Failure {
+            event,
+            group: g,
+            kind,
+            reason,
+            held_back: false,
         };
         let input: Arc<Vec<Event>> = if idx.len() == events.len() {
-            events.clone()
+            events.clone() // idx is exactly 0..n
         } else {
             Arc::new(idx.iter().map(|&i| events[i].clone()).collect())
         };
@@ -196,64 +210,100 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(group = %group.def.name, error = %e, "plugin call failed");
-                return (fail_all(&idx, FailureKind::Retryable, e.to_string()), None);
+                return (
+                    idx.iter()
+                        .map(|&i| failure(i, FailureKind::Retryable, e.to_string()))
+                        .collect(),
+                    None,
+                );
             }
         };
         let mut failures = Vec::new();
         let mut mutations = Vec::new();
-        let mut written_events = Vec::new();
+        // Which events wrote each entity (store key), to map entity failures back to events.
+        let mut writers: HashMap<String, Vec<usize>> = HashMap::new();
+        // A later event of a partition must not be applied before an earlier one that will be
+        // retried: the entity's high-water offset would then turn the retry into a "replay".
+        // Which entities a failed event would touch is unknown, so hold back the partition.
+        let mut blocked: HashSet<(String, i32)> = HashSet::new();
         for (&i, result) in idx.iter().zip(results) {
-            match result.map_err(|f| match f {
-                EventFailure::Invalid(m) => (
+            let event = &events[i];
+            let partition = (
+                event
+                    .position()
+                    .map_or_else(|| event.topic.clone(), |p| p.source),
+                event.partition,
+            );
+            if blocked.contains(&partition) {
+                failures.push(Failure {
+                    held_back: true,
+                    ..failure(
+                        i,
+                        FailureKind::Retryable,
+                        "held back behind an earlier failed event of its partition".into(),
+                    )
+                });
+                continue;
+            }
+            match result {
+                Ok(writes) => match to_mutations(&group.def, event, writes) {
+                    Ok(ms) => {
+                        for (entity, m) in ms {
+                            writers
+                                .entry(group.sink.target.key(&entity))
+                                .or_default()
+                                .push(i);
+                            mutations.push((entity, m));
+                        }
+                    }
+                    Err(reason) => failures.push(failure(i, FailureKind::Invalid, reason)),
+                },
+                Err(EventFailure::Invalid(m)) => failures.push(failure(
+                    i,
                     FailureKind::Invalid,
                     format!("plugin rejected the event: {m}"),
-                ),
-                EventFailure::Retryable(m) => (
-                    FailureKind::Retryable,
-                    format!("plugin asked to retry: {m}"),
-                ),
-            }) {
-                Ok(writes) => match to_mutations(&group.def, &events[i], writes) {
-                    Ok(ms) if ms.is_empty() => {}
-                    Ok(ms) => {
-                        mutations.extend(ms);
-                        written_events.push(i);
-                    }
-                    Err(reason) => failures.push(Failure {
-                        event: i,
-                        group: g,
-                        kind: FailureKind::Invalid,
-                        reason,
-                    }),
-                },
-                Err((kind, reason)) => failures.push(Failure {
-                    event: i,
-                    group: g,
-                    kind,
-                    reason,
-                }),
+                )),
+                Err(EventFailure::Retryable(m)) => {
+                    blocked.insert(partition);
+                    failures.push(failure(
+                        i,
+                        FailureKind::Retryable,
+                        format!("plugin asked to retry: {m}"),
+                    ));
+                }
             }
         }
         if mutations.is_empty() {
             return (failures, None);
         }
-        match self.writer.apply(&group.sink, mutations).await {
-            Ok(report) => {
-                if let Some(e) = &report.cache_error {
-                    tracing::warn!(group = %group.def.name, error = %e, "cache update failed after the store write");
+        let report = self.writer.apply(&group.sink, mutations).await;
+        if let Some(e) = &report.cache_error {
+            tracing::warn!(group = %group.def.name, error = %e, "cache update failed after the store write");
+        }
+        // An event fails if any entity it wrote failed; its other entities did apply, and a
+        // retry finds them already applied (their positions), so nothing counts twice.
+        let mut failed_events: BTreeMap<usize, (FailureKind, String)> = BTreeMap::new();
+        for (key, e) in &report.failed {
+            tracing::warn!(group = %group.def.name, entity = %key, error = %e, "store write failed");
+            let kind = match e {
+                SinkError::Rejected { .. } => FailureKind::Invalid,
+                _ => FailureKind::Retryable,
+            };
+            for &i in writers.get(key).into_iter().flatten() {
+                let slot = failed_events
+                    .entry(i)
+                    .or_insert((kind, format!("store write failed: {e}")));
+                if kind == FailureKind::Invalid {
+                    *slot = (kind, format!("store write failed: {e}"));
                 }
-                (failures, Some(report))
-            }
-            Err(e) => {
-                tracing::warn!(group = %group.def.name, error = %e, "store write failed");
-                failures.extend(fail_all(
-                    &written_events,
-                    FailureKind::Retryable,
-                    format!("store write failed: {e}"),
-                ));
-                (failures, None)
             }
         }
+        failures.extend(
+            failed_events
+                .into_iter()
+                .map(|(i, (kind, reason))| failure(i, kind, reason)),
+        );
+        (failures, Some(report))
     }
 }
 

@@ -47,6 +47,22 @@ pub struct Versioned {
     pub state: EntityState,
 }
 
+impl Versioned {
+    /// An expired item reads as empty but keeps its version: stores delete expired items
+    /// lazily (DynamoDB within days, redb never), and the next write must swap against the
+    /// version that is really there.
+    pub fn unless_expired(self, now_unix: i64) -> Versioned {
+        if self.state.expires_at.is_some_and(|t| t <= now_unix) {
+            Versioned {
+                version: self.version,
+                state: EntityState::default(),
+            }
+        } else {
+            self
+        }
+    }
+}
+
 /// Where an event came from; the unit of exactly-once effect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Position {
@@ -196,8 +212,17 @@ impl EntityState {
                     Some(Cell {
                         value: Some(v),
                         item_times,
-                        ..
-                    }) if same_list_kind(v, item) => (v.clone(), item_times.clone()),
+                        event_time_ms,
+                    }) if same_list_kind(v, item) => {
+                        // A list written by `set` has no per-item times: they share its time.
+                        let len = list_len(v);
+                        let times = if item_times.len() == len {
+                            item_times.clone()
+                        } else {
+                            vec![*event_time_ms; len]
+                        };
+                        (v.clone(), times)
+                    }
                     _ => (empty_list_like(item), Vec::new()),
                 };
                 // Newest first; equal times keep arrival order (the newer arrival first).
@@ -243,6 +268,15 @@ fn same_list_kind(list: &Value, item: &Value) -> bool {
             | (Value::FloatList(_), Value::Float(_))
             | (Value::StringList(_), Value::String(_))
     )
+}
+
+fn list_len(list: &Value) -> usize {
+    match list {
+        Value::IntList(l) => l.len(),
+        Value::FloatList(l) => l.len(),
+        Value::StringList(l) => l.len(),
+        _ => 0,
+    }
 }
 
 fn empty_list_like(item: &Value) -> Value {
@@ -424,6 +458,38 @@ mod tests {
         s.apply(&app("e", 5));
         assert_eq!(get(&s, "last"), Some(&want(&["e", "d", "c"])));
         assert_eq!(s.features["last"].item_times, vec![5, 4, 3]);
+    }
+
+    #[test]
+    fn append_after_set_keeps_items_and_times_aligned() {
+        let mut s = EntityState::default();
+        let list = Value::StringList(vec!["x".into(), "y".into()]);
+        s.apply(&m(None, vec![("last", Op::Set(list), 10)]));
+        s.apply(&m(
+            None,
+            vec![(
+                "last",
+                Op::Append {
+                    item: Value::String("z".into()),
+                    cap: 3,
+                },
+                5,
+            )],
+        ));
+        let want = Value::StringList(vec!["x".into(), "y".into(), "z".into()]);
+        assert_eq!(get(&s, "last"), Some(&want));
+        assert_eq!(s.features["last"].item_times, vec![10, 10, 5]);
+    }
+
+    #[test]
+    fn expired_state_reads_empty_but_keeps_its_version() {
+        let mut state = EntityState::default();
+        state.apply(&m(None, vec![("n", Op::Incr(Value::Int(1)), 1)]));
+        state.expires_at = Some(100);
+        let v = Versioned { version: 4, state };
+        assert_eq!(v.clone().unless_expired(99), v);
+        let expired = v.unless_expired(100);
+        assert_eq!((expired.version, expired.state.features.len()), (4, 0));
     }
 
     #[test]

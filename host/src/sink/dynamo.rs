@@ -216,10 +216,7 @@ impl Store for DynamoStore {
         let now = unix_now();
         keys.iter()
             .map(|k| match found.remove(k) {
-                Some(item) => {
-                    let v = decode_item(&item, &target.types)?;
-                    Ok(v.state.expires_at.is_none_or(|t| t > now).then_some(v))
-                }
+                Some(item) => Ok(Some(decode_item(&item, &target.types)?.unless_expired(now))),
                 None => Ok(None),
             })
             .collect()

@@ -75,14 +75,7 @@ impl Store for EmbeddedStore {
             let now = unix_now();
             keys.iter()
                 .map(|k| match table.get(k.as_str()).map_err(err)? {
-                    Some(v) => {
-                        let item = decode(v.value())?;
-                        Ok(item
-                            .state
-                            .expires_at
-                            .is_none_or(|t| t > now)
-                            .then_some(item))
-                    }
+                    Some(v) => Ok(Some(decode(v.value())?.unless_expired(now))),
                     None => Ok(None),
                 })
                 .collect()

@@ -22,9 +22,26 @@ impl Entry {
     }
 }
 
+type Entries = HashMap<String, (Entry, Option<Instant>)>;
+
+#[derive(Default)]
+struct Inner {
+    map: Entries,
+    swept_at: usize,
+}
+
 #[derive(Default)]
 pub struct MemoryCache {
-    entries: Mutex<HashMap<String, (Entry, Option<Instant>)>>,
+    entries: Mutex<Inner>,
+}
+
+/// Drop expired entries once the map has doubled since the last sweep: amortized O(1).
+fn sweep(map: &mut Entries, swept_at: &mut usize) {
+    if map.len() > (*swept_at).max(1024) * 2 {
+        let now = Instant::now();
+        map.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
+        *swept_at = map.len();
+    }
 }
 
 impl MemoryCache {
@@ -53,9 +70,11 @@ impl Cache for MemoryCache {
     }
 
     async fn put_if_newer(&self, fills: &[CacheFill]) -> Result<(), SinkError> {
-        let mut map = self.entries.lock().expect("cache lock");
+        let mut guard = self.entries.lock().expect("cache lock");
+        let Inner { map, swept_at } = &mut *guard;
+        sweep(map, swept_at);
         for f in fills {
-            let accept = match Self::live(&map, &f.key) {
+            let accept = match Self::live(map, &f.key) {
                 None => true,
                 Some(Entry::Invalidated(v)) => f.entry.version >= *v,
                 Some(Entry::Value(v)) => f.entry.version > v.version,
@@ -71,9 +90,11 @@ impl Cache for MemoryCache {
     }
 
     async fn invalidate(&self, keys: &[(String, u64)], ttl: Duration) -> Result<(), SinkError> {
-        let mut map = self.entries.lock().expect("cache lock");
+        let mut guard = self.entries.lock().expect("cache lock");
+        let Inner { map, swept_at } = &mut *guard;
+        sweep(map, swept_at);
         for (key, version) in keys {
-            if Self::live(&map, key).is_none_or(|e| e.version() <= *version) {
+            if Self::live(map, key).is_none_or(|e| e.version() <= *version) {
                 map.insert(key.clone(), (Entry::Invalidated(*version), expiry(ttl)));
             }
         }
@@ -81,8 +102,9 @@ impl Cache for MemoryCache {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError> {
-        let map = self.entries.lock().expect("cache lock");
-        Ok(match Self::live(&map, key) {
+        let guard = self.entries.lock().expect("cache lock");
+        let map = &guard.map;
+        Ok(match Self::live(map, key) {
             Some(Entry::Value(v)) => Some(v.clone()),
             _ => None,
         })
@@ -114,8 +136,10 @@ impl Store for MemoryCache {
         expected: u64,
         next: &Versioned,
     ) -> Result<bool, SinkError> {
-        let mut map = self.entries.lock().expect("cache lock");
-        let current = Self::live(&map, key).map_or(0, Entry::version);
+        let mut guard = self.entries.lock().expect("cache lock");
+        let Inner { map, swept_at } = &mut *guard;
+        sweep(map, swept_at);
+        let current = Self::live(map, key).map_or(0, Entry::version);
         if current != expected {
             return Ok(false);
         }

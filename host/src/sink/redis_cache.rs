@@ -7,7 +7,8 @@
 //! - `__s`: the full state (values, event times, positions) as JSON, for typed reads;
 //! - `__inv`: present on an invalidation marker (write-around): readers treat it as a miss.
 //!
-//! All writes are Lua scripts that check `__v` server-side, so a delayed writer or reader can
+//! Field/value pairs are passed to `HSET` in chunks: Lua's `unpack` is limited to ~8000
+//! values. All writes are Lua scripts that check `__v` server-side, so a delayed writer or reader can
 //! never replace a newer entry with an older one.
 
 use super::{Cache, CacheFill, SinkError, Store, Target};
@@ -32,7 +33,8 @@ if cur[1] then
   if (cur[2] and v < cv) or ((not cur[2]) and v <= cv) then return 0 end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '__v', ARGV[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], '__v', ARGV[1])
+for i = 3, #ARGV, 1000 do redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 "#,
@@ -62,7 +64,8 @@ static CAS: LazyLock<Script> = LazyLock::new(|| {
 local cur = redis.call('HGET', KEYS[1], '__v')
 if (cur == false and ARGV[1] ~= '0') or (cur ~= false and cur ~= ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '__v', ARGV[2], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], '__v', ARGV[2])
+for i = 4, #ARGV, 1000 do redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 if tonumber(ARGV[3]) > 0 then redis.call('EXPIREAT', KEYS[1], ARGV[3]) end
 return 1
 "#,

@@ -57,6 +57,8 @@ pub struct WriteReport {
     /// Mutations that were replays of already-applied positions.
     pub replayed: usize,
     pub cas_conflicts: u32,
+    /// Entities (store keys) whose write failed, with the reason; nothing of theirs applied.
+    pub failed: Vec<(String, SinkError)>,
     /// A cache update that failed after the store write succeeded.
     pub cache_error: Option<SinkError>,
 }
@@ -85,12 +87,9 @@ impl FeatureWriter {
     }
 
     /// Apply `batch` (entity, mutation) — all mutations of one entity coalesced into one
-    /// read and one conditional write.
-    pub async fn apply(
-        &self,
-        sink: &GroupSink,
-        batch: Vec<(String, Mutation)>,
-    ) -> Result<WriteReport, SinkError> {
+    /// read and one conditional write. Entities are independent: one entity's failure is
+    /// reported in [`WriteReport::failed`] while the others are written (and cached).
+    pub async fn apply(&self, sink: &GroupSink, batch: Vec<(String, Mutation)>) -> WriteReport {
         let mut by_entity: BTreeMap<String, Vec<Mutation>> = BTreeMap::new();
         for (entity, m) in batch {
             by_entity
@@ -113,13 +112,26 @@ impl FeatureWriter {
         while !pending.is_empty() {
             rounds += 1;
             if rounds > MAX_CAS_ROUNDS {
-                return Err(SinkError::Contended {
-                    backend: store.backend(),
-                    key: pending[0].clone(),
-                    attempts: MAX_CAS_ROUNDS,
-                });
+                let backend = store.backend();
+                report.failed.extend(pending.drain(..).map(|key| {
+                    let e = SinkError::Contended {
+                        backend,
+                        key: key.clone(),
+                        attempts: MAX_CAS_ROUNDS,
+                    };
+                    (key, e)
+                }));
+                break;
             }
-            let current = store.load(&sink.target, &pending).await?;
+            let current = match store.load(&sink.target, &pending).await {
+                Ok(c) => c,
+                Err(e) => {
+                    report
+                        .failed
+                        .extend(pending.drain(..).map(|k| (k, e.clone())));
+                    break;
+                }
+            };
             let mut swaps = Vec::new();
             for (key, cur) in pending.iter().zip(current) {
                 let cur = cur.unwrap_or_default();
@@ -140,7 +152,8 @@ impl FeatureWriter {
                     report.outcome.stale_skips += outcome.stale_skips;
                     continue;
                 }
-                next.state.expires_at = ttl.map(|t| unix_now() + t.as_secs() as i64);
+                // Round up: a sub-second TTL must not expire the entity at once.
+                next.state.expires_at = ttl.map(|t| unix_now() + t.as_secs_f64().ceil() as i64);
                 swaps.push((key.clone(), cur.version, next, outcome, replayed));
             }
             let results: Vec<_> = stream::iter(swaps)
@@ -157,13 +170,17 @@ impl FeatureWriter {
                 .await;
             pending.clear();
             for (key, next, outcome, replayed, ok) in results {
-                if ok? {
-                    report.outcome.add(outcome);
-                    report.replayed += replayed;
-                    written.push((key, next));
-                } else {
-                    report.cas_conflicts += 1;
-                    pending.push(key);
+                match ok {
+                    Ok(true) => {
+                        report.outcome.add(outcome);
+                        report.replayed += replayed;
+                        written.push((key, next));
+                    }
+                    Ok(false) => {
+                        report.cas_conflicts += 1;
+                        pending.push(key);
+                    }
+                    Err(e) => report.failed.push((key, e)),
                 }
             }
         }
@@ -188,7 +205,7 @@ impl FeatureWriter {
             CacheStrategy::CacheOnly | CacheStrategy::StoreOnly => Ok(()),
         };
         report.cache_error = cache_result.err();
-        Ok(report)
+        report
     }
 
     /// Read an entity: the cache first, the store on a miss (filling the cache for
@@ -200,9 +217,9 @@ impl FeatureWriter {
     ) -> Result<Option<Versioned>, SinkError> {
         let key = sink.target.key(entity);
         match sink.strategy {
-            CacheStrategy::StoreOnly => {
-                Ok(self.store.load(&sink.target, &[key]).await?.pop().flatten())
-            }
+            CacheStrategy::StoreOnly => Ok(live(
+                self.store.load(&sink.target, &[key]).await?.pop().flatten(),
+            )),
             CacheStrategy::CacheOnly => Cache::get(&*self.cache, &key).await,
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround => {
                 match Cache::get(&*self.cache, &key).await {
@@ -210,12 +227,13 @@ impl FeatureWriter {
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "cache read failed; reading the store"),
                 }
-                let found = self
-                    .store
-                    .load(&sink.target, std::slice::from_ref(&key))
-                    .await?
-                    .pop()
-                    .flatten();
+                let found = live(
+                    self.store
+                        .load(&sink.target, std::slice::from_ref(&key))
+                        .await?
+                        .pop()
+                        .flatten(),
+                );
                 if let Some(entry) = &found
                     && let Err(e) = self
                         .cache
@@ -232,6 +250,11 @@ impl FeatureWriter {
             }
         }
     }
+}
+
+/// `None` for an entity without any live feature (expired, or only tombstones).
+fn live(found: Option<Versioned>) -> Option<Versioned> {
+    found.filter(|v| v.state.values().next().is_some())
 }
 
 #[cfg(test)]
@@ -284,10 +307,9 @@ mod tests {
                     ("v".into(), incr(3)),
                 ],
             )
-            .await
-            .unwrap();
+            .await;
         assert_eq!((r.entities, r.written, r.replayed), (2, 2, 0));
-        let r = w.apply(&s, vec![("u".into(), incr(2))]).await.unwrap();
+        let r = w.apply(&s, vec![("u".into(), incr(2))]).await;
         assert_eq!((r.written, r.replayed), (0, 1));
         let cached = Cache::get(&*cache, "g#u").await.unwrap().unwrap();
         assert_eq!(count(&cached), Some(&Value::Int(2)));
@@ -300,10 +322,10 @@ mod tests {
         let cache = Arc::new(MemoryCache::new());
         let w = FeatureWriter::new(store.clone(), cache.clone());
         let s = sink(CacheStrategy::WriteAround);
-        w.apply(&s, vec![("u".into(), incr(1))]).await.unwrap();
+        w.apply(&s, vec![("u".into(), incr(1))]).await;
         // Read fills the cache with version 1.
         assert_eq!(w.get(&s, "u").await.unwrap().unwrap().version, 1);
-        w.apply(&s, vec![("u".into(), incr(2))]).await.unwrap();
+        w.apply(&s, vec![("u".into(), incr(2))]).await;
         assert!(
             Cache::get(&*cache, "g#u").await.unwrap().is_none(),
             "invalidated"
@@ -332,14 +354,63 @@ mod tests {
         let cache = Arc::new(MemoryCache::new());
         let w = FeatureWriter::new(store.clone(), cache.clone());
         w.apply(&sink(CacheStrategy::CacheOnly), vec![("u".into(), incr(1))])
-            .await
-            .unwrap();
+            .await;
         assert!(Cache::get(&*store, "g#u").await.unwrap().is_none());
         assert!(Cache::get(&*cache, "g#u").await.unwrap().is_some());
         let s = sink(CacheStrategy::StoreOnly);
-        w.apply(&s, vec![("x".into(), incr(1))]).await.unwrap();
+        w.apply(&s, vec![("x".into(), incr(1))]).await;
         assert!(Cache::get(&*cache, "g#x").await.unwrap().is_none());
         assert!(w.get(&s, "x").await.unwrap().is_some());
+    }
+
+    /// A store that refuses one key, to check that entities fail independently.
+    struct Refusing(MemoryCache);
+
+    #[async_trait::async_trait]
+    impl Store for Refusing {
+        fn backend(&self) -> &'static str {
+            "refusing"
+        }
+        async fn load(
+            &self,
+            t: &Target,
+            keys: &[String],
+        ) -> Result<Vec<Option<Versioned>>, SinkError> {
+            Store::load(&self.0, t, keys).await
+        }
+        async fn compare_and_swap(
+            &self,
+            t: &Target,
+            key: &str,
+            e: u64,
+            n: &Versioned,
+        ) -> Result<bool, SinkError> {
+            if key == "g#bad" {
+                return Err(SinkError::Rejected {
+                    backend: "refusing",
+                    message: "item too large".into(),
+                });
+            }
+            self.0.compare_and_swap(t, key, e, n).await
+        }
+    }
+
+    #[tokio::test]
+    async fn one_failing_entity_does_not_fail_the_others() {
+        let cache = Arc::new(MemoryCache::new());
+        let w = FeatureWriter::new(Arc::new(Refusing(MemoryCache::new())), cache.clone());
+        let s = sink(CacheStrategy::WriteThrough);
+        let r = w
+            .apply(&s, vec![("bad".into(), incr(1)), ("good".into(), incr(2))])
+            .await;
+        assert_eq!(r.written, 1);
+        assert_eq!(r.failed.len(), 1);
+        assert_eq!(r.failed[0].0, "g#bad");
+        assert!(matches!(r.failed[0].1, SinkError::Rejected { .. }));
+        assert!(
+            Cache::get(&*cache, "g#good").await.unwrap().is_some(),
+            "the good entity is cached"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -355,7 +426,7 @@ mod tests {
                     for o in 0..20 {
                         let mut m = incr(o);
                         m.position.as_mut().unwrap().partition = p;
-                        w.apply(&s, vec![("hot".into(), m)]).await.unwrap();
+                        assert!(w.apply(&s, vec![("hot".into(), m)]).await.failed.is_empty());
                     }
                 })
             })

@@ -4,8 +4,9 @@
 //! `{"topic": "web-events", "key": "u1", "timestamp": 1700000000000, "headers": {"type": "click"},
 //!   "payload": {...}}` — `payload` is any JSON (a JSON string is sent as its raw text);
 //! `key`, `timestamp` (ms, default now), `headers`, `partition` (default 0) and `offset` are
-//! optional. Without `offset`, a file line's number is its offset (so re-ingesting the same file
-//! is a no-op: exactly-once effect), and an HTTP-pushed event has no replayable position.
+//! optional. Without `offset`, a file line's number is its offset within that file's content
+//! (so re-ingesting the same file is a no-op: exactly-once effect; a rewritten file is a new
+//! source), and an HTTP-pushed event has no replayable position.
 
 use super::dead_letter::{DeadLetterFile, to_json_line};
 use crate::event::Event;
@@ -150,8 +151,16 @@ pub async fn ingest_file(
 ) -> anyhow::Result<IngestSummary> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open events file {}", path.display()))?;
+    // Line numbers are positions only within one exact content: a rewritten file is a new
+    // source, so its lines are not mistaken for replays.
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let origin = format!("file:{}", canonical.display());
+    let digest = {
+        use sha2::Digest as _;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(std::fs::read(path)?);
+        hex::encode(&hasher.finalize()[..8])
+    };
+    let origin = format!("file:{}@{digest}", canonical.display());
     let mut total = IngestSummary::default();
     let mut events = Vec::new();
     let mut unparsed = Vec::new();
