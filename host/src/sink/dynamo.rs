@@ -13,7 +13,7 @@
 //! | `ttl` (N)        | expiry, Unix seconds (DynamoDB TTL attribute)              |
 
 use super::{SinkError, Store, Target, unix_now};
-use crate::feature::{Cell, EntityState, Value, Versioned};
+use crate::feature::{EntityState, Value, Versioned};
 use crate::spec::FeatureType;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -351,24 +351,12 @@ pub fn decode_item(
             state
                 .features
                 .entry(f.to_owned())
-                .or_insert(Cell {
-                    value: None,
-                    event_time_ms: 0,
-                    item_times: vec![],
-                })
+                .or_default()
                 .event_time_ms = t;
         } else if let Some(f) = name.strip_prefix("f:") {
             let value = decode_value(attr, types.get(f).copied())
                 .ok_or_else(|| corrupt(format!("feature {f:?}")))?;
-            state
-                .features
-                .entry(f.to_owned())
-                .or_insert(Cell {
-                    value: None,
-                    event_time_ms: 0,
-                    item_times: vec![],
-                })
-                .value = Some(value);
+            state.features.entry(f.to_owned()).or_default().value = Some(value);
         } else if let Some(f) = name.strip_prefix("i:") {
             let times = attr
                 .as_l()
@@ -376,15 +364,7 @@ pub fn decode_item(
                 .iter()
                 .map(|a| num(a, name))
                 .collect::<Result<_, _>>()?;
-            state
-                .features
-                .entry(f.to_owned())
-                .or_insert(Cell {
-                    value: None,
-                    event_time_ms: 0,
-                    item_times: vec![],
-                })
-                .item_times = times;
+            state.features.entry(f.to_owned()).or_default().item_times = times;
         } else if let Some(p) = name.strip_prefix("p:") {
             state.positions.insert(p.to_owned(), num(attr, name)?);
         }
@@ -437,6 +417,7 @@ fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::feature::Cell;
     use std::collections::BTreeMap;
 
     #[test]
