@@ -61,6 +61,25 @@ fn hostile_calls_are_contained_and_the_plugin_keeps_serving() {
     }
     ok(&plugin);
 
+    // No clock but the events' time, no environment, no filesystem.
+    let seen = plugin
+        .process_blocking(&[event("clock"), event("env")])
+        .unwrap();
+    let values: Vec<_> = seen
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .map(|w| (w.feature, w.op))
+        .collect();
+    use feature_host::feature::{Op, Value};
+    assert_eq!(
+        values,
+        vec![
+            ("clock_ms".to_string(), Op::Set(Value::Int(0))),
+            ("env_vars".to_string(), Op::Set(Value::Int(0))),
+            ("can_read_files".to_string(), Op::Set(Value::Bool(false))),
+        ]
+    );
+
     match plugin.process_blocking(&[event("balloon")]) {
         Err(PluginError::Trap { .. }) => {}
         other => panic!(

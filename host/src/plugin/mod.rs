@@ -214,6 +214,29 @@ struct HostState {
     last_error: Option<String>,
 }
 
+/// The only clock a plugin sees: stopped at the Unix epoch. Time comes from the events'
+/// timestamps, so a transform is a function of its input (replays and backfills compute
+/// the same writes).
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -256,7 +279,10 @@ impl PluginInner {
 
     fn new_instance(&self) -> Result<Instance, PluginError> {
         let state = HostState {
-            wasi: WasiCtx::builder().build(),
+            wasi: WasiCtx::builder()
+                .wall_clock(FrozenClock)
+                .monotonic_clock(FrozenClock)
+                .build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.limits.memory_mb as usize * 1024 * 1024)
