@@ -37,16 +37,4 @@ impl Event {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_slice())
     }
-
-    /// Payload size plus metadata, for memory accounting.
-    pub fn size_bytes(&self) -> usize {
-        self.payload.len()
-            + self.key.as_ref().map_or(0, Vec::len)
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
-            + self.topic.len()
-    }
 }

@@ -57,7 +57,6 @@ pub struct GroupDef {
     pub store_ttl: Option<Duration>,
     pub cache_ttl: Duration,
     pub retry_backoff: Duration,
-    pub retry_topic: String,
     pub dead_letter_topic: String,
 }
 
@@ -480,11 +479,6 @@ fn check_group(
     GroupDef {
         name: name.to_owned(),
         file: file.to_path_buf(),
-        retry_topic: spec
-            .retry
-            .topic
-            .clone()
-            .unwrap_or_else(|| format!("{name}.retry")),
         dead_letter_topic: spec
             .retry
             .dead_letter_topic

@@ -15,7 +15,6 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fh-source-topic";
     pub const SOURCE_PARTITION: &str = "fh-source-partition";
     pub const SOURCE_OFFSET: &str = "fh-source-offset";
-    pub const ATTEMPTS: &str = "fh-attempts";
 }
 
 /// One dead-lettered event as a JSON line (the local dead-letter file's format).

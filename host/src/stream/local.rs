@@ -14,7 +14,6 @@ use crate::pipeline::{FailureKind, Pipeline};
 use anyhow::Context as _;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::io::BufRead as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -142,61 +141,44 @@ pub async fn ingest(
     })
 }
 
-/// Ingest a JSON-lines file in batches of `batch_size`.
+/// Ingest a JSON-lines file in batches of `batch_size` (non-empty lines).
 pub async fn ingest_file(
     pipeline: &Pipeline,
     path: &Path,
     batch_size: usize,
     dead_letters: &DeadLetterFile,
 ) -> anyhow::Result<IngestSummary> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open events file {}", path.display()))?;
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .with_context(|| format!("cannot read events file {}", path.display()))?;
     // Line numbers are positions only within one exact content: a rewritten file is a new
     // source, so its lines are not mistaken for replays.
-    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let digest = {
-        use sha2::Digest as _;
-        let mut hasher = sha2::Sha256::new();
-        hasher.update(std::fs::read(path)?);
-        hex::encode(&hasher.finalize()[..8])
-    };
+    let canonical = tokio::fs::canonicalize(path)
+        .await
+        .unwrap_or_else(|_| path.to_path_buf());
+    let digest = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())[..8]);
     let origin = format!("file:{}@{digest}", canonical.display());
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| (n + 1, l))
+        .collect();
     let mut total = IngestSummary::default();
-    let mut events = Vec::new();
-    let mut unparsed = Vec::new();
-    let mut lines = std::io::BufReader::new(file).lines().enumerate();
-    loop {
-        let next = lines.next();
-        if let Some((n, line)) = &next {
-            let line = line
-                .as_ref()
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            if !line.trim().is_empty() {
-                match parse_event(line, Some(*n as i64 + 1), Some(&origin)) {
-                    Ok(e) => events.push(e),
-                    Err(reason) => unparsed.push((
-                        line.clone(),
-                        format!("{}:{}: {reason}", path.display(), n + 1),
-                    )),
+    for chunk in lines.chunks(batch_size.max(1)) {
+        let mut events = Vec::with_capacity(chunk.len());
+        let mut unparsed = Vec::new();
+        for &(n, line) in chunk {
+            match parse_event(line, Some(n as i64), Some(&origin)) {
+                Ok(e) => events.push(e),
+                Err(reason) => {
+                    unparsed.push((line.to_owned(), format!("{}:{n}: {reason}", path.display())))
                 }
             }
         }
-        if events.len() + unparsed.len() >= batch_size
-            || (next.is_none() && !(events.is_empty() && unparsed.is_empty()))
-        {
-            let s = ingest(
-                pipeline,
-                std::mem::take(&mut events),
-                std::mem::take(&mut unparsed),
-                dead_letters,
-            )
-            .await?;
-            total.add(&s);
-        }
-        if next.is_none() {
-            return Ok(total);
-        }
+        total.add(&ingest(pipeline, events, unparsed, dead_letters).await?);
     }
+    Ok(total)
 }
 
 #[cfg(test)]
