@@ -23,6 +23,7 @@ pub fn router(state: AdminState) -> Router {
     let mut r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v1/plugins", get(plugins))
         .route("/v1/features/{group}/{entity}", get(features));
     if state.push.is_some() {
@@ -37,6 +38,17 @@ fn error(status: StatusCode, message: String) -> Response {
 
 async fn ready(State(s): State<AdminState>) -> Response {
     Json(serde_json::json!({ "ready": true, "groups": s.pipeline.groups().len() })).into_response()
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.pipeline.metrics().render(),
+    )
+        .into_response()
 }
 
 async fn plugins(State(s): State<AdminState>) -> Response {

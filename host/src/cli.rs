@@ -221,7 +221,7 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
     }
     match &run.kafka_brokers {
         Some(brokers) => {
-            crate::stream::kafka::run(&run, brokers, pipeline, shutdown_rx.clone()).await?
+            crate::stream::consumer::run(&run, brokers, pipeline, shutdown_rx.clone()).await?
         }
         None => {
             let mut rx = shutdown_rx.clone();

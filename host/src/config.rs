@@ -104,13 +104,35 @@ pub struct RunSettings {
     #[arg(long, env = "FH_KAFKA_PROPERTIES", default_value = "")]
     pub kafka_properties: String,
 
-    /// Events per processing batch.
+    /// Events per processing batch of a local events file.
     #[arg(long, env = "FH_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
 
-    /// How long to wait to fill a batch.
-    #[arg(long, env = "FH_BATCH_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
-    pub batch_wait: Duration,
+    /// Kafka: messages taken from the client per poll round before they are dispatched.
+    #[arg(long, env = "FH_FETCH_SIZE", default_value_t = 500)]
+    pub fetch_size: usize,
+
+    /// Kafka: events of one partition processed concurrently; fetching pauses at the bound.
+    #[arg(long, env = "FH_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
+    /// Kafka: payload bytes of one partition in flight; fetching pauses at the bound.
+    #[arg(long, env = "FH_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
+    pub max_buffered_bytes: usize,
+
+    /// Kafka: how often finished offsets are committed (also on revoke and shutdown).
+    #[arg(long, env = "FH_COMMIT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub commit_interval: Duration,
+
+    /// Kafka: how long a revoked partition's running work may take before it is fenced
+    /// (match the pod's terminationGracePeriodSeconds to it).
+    #[arg(long, env = "FH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Kafka: attempts of a failing store write (in place, 100 ms backoff doubling) before
+    /// the event goes to the retry topic.
+    #[arg(long, env = "FH_STORE_ATTEMPTS", default_value_t = 3)]
+    pub store_attempts: u32,
 
     /// JSON-lines file of events to ingest (see README "Local events").
     #[arg(long, env = "FH_EVENTS_FILE")]

@@ -154,8 +154,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
             payload: payload.as_bytes().to_vec(),
-            replayable: true,
-            origin: None,
+            position: None,
         }
     }
 

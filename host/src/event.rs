@@ -13,24 +13,14 @@ pub struct Event {
     pub timestamp_ms: i64,
     pub headers: Vec<(String, Vec<u8>)>,
     pub payload: Vec<u8>,
-    /// Whether `(topic, partition, offset)` identifies this event durably, so replays can be
-    /// recognized (Kafka, files). HTTP pushes without an explicit offset are not.
-    pub replayable: bool,
-    /// Namespace of `(partition, offset)` when it is not the topic's own (e.g. a line number
-    /// in a file): `file:<path>`.
-    pub origin: Option<String>,
+    /// The position its writes carry for exactly-once effect, if it has a durable one. Usually
+    /// `(topic, partition, offset)`; a file line's is `(file:<path>@<digest>, 0, line)`, a
+    /// retried event's is its place in the retry topic. HTTP pushes without an explicit
+    /// offset have none.
+    pub position: Option<Position>,
 }
 
 impl Event {
-    /// The position writes carry for exactly-once effect, if the event has a durable one.
-    pub fn position(&self) -> Option<Position> {
-        self.replayable.then(|| Position {
-            source: self.origin.clone().unwrap_or_else(|| self.topic.clone()),
-            partition: self.partition,
-            offset: self.offset,
-        })
-    }
-
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()

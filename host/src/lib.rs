@@ -2,14 +2,14 @@
 //!
 //! Reading order follows the data:
 //! - [`spec`]: FeatureGroup / Ingestion documents, validation, JSON Schema;
-//! - [`stream`]: event sources — Kafka (offsets committed in [`stream::kafka`]), local file and
+//! - [`stream`]: event sources — Kafka (offsets committed in [`stream::consumer`]), local file and
 //!   HTTP push — and dead letters;
 //! - [`dispatch`]: which groups an event goes to (M:N);
 //! - [`plugin`]: the WASM runtime that turns events into feature writes;
 //! - [`feature`]: values, operations, and the merge rules (event time, exactly-once);
 //! - [`sink`]: DynamoDB / Redis / embedded stores and the cache strategies;
 //! - [`pipeline`]: the batch path through all of the above;
-//! - [`admin`], [`cli`], [`config`], [`app`]: operating it.
+//! - [`admin`], [`metrics`], [`cli`], [`config`], [`app`]: operating it.
 
 pub mod admin;
 pub mod app;
@@ -18,6 +18,7 @@ pub mod config;
 pub mod dispatch;
 pub mod event;
 pub mod feature;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod sink;

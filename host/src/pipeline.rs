@@ -6,12 +6,13 @@
 use crate::dispatch::Router;
 use crate::event::Event;
 use crate::feature::{Mutation, Write, check_write};
+use crate::metrics::{GroupLabels, Metrics};
 use crate::plugin::{EventFailure, Plugin};
 use crate::sink::SinkError;
 use crate::sink::writer::{FeatureWriter, GroupSink, WriteReport};
 use crate::spec::GroupDef;
 use futures::future::join_all;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A feature group ready to process: its spec, plugin and sink settings.
@@ -47,9 +48,24 @@ pub struct Failure {
     pub group: usize,
     pub kind: FailureKind,
     pub reason: String,
-    /// Not tried: an earlier event of its partition failed and will be retried first.
-    pub held_back: bool,
+    /// The store write failed (the plugin's part succeeded): worth retrying in place.
+    pub store: bool,
 }
+
+/// Which failures [`Pipeline::process_with_retries`] retries in place before returning them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InPlace {
+    /// Every retryable failure, up to its group's `retry.maxAttempts`, with the group's
+    /// backoff: for sources without a retry topic (files, HTTP push).
+    All,
+    /// Store failures only, up to this many attempts with a short backoff; plugin failures
+    /// return at once (the Kafka consumer hands them to the retry topic, which does not hold
+    /// up the partition).
+    StoreOnly(u32),
+}
+
+/// First backoff of in-place store retries; doubles per attempt.
+const STORE_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Totals of one batch.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +81,7 @@ pub struct Pipeline {
     groups: Vec<GroupRuntime>,
     router: Router,
     writer: FeatureWriter,
+    metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
@@ -80,7 +97,12 @@ impl Pipeline {
             groups,
             router,
             writer,
+            metrics: Metrics::new(),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn groups(&self) -> &[GroupRuntime] {
@@ -137,43 +159,46 @@ impl Pipeline {
         (failures, stats)
     }
 
-    /// Process, retrying retryable failures in place with a growing backoff, up to each
-    /// group's `retry.maxAttempts` per event. Returns the failures that remain (invalid ones
-    /// at once). Events held back behind a failed one do not use up attempts.
+    /// Process, retrying retryable failures in place (see [`InPlace`]) with a growing
+    /// backoff. Returns the failures that remain (invalid ones at once).
     pub async fn process_with_retries(
         &self,
         events: &Arc<Vec<Event>>,
         pairs: &[(usize, usize)],
+        in_place: InPlace,
     ) -> (Vec<Failure>, BatchStats) {
         let (mut failures, mut stats) = self.process(events, pairs).await;
         let mut attempts: HashMap<(usize, usize), u32> = HashMap::new();
         loop {
-            for f in failures.iter().filter(|f| !f.held_back) {
+            for f in &failures {
                 *attempts.entry((f.event, f.group)).or_insert(0) += 1;
             }
-            let max = |f: &Failure| self.groups[f.group].def.spec.retry.max_attempts;
-            let (retry, done): (Vec<Failure>, Vec<Failure>) = failures.into_iter().partition(|f| {
-                f.held_back
-                    || (f.kind == FailureKind::Retryable && attempts[&(f.event, f.group)] < max(f))
-            });
+            let again = |f: &Failure| {
+                let n = attempts[&(f.event, f.group)];
+                f.kind == FailureKind::Retryable
+                    && match in_place {
+                        InPlace::All => n < self.groups[f.group].def.spec.retry.max_attempts,
+                        InPlace::StoreOnly(max) => f.store && n < max,
+                    }
+            };
+            let (retry, done): (Vec<Failure>, Vec<Failure>) = failures.into_iter().partition(again);
             if retry.is_empty() {
                 return (done, stats);
             }
             let backoff = retry
                 .iter()
-                .filter(|f| !f.held_back)
                 .map(|f| {
                     let n = attempts[&(f.event, f.group)];
-                    self.groups[f.group]
-                        .def
-                        .retry_backoff
-                        .saturating_mul(1 << (n - 1).min(6))
+                    let first = match in_place {
+                        InPlace::All => self.groups[f.group].def.retry_backoff,
+                        InPlace::StoreOnly(_) => STORE_RETRY_BACKOFF,
+                    };
+                    first.saturating_mul(1 << (n - 1).min(6))
                 })
-                .min();
-            if let Some(backoff) = backoff {
-                tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events");
-                tokio::time::sleep(backoff).await;
-            }
+                .min()
+                .unwrap_or_default();
+            tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events in place");
+            tokio::time::sleep(backoff).await;
             let pairs: Vec<(usize, usize)> = retry.iter().map(|f| (f.event, f.group)).collect();
             let (again, more) = self.process(events, &pairs).await;
             stats.writes += more.writes;
@@ -183,8 +208,8 @@ impl Pipeline {
         }
     }
 
-    /// One group's share of a batch. `idx` is sorted, so each partition's events are in
-    /// offset order — the per-entity high-water positions rely on it.
+    /// One group's share of a batch. `idx` is sorted so that the writer merges each entity's
+    /// mutations in offset order.
     async fn process_group(
         &self,
         events: &Arc<Vec<Event>>,
@@ -199,7 +224,7 @@ impl Pipeline {
             group: g,
             kind,
             reason,
-            held_back: false,
+            store: false,
         };
         let input: Arc<Vec<Event>> = if idx.len() == events.len() {
             events.clone() // idx is exactly 0..n
@@ -222,29 +247,8 @@ impl Pipeline {
         let mut mutations = Vec::new();
         // Which events wrote each entity (store key), to map entity failures back to events.
         let mut writers: HashMap<String, Vec<usize>> = HashMap::new();
-        // A later event of a partition must not be applied before an earlier one that will be
-        // retried: the entity's high-water offset would then turn the retry into a "replay".
-        // Which entities a failed event would touch is unknown, so hold back the partition.
-        let mut blocked: HashSet<(String, i32)> = HashSet::new();
         for (&i, result) in idx.iter().zip(results) {
             let event = &events[i];
-            let partition = (
-                event
-                    .position()
-                    .map_or_else(|| event.topic.clone(), |p| p.source),
-                event.partition,
-            );
-            if blocked.contains(&partition) {
-                failures.push(Failure {
-                    held_back: true,
-                    ..failure(
-                        i,
-                        FailureKind::Retryable,
-                        "held back behind an earlier failed event of its partition".into(),
-                    )
-                });
-                continue;
-            }
             match result {
                 Ok(writes) => match to_mutations(&group.def, event, writes) {
                     Ok(ms) => {
@@ -263,20 +267,28 @@ impl Pipeline {
                     FailureKind::Invalid,
                     format!("plugin rejected the event: {m}"),
                 )),
-                Err(EventFailure::Retryable(m)) => {
-                    blocked.insert(partition);
-                    failures.push(failure(
-                        i,
-                        FailureKind::Retryable,
-                        format!("plugin asked to retry: {m}"),
-                    ));
-                }
+                Err(EventFailure::Retryable(m)) => failures.push(failure(
+                    i,
+                    FailureKind::Retryable,
+                    format!("plugin asked to retry: {m}"),
+                )),
             }
         }
         if mutations.is_empty() {
             return (failures, None);
         }
         let report = self.writer.apply(&group.sink, mutations).await;
+        let labels = GroupLabels::new(&group.def.name);
+        let m = &self.metrics;
+        m.writes
+            .get_or_create(&labels)
+            .inc_by(report.outcome.applied_ops.into());
+        m.stale_write_skips
+            .get_or_create(&labels)
+            .inc_by(report.outcome.stale_skips.into());
+        m.replays
+            .get_or_create(&labels)
+            .inc_by(report.replayed as u64);
         if let Some(e) = &report.cache_error {
             tracing::warn!(group = %group.def.name, error = %e, "cache update failed after the store write");
         }
@@ -301,7 +313,10 @@ impl Pipeline {
         failures.extend(
             failed_events
                 .into_iter()
-                .map(|(i, (kind, reason))| failure(i, kind, reason)),
+                .map(|(i, (kind, reason))| Failure {
+                    store: true,
+                    ..failure(i, kind, reason)
+                }),
         );
         (failures, Some(report))
     }
@@ -321,7 +336,7 @@ fn to_mutations(
         by_entity
             .entry(w.entity)
             .or_insert_with(|| Mutation {
-                position: event.position(),
+                position: event.position.clone(),
                 ops: Vec::new(),
                 overwrite: false,
             })

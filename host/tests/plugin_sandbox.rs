@@ -15,8 +15,7 @@ fn event(payload: &str) -> Event {
         timestamp_ms: 7,
         headers: vec![],
         payload: payload.as_bytes().to_vec(),
-        replayable: true,
-        origin: None,
+        position: None,
     }
 }
 

@@ -9,5 +9,5 @@ pub mod state;
 pub mod value;
 
 pub use check::{WriteCheckError, check_write};
-pub use state::{ApplyOutcome, Cell, EntityState, Mutation, Position, Versioned};
+pub use state::{ApplyOutcome, Cell, EntityState, Mutation, Position, Versioned, Watermark};
 pub use value::{Op, Value, Write};

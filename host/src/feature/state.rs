@@ -2,8 +2,11 @@
 //!
 //! Rules (documented in the README's data model):
 //! - **Exactly-once effect.** A mutation carrying a source position `(source, partition,
-//!   offset)` applies only if the entity's high-water offset for `(source, partition)` is
-//!   below `offset`; it then advances. A replayed event is a no-op, increments included.
+//!   offset)` applies only if the entity's [`Watermark`] for `(source, partition)` does not
+//!   already hold `offset`; it is then recorded. A replayed event is a no-op, increments
+//!   included. Offsets of one partition may arrive in any order (events of different keys run
+//!   in parallel, failed ones come back later through the retry topic), so the watermark is
+//!   a floor plus the applied offsets above it, not a single high-water offset.
 //! - **Event time wins.** `set` and `delete` older than the feature's event time are skipped
 //!   (counted as stale); `overwrite` mutations (backfills) bypass this. A delete leaves a
 //!   tombstone so an older set cannot resurrect the feature.
@@ -32,9 +35,9 @@ pub struct Cell {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EntityState {
     pub features: BTreeMap<String, Cell>,
-    /// High-water offset per `source#partition` that wrote this entity.
+    /// Applied offsets per `source#partition` that wrote this entity.
     #[serde(default)]
-    pub positions: BTreeMap<String, i64>,
+    pub positions: BTreeMap<String, Watermark>,
     /// Unix seconds after which the store may drop the entity (DynamoDB TTL semantics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
@@ -69,11 +72,76 @@ pub struct Position {
     pub source: String,
     pub partition: i32,
     pub offset: i64,
+    /// Every offset of this partition below `floor` is finished (applied, handed to the retry
+    /// path, or without writes) and will never be applied again: the consumer's committable
+    /// low watermark when the event was processed. Always `<= offset`.
+    pub floor: i64,
 }
 
 impl Position {
+    /// A position whose partition is processed strictly in offset order, so everything
+    /// below `offset` is finished.
+    pub fn sequential(source: impl Into<String>, partition: i32, offset: i64) -> Position {
+        Position {
+            source: source.into(),
+            partition,
+            offset,
+            floor: offset,
+        }
+    }
+
     pub fn key(&self) -> String {
         format!("{}#{}", self.source, self.partition)
+    }
+}
+
+/// The offsets of one source partition an entity has absorbed: all below `floor`, and those
+/// listed in `applied` (all `>= floor`). The list only holds offsets that raced ahead of
+/// slower ones in the in-flight window, so it stays about as long as that window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub floor: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<i64>,
+}
+
+impl Watermark {
+    /// Whether the event at `offset` was already absorbed.
+    pub fn holds(&self, offset: i64) -> bool {
+        offset < self.floor || self.applied.binary_search(&offset).is_ok()
+    }
+
+    /// Record `pos` (not [`held`](Self::holds)) and raise the floor to the position's.
+    pub fn record(&mut self, pos: &Position) {
+        if let Err(at) = self.applied.binary_search(&pos.offset) {
+            self.applied.insert(at, pos.offset);
+        }
+        self.floor = self.floor.max(pos.floor.min(pos.offset));
+        let floor = self.floor;
+        self.applied.retain(|&o| o >= floor);
+    }
+
+    /// Compact text form for stores with typed attributes: `floor` or `floor:o1,o2,…`.
+    pub fn encode(&self) -> String {
+        let mut s = self.floor.to_string();
+        for (i, o) in self.applied.iter().enumerate() {
+            s.push(if i == 0 { ':' } else { ',' });
+            s.push_str(&o.to_string());
+        }
+        s
+    }
+
+    pub fn decode(s: &str) -> Option<Watermark> {
+        let (floor, rest) = s.split_once(':').unwrap_or((s, ""));
+        let applied = rest
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().ok())
+            .collect::<Option<Vec<i64>>>()?;
+        Some(Watermark {
+            floor: floor.parse().ok()?,
+            applied,
+        })
     }
 }
 
@@ -110,12 +178,12 @@ impl EntityState {
     pub fn apply(&mut self, m: &Mutation) -> ApplyOutcome {
         let mut out = ApplyOutcome::default();
         if let Some(pos) = &m.position {
-            let key = pos.key();
-            if self.positions.get(&key).is_some_and(|&hw| hw >= pos.offset) {
+            let wm = self.positions.entry(pos.key()).or_default();
+            if wm.holds(pos.offset) {
                 out.replayed = true;
                 return out;
             }
-            self.positions.insert(key, pos.offset);
+            wm.record(pos);
         }
         for (feature, op, t) in &m.ops {
             if self.apply_op(feature, op, *t, m.overwrite) {
@@ -313,11 +381,7 @@ mod tests {
 
     fn m(offset: Option<i64>, ops: Vec<(&str, Op, i64)>) -> Mutation {
         Mutation {
-            position: offset.map(|o| Position {
-                source: "t".into(),
-                partition: 0,
-                offset: o,
-            }),
+            position: offset.map(|o| Position::sequential("t", 0, o)),
             ops: ops
                 .into_iter()
                 .map(|(f, o, t)| (f.to_string(), o, t))
@@ -501,6 +565,89 @@ mod tests {
         s.apply(&m(None, vec![("f", Op::Incr(Value::Float(0.5)), 1)]));
         s.apply(&m(None, vec![("f", Op::Incr(Value::Int(1)), 1)]));
         assert_eq!(get(&s, "f"), Some(&Value::Float(1.5)));
+    }
+
+    #[test]
+    fn out_of_order_offsets_apply_once_each() {
+        let mut s = EntityState::default();
+        let at = |o: i64, floor: i64| Mutation {
+            position: Some(Position {
+                floor,
+                ..Position::sequential("t", 0, o)
+            }),
+            ..m(None, vec![("n", Op::Incr(Value::Int(1)), 5)])
+        };
+        // 12 overtakes 10 and 11, which are still in flight (floor 10).
+        assert!(!s.apply(&at(12, 10)).replayed);
+        assert!(!s.apply(&at(10, 10)).replayed);
+        assert!(
+            s.apply(&at(12, 10)).replayed,
+            "12 is listed above the floor"
+        );
+        assert!(!s.apply(&at(11, 11)).replayed);
+        assert!(
+            s.apply(&at(10, 10)).replayed,
+            "10 is below the raised floor"
+        );
+        assert_eq!(get(&s, "n"), Some(&Value::Int(3)));
+        let wm = &s.positions["t#0"];
+        assert_eq!((wm.floor, wm.applied.clone()), (11, vec![11, 12]));
+        assert_eq!(Watermark::decode(&wm.encode()).as_ref(), Some(wm));
+        assert_eq!(
+            Watermark::decode("7"),
+            Some(Watermark {
+                floor: 7,
+                applied: vec![]
+            })
+        );
+        assert_eq!(Watermark::decode("7:x"), None);
+    }
+
+    proptest! {
+        /// Offsets finishing in any order, each carrying the low watermark of its moment as
+        /// floor, with replays of finished offsets at any later time: every offset counts
+        /// exactly once, and the applied list never outgrows the out-of-order window.
+        #[test]
+        fn any_completion_order_counts_each_offset_once(
+            gaps in proptest::collection::vec(1i64..4, 1..80),
+            seed in any::<u64>(),
+            replays in proptest::collection::vec(any::<prop::sample::Index>(), 0..40),
+        ) {
+            let mut offsets = Vec::new();
+            let mut o = 0;
+            for g in &gaps {
+                o += g;
+                offsets.push(o);
+            }
+            let mut order = offsets.clone();
+            let mut x = seed;
+            for i in (1..order.len()).rev() {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                order.swap(i, (x >> 33) as usize % (i + 1));
+            }
+            let mut unfinished: std::collections::BTreeSet<i64> = offsets.iter().copied().collect();
+            let mut finished = Vec::new();
+            let mut s = EntityState::default();
+            let incr = |o: i64, floor: i64| Mutation {
+                position: Some(Position { floor, ..Position::sequential("t", 0, o) }),
+                ..m(None, vec![("n", Op::Incr(Value::Int(1)), 1)])
+            };
+            for (step, o) in order.iter().enumerate() {
+                let floor = *unfinished.first().unwrap();
+                prop_assert!(!s.apply(&incr(*o, floor)).replayed);
+                unfinished.remove(o);
+                finished.push(*o);
+                if let Some(r) = replays.get(step) {
+                    let r = *r.get(&finished);
+                    let floor = unfinished.first().copied().unwrap_or(i64::MAX).min(r);
+                    prop_assert!(s.apply(&incr(r, floor)).replayed, "replay of {} applied", r);
+                }
+                let wm = &s.positions["t#0"];
+                prop_assert!(wm.applied.len() <= step + 1);
+                prop_assert!(wm.applied.iter().all(|&a| a >= wm.floor));
+            }
+            prop_assert_eq!(get(&s, "n"), Some(&Value::Int(offsets.len() as i64)));
+        }
     }
 
     proptest! {

@@ -31,6 +31,7 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
                     store_ttl: None,
                     cache_ttl: std::time::Duration::from_secs(1),
                     retry_backoff: std::time::Duration::from_secs(1),
+                    retry_topic: String::new(),
                     dead_letter_topic: String::new(),
                     spec: d.spec,
                 }),

@@ -13,7 +13,7 @@
 //! | `ttl` (N)        | expiry, Unix seconds (DynamoDB TTL attribute)              |
 
 use super::{SinkError, Store, Target, unix_now};
-use crate::feature::{EntityState, Value, Versioned};
+use crate::feature::{EntityState, Value, Versioned, Watermark};
 use crate::spec::FeatureType;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -283,8 +283,8 @@ pub fn encode_item(key: &str, v: &Versioned) -> Item {
             );
         }
     }
-    for (pos, offset) in &v.state.positions {
-        item.insert(format!("p:{pos}"), AttributeValue::N(offset.to_string()));
+    for (pos, wm) in &v.state.positions {
+        item.insert(format!("p:{pos}"), AttributeValue::S(wm.encode()));
     }
     item
 }
@@ -366,7 +366,12 @@ pub fn decode_item(
                 .collect::<Result<_, _>>()?;
             state.features.entry(f.to_owned()).or_default().item_times = times;
         } else if let Some(p) = name.strip_prefix("p:") {
-            state.positions.insert(p.to_owned(), num(attr, name)?);
+            let wm = attr
+                .as_s()
+                .ok()
+                .and_then(|s| Watermark::decode(s))
+                .ok_or_else(|| corrupt(name.clone()))?;
+            state.positions.insert(p.to_owned(), wm);
         }
     }
     Ok(Versioned { version, state })
@@ -446,7 +451,13 @@ mod tests {
                 item_times: vec![14, 9],
             },
         );
-        state.positions.insert("topic#3".into(), 99);
+        state.positions.insert(
+            "topic#3".into(),
+            Watermark {
+                floor: 99,
+                applied: vec![100, 104],
+            },
+        );
         state.expires_at = Some(1_900_000_000);
         let v = Versioned { version: 7, state };
         let types = BTreeMap::from([

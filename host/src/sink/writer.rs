@@ -278,11 +278,7 @@ mod tests {
 
     fn incr(offset: i64) -> Mutation {
         Mutation {
-            position: Some(Position {
-                source: "s".into(),
-                partition: 0,
-                offset,
-            }),
+            position: Some(Position::sequential("s", 0, offset)),
             ops: vec![("n".into(), Op::Incr(Value::Int(1)), offset)],
             overwrite: false,
         }

@@ -57,6 +57,7 @@ pub struct GroupDef {
     pub store_ttl: Option<Duration>,
     pub cache_ttl: Duration,
     pub retry_backoff: Duration,
+    pub retry_topic: String,
     pub dead_letter_topic: String,
 }
 
@@ -479,6 +480,11 @@ fn check_group(
     GroupDef {
         name: name.to_owned(),
         file: file.to_path_buf(),
+        retry_topic: spec
+            .retry
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}.retry")),
         dead_letter_topic: spec
             .retry
             .dead_letter_topic
@@ -564,6 +570,7 @@ mod tests {
         assert_eq!(g.spec.ordering, Ordering::Key);
         assert_eq!(g.cache_ttl, Duration::from_secs(3600));
         assert_eq!(g.dead_letter_topic, "g.dlq");
+        assert_eq!(g.retry_topic, "g.retry");
         assert_eq!(g.spec.plugin.limits.memory_mb, 64);
         assert_eq!(
             set.topics().into_iter().collect::<Vec<_>>(),

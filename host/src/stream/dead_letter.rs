@@ -1,21 +1,12 @@
 //! Where events that cannot be processed go, with their reason: a Kafka topic per group in
-//! production, a JSON-lines file in the no-services default. Nothing is dropped silently.
+//! production (see [`super::envelope`] for its headers), a JSON-lines file in the no-services
+//! default. Nothing is dropped silently.
 
 use crate::event::Event;
 use crate::pipeline::Failure;
 use base64::Engine as _;
 use std::io::Write as _;
 use std::path::PathBuf;
-
-/// Header names on dead-lettered Kafka messages.
-pub mod headers {
-    pub const ERROR: &str = "fh-error";
-    pub const ERROR_KIND: &str = "fh-error-kind";
-    pub const GROUP: &str = "fh-group";
-    pub const SOURCE_TOPIC: &str = "fh-source-topic";
-    pub const SOURCE_PARTITION: &str = "fh-source-partition";
-    pub const SOURCE_OFFSET: &str = "fh-source-offset";
-}
 
 /// One dead-lettered event as a JSON line (the local dead-letter file's format).
 pub fn to_json_line(event: &Event, group: &str, failure: &Failure) -> String {

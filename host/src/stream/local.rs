@@ -10,7 +10,8 @@
 
 use super::dead_letter::{DeadLetterFile, to_json_line};
 use crate::event::Event;
-use crate::pipeline::{FailureKind, Pipeline};
+use crate::feature::Position;
+use crate::pipeline::{FailureKind, InPlace, Pipeline};
 use anyhow::Context as _;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -52,11 +53,16 @@ pub fn parse_event(
         serde_json::Value::String(s) => s.into_bytes(),
         other => other.to_string().into_bytes(),
     };
-    let explicit = e.offset.is_some();
+    let partition = e.partition.unwrap_or(0);
+    let position = match (e.offset, line_offset, origin) {
+        (Some(offset), _, _) => Some(Position::sequential(&e.topic, partition, offset)),
+        (None, Some(line), Some(origin)) => Some(Position::sequential(origin, partition, line)),
+        _ => None,
+    };
     Ok(Event {
-        topic: e.topic,
-        partition: e.partition.unwrap_or(0),
+        partition,
         offset: e.offset.or(line_offset).unwrap_or(0),
+        topic: e.topic,
         key: e.key.map(String::into_bytes),
         timestamp_ms: e.timestamp.unwrap_or_else(now_ms),
         headers: e
@@ -65,12 +71,7 @@ pub fn parse_event(
             .map(|(k, v)| (k, v.into_bytes()))
             .collect(),
         payload,
-        replayable: explicit || line_offset.is_some(),
-        origin: if explicit {
-            None
-        } else {
-            origin.map(str::to_owned)
-        },
+        position,
     })
 }
 
@@ -109,7 +110,9 @@ pub async fn ingest(
     let events = Arc::new(events);
     let pairs = pipeline.route(&events);
     let routed_events: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.0).collect();
-    let (failures, stats) = pipeline.process_with_retries(&events, &pairs).await;
+    let (failures, stats) = pipeline
+        .process_with_retries(&events, &pairs, InPlace::All)
+        .await;
     let mut lines: Vec<String> = failures
         .iter()
         .map(|f| to_json_line(&events[f.event], &pipeline.groups()[f.group].def.name, f))
@@ -168,9 +171,17 @@ pub async fn ingest_file(
     for chunk in lines.chunks(batch_size.max(1)) {
         let mut events = Vec::with_capacity(chunk.len());
         let mut unparsed = Vec::new();
+        // Lines before this chunk are finished (written or dead-lettered): the floor of its
+        // positions.
+        let floor = chunk.first().map_or(0, |&(n, _)| n as i64);
         for &(n, line) in chunk {
             match parse_event(line, Some(n as i64), Some(&origin)) {
-                Ok(e) => events.push(e),
+                Ok(mut e) => {
+                    if let Some(p) = e.position.as_mut().filter(|p| p.source == origin) {
+                        p.floor = floor;
+                    }
+                    events.push(e)
+                }
                 Err(reason) => {
                     unparsed.push((line.to_owned(), format!("{}:{n}: {reason}", path.display())))
                 }
@@ -196,12 +207,12 @@ mod tests {
         assert_eq!((e.topic.as_str(), e.offset, e.timestamp_ms), ("t", 3, 5));
         assert_eq!(e.payload, br#"{"a":1}"#);
         assert_eq!(e.header("type"), Some(&b"click"[..]));
-        assert_eq!(e.position().unwrap().source, "file:x");
+        assert_eq!(e.position.as_ref().unwrap().source, "file:x");
 
         let raw = parse_event(r#"{"topic":"t","payload":"not json at all"}"#, None, None).unwrap();
         assert_eq!(raw.payload, b"not json at all");
         assert!(
-            raw.position().is_none(),
+            raw.position.is_none(),
             "HTTP push without offset is not replayable"
         );
 
@@ -211,7 +222,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let p = explicit.position().unwrap();
+        let p = explicit.position.clone().unwrap();
         assert_eq!((p.source.as_str(), p.partition, p.offset), ("t", 2, 9));
     }
 

@@ -1,7 +1,15 @@
-//! Stream sources: Kafka ([`kafka`]) in production; a JSON-lines file or HTTP push
+//! Stream sources: Kafka ([`consumer`]) in production; a JSON-lines file or HTTP push
 //! ([`local`]) for the no-services default. Both feed [`crate::pipeline::Pipeline`].
+//!
+//! Offsets are committed in [`consumer`] (the low watermark from [`offsets`]); ordering
+//! inside a partition is [`lanes`]; failed events travel in an [`envelope`] to the retry
+//! and dead-letter topics.
 
+pub mod consumer;
 pub mod dead_letter;
+pub mod envelope;
 pub mod kafka;
+pub mod lanes;
 pub mod local;
 pub mod offsets;
+pub mod partition;

@@ -1,0 +1,153 @@
+//! Prometheus metrics of the host, served as text on the admin API's `/metrics`.
+//!
+//! One registry per process; components get the [`Metrics`] handle and update their series.
+//! Names follow Prometheus conventions (`fh_` prefix, `_total` for counters, base units).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Labels of per-partition series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl PartitionLabels {
+    pub fn new(topic: &str, partition: i32) -> PartitionLabels {
+        PartitionLabels {
+            topic: topic.to_owned(),
+            partition,
+        }
+    }
+}
+
+/// Labels of per-group series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+}
+
+impl GroupLabels {
+    pub fn new(group: &str) -> GroupLabels {
+        GroupLabels {
+            group: group.to_owned(),
+        }
+    }
+}
+
+/// Every series the host exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Messages behind the partition's end (from librdkafka statistics).
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+    /// Messages delivered to the host and not finished.
+    pub in_flight: Family<PartitionLabels, Gauge>,
+    /// Last committed offset (the next message to read after a restart).
+    pub committed_offset: Family<PartitionLabels, Gauge>,
+    /// Messages consumed; `rate()` of it is events/s.
+    pub events: Family<PartitionLabels, Counter>,
+    /// Messages finished (written, or handed to the retry / dead-letter topic).
+    pub finished: Family<PartitionLabels, Counter>,
+    /// Whether fetching of the partition is paused by backpressure (1) or not (0).
+    pub paused: Family<PartitionLabels, Gauge>,
+    /// Events handed to the group's retry topic.
+    pub retries: Family<GroupLabels, Counter>,
+    /// Events sent to the group's dead-letter topic.
+    pub dead_letters: Family<GroupLabels, Counter>,
+    /// Feature operations applied.
+    pub writes: Family<GroupLabels, Counter>,
+    /// `set`/`delete` operations skipped because a newer value was stored.
+    pub stale_write_skips: Family<GroupLabels, Counter>,
+    /// Mutations skipped because their source position was already applied.
+    pub replays: Family<GroupLabels, Counter>,
+    /// Late results of a revoked partition that were dropped (fenced), not committed.
+    pub fenced: Family<PartitionLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("fh");
+        macro_rules! reg {
+            ($name:literal, $help:literal) => {{
+                let m = Family::default();
+                registry.register($name, $help, m.clone());
+                m
+            }};
+        }
+        Arc::new(Metrics {
+            consumer_lag: reg!("consumer_lag", "Messages behind the end of the partition"),
+            in_flight: reg!("consumer_in_flight", "Messages delivered and not finished"),
+            committed_offset: reg!("consumer_committed_offset", "Last committed offset"),
+            events: reg!("consumer_events", "Messages consumed"),
+            finished: reg!(
+                "consumer_finished_events",
+                "Messages finished: written, or handed to the retry or dead-letter topic"
+            ),
+            paused: reg!(
+                "consumer_paused",
+                "1 while fetching is paused by backpressure"
+            ),
+            retries: reg!("retries", "Events handed to the retry topic"),
+            dead_letters: reg!("dead_letters", "Events sent to the dead-letter topic"),
+            writes: reg!("feature_writes", "Feature operations applied"),
+            stale_write_skips: reg!(
+                "stale_write_skips",
+                "Operations skipped because a newer value was stored"
+            ),
+            replays: reg!(
+                "replayed_writes",
+                "Mutations skipped because their source position was already applied"
+            ),
+            fenced: reg!(
+                "consumer_fenced_results",
+                "Late results of revoked partitions dropped, not committed"
+            ),
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Forget a partition's gauges once it is no longer assigned here.
+    pub fn drop_partition(&self, labels: &PartitionLabels) {
+        self.in_flight.remove(labels);
+        self.consumer_lag.remove(labels);
+        self.paused.remove(labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.events
+            .get_or_create(&PartitionLabels::new("web", 3))
+            .inc();
+        m.retries
+            .get_or_create(&GroupLabels::new("users"))
+            .inc_by(2);
+        let text = m.render();
+        assert!(
+            text.contains(r#"fh_consumer_events_total{topic="web",partition="3"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fh_retries_total{group="users"} 2"#),
+            "{text}"
+        );
+    }
+}

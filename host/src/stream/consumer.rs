@@ -1,0 +1,725 @@
+//! The Kafka consumer: parallel processing inside each partition, low-watermark commits,
+//! retry and dead-letter hand-off, and rebalance fencing.
+//!
+//! **Threads.** One dedicated thread polls librdkafka (`BaseConsumer::poll`), so rebalance
+//! callbacks — which must block while a revoked partition drains — never stall a tokio
+//! worker. It turns messages into units of work ([`Unit`]: one event for one group) and
+//! spawns their processing on the tokio runtime; plugin calls run on the blocking pool.
+//!
+//! **Per partition** ([`PartitionState`]): up to `max_in_flight` delivered events (or
+//! `max_buffered_bytes` of payload) are processed concurrently; at the bound, fetching of
+//! that partition pauses and resumes as work finishes. Units run in lanes ([`super::lanes`])
+//! by the group's ordering mode; units ready together for one group run as one batch (one
+//! plugin call, one coalesced store write per entity).
+//!
+//! **Where offsets are committed:** [`Shared::commit`] — periodically, on revoke and on
+//! shutdown — commits each partition's low watermark: one past the highest offset below
+//! which every delivered event is finished. An event is finished when each of its groups
+//! wrote it, or handed it to the retry or dead-letter topic *and the broker acknowledged
+//! that*. A crash re-delivers from the committed offset; writes carry their source position,
+//! so re-delivered events are no-ops in the stores.
+//!
+//! **Failures never block the partition.** A failed unit goes to its group's retry topic
+//! (this same consumer reads it back after a growing backoff and processes it for that
+//! group only), or to the dead-letter topic when invalid or out of attempts.
+//!
+//! **Rebalance** (cooperative-sticky): on revoke the partition stops taking new work, its
+//! running dispatches get `drain_timeout` to finish, the low watermark is committed, and the
+//! partition is fenced: late results are dropped (never committed), so the new owner
+//! re-processes from the commit and never skips. SIGTERM revokes everything the same way.
+
+use super::envelope::{self, Envelope, NextStep};
+use super::kafka::{Republisher, client_config, ensure_topics, to_event};
+use super::lanes::LaneKey;
+use super::partition::{Limits, PartitionState, RetryMeta, Unit};
+use crate::config::RunSettings;
+use crate::event::Event;
+use crate::metrics::{GroupLabels, Metrics, PartitionLabels};
+use crate::pipeline::{Failure, FailureKind, InPlace, Pipeline};
+use crate::spec::Ordering;
+use anyhow::Context as _;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// Tuning of the consumer (flags / `FH_*` variables in [`RunSettings`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    /// Messages taken from the client per poll round before dispatching them.
+    pub fetch_size: usize,
+    pub limits: Limits,
+    pub commit_interval: Duration,
+    /// How long a revoked partition's running work may take to finish before it is fenced.
+    pub drain_timeout: Duration,
+    /// In-place attempts of a failed store write before the event goes to the retry topic.
+    pub store_attempts: u32,
+}
+
+impl StreamSettings {
+    pub fn from_run(run: &RunSettings) -> StreamSettings {
+        StreamSettings {
+            fetch_size: run.fetch_size.max(1),
+            limits: Limits {
+                max_in_flight: run.max_in_flight.max(1),
+                max_buffered_bytes: run.max_buffered_bytes.max(1),
+            },
+            commit_interval: run.commit_interval,
+            drain_timeout: run.drain_timeout,
+            store_attempts: run.store_attempts.max(1),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+type TopicPartition = (String, i32);
+
+/// One assigned partition.
+struct Slot {
+    labels: PartitionLabels,
+    state: Mutex<PartitionState>,
+    activity: Mutex<Activity>,
+    /// Signalled (with `activity`) whenever a dispatch of this partition finishes.
+    changed: Condvar,
+}
+
+/// Dispatches of a partition that are running (spawned and not finished; retried units
+/// waiting for their due time are not counted): what a revoke waits for.
+#[derive(Default)]
+struct Activity {
+    active: usize,
+    draining: bool,
+}
+
+impl Slot {
+    fn new(topic: &str, partition: i32) -> Slot {
+        Slot {
+            labels: PartitionLabels::new(topic, partition),
+            state: Mutex::new(PartitionState::default()),
+            activity: Mutex::new(Activity::default()),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PartitionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn activity(&self) -> MutexGuard<'_, Activity> {
+        self.activity.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count a dispatch as running, unless the partition is draining (then the work is left
+    /// to the next owner: not finished, so not committed).
+    fn begin(&self) -> bool {
+        let mut a = self.activity();
+        if a.draining {
+            return false;
+        }
+        a.active += 1;
+        true
+    }
+
+    fn end(&self) {
+        self.activity().active -= 1;
+        self.changed.notify_all();
+    }
+}
+
+/// State shared by the poll thread, the rebalance callbacks and the processing tasks.
+pub struct Shared {
+    pipeline: Arc<Pipeline>,
+    settings: StreamSettings,
+    republisher: Republisher,
+    runtime: tokio::runtime::Handle,
+    slots: Mutex<HashMap<TopicPartition, Arc<Slot>>>,
+    consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
+    /// Retry topic → the groups that retry through it.
+    retry_topics: HashMap<String, Vec<usize>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The librdkafka context: rebalance and statistics callbacks.
+pub struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .consumer_lag
+                        .get_or_create(&PartitionLabels::new(topic, *partition))
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Ctx>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.shared.assign(tpl),
+            Rebalance::Revoke(tpl) => self
+                .shared
+                .revoke(consumer, tpl, consumer.assignment_lost()),
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
+            let slots = self.shared.slots();
+            for el in offsets.elements() {
+                if let Some(slot) = slots.get(&(el.topic().to_owned(), el.partition())) {
+                    slot.lock().committed = None;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn slots(&self) -> MutexGuard<'_, HashMap<TopicPartition, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let mut slots = self.slots();
+        for el in tpl.elements() {
+            let tp = (el.topic().to_owned(), el.partition());
+            tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
+            slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1)));
+        }
+    }
+
+    /// Drain (bounded by `drain_timeout`), commit, fence, forget. Runs on the poll thread
+    /// inside librdkafka's rebalance callback, before the partitions are released.
+    fn revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, lost: bool) {
+        let revoked: Vec<Arc<Slot>> = {
+            let mut slots = self.slots();
+            tpl.elements()
+                .iter()
+                .filter_map(|el| slots.remove(&(el.topic().to_owned(), el.partition())))
+                .collect()
+        };
+        let deadline = Instant::now() + self.settings.drain_timeout;
+        for slot in &revoked {
+            let mut a = slot.activity();
+            a.draining = true;
+            if lost {
+                continue; // Another member may own it already: do not wait, do not commit.
+            }
+            while a.active > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    tracing::warn!(topic = %slot.labels.topic, partition = slot.labels.partition,
+                        running = a.active, "drain timed out: fencing the partition's late results");
+                    break;
+                }
+                a = slot
+                    .changed
+                    .wait_timeout(a, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        if !lost {
+            self.commit(consumer, &revoked, CommitMode::Sync);
+        }
+        for slot in &revoked {
+            let mut st = slot.lock();
+            st.fenced = true;
+            tracing::info!(topic = %slot.labels.topic, partition = slot.labels.partition, lost,
+                committed = ?st.committed, unfinished = st.in_flight(), "partition revoked");
+            self.metrics.drop_partition(&slot.labels);
+        }
+    }
+
+    /// Commit the low watermark of each given partition that moved.
+    fn commit(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>], mode: CommitMode) {
+        let mut tpl = TopicPartitionList::new();
+        let mut moved = Vec::new();
+        for slot in slots {
+            let mut st = slot.lock();
+            if st.fenced {
+                continue;
+            }
+            if let Some(next) = st.to_commit() {
+                if let Err(e) = tpl.add_partition_offset(
+                    &slot.labels.topic,
+                    slot.labels.partition,
+                    Offset::Offset(next),
+                ) {
+                    tracing::error!(error = %e, "cannot build commit");
+                    continue;
+                }
+                st.committed = Some(next);
+                moved.push((slot.clone(), next));
+            }
+        }
+        if moved.is_empty() {
+            return;
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                for (slot, next) in moved {
+                    self.metrics
+                        .committed_offset
+                        .get_or_create(&slot.labels)
+                        .set(next);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?mode, "offset commit failed; the next commit retries it");
+                for (slot, _) in moved {
+                    slot.lock().committed = None;
+                }
+            }
+        }
+    }
+
+    /// Turn a consumed message into its units of work.
+    fn units(&self, event: &Arc<Event>) -> Vec<Unit> {
+        if let Some(groups) = self.retry_topics.get(&event.topic) {
+            return vec![self.retry_unit(event, groups)];
+        }
+        self.pipeline
+            .router()
+            .route(event)
+            .into_iter()
+            .map(|g| {
+                let lane = match self.pipeline.groups()[g].def.spec.ordering {
+                    Ordering::Key => Some(LaneKey::for_key(g, event.key.as_deref())),
+                    Ordering::Partition => Some(LaneKey::Partition { group: g }),
+                    Ordering::Unordered => None,
+                };
+                Unit {
+                    event: event.clone(),
+                    group: g,
+                    lane,
+                    retry: None,
+                    poison: None,
+                }
+            })
+            .collect()
+    }
+
+    /// A message of a retry topic: the original event, for the group it failed for only,
+    /// with the retry topic's position (so replays of the retry topic are no-ops too).
+    fn retry_unit(&self, message: &Arc<Event>, groups: &[usize]) -> Unit {
+        let poison = |reason: String| Unit {
+            event: message.clone(),
+            group: groups[0],
+            lane: None,
+            retry: None,
+            poison: Some(reason),
+        };
+        let (mut original, env) = match envelope::unwrap(message) {
+            Ok(x) => x,
+            Err(e) => return poison(format!("unreadable retry message: {e}")),
+        };
+        let Some(&group) = groups
+            .iter()
+            .find(|&&g| self.pipeline.groups()[g].def.name == env.group)
+        else {
+            return poison(format!(
+                "retry message for group {:?}, which does not retry through {}",
+                env.group, message.topic
+            ));
+        };
+        original.position = message.position.clone();
+        Unit {
+            event: Arc::new(original),
+            group,
+            lane: None,
+            retry: Some(RetryMeta {
+                attempts: env.attempts,
+                first_failure_ms: env.first_failure_ms,
+                due_ms: env.due_ms.unwrap_or(0),
+            }),
+            poison: None,
+        }
+    }
+}
+
+/// Spawn the processing of ready units: one batch per group, retried units one by one
+/// (each waits for its due time).
+fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Unit>) {
+    if ready.is_empty() {
+        return;
+    }
+    let mut batches: BTreeMap<usize, Vec<Unit>> = BTreeMap::new();
+    for u in ready {
+        if u.retry.is_some() || u.poison.is_some() {
+            let (shared, slot) = (shared.clone(), slot.clone());
+            shared.runtime.clone().spawn(async move {
+                if let Some(r) = u.retry {
+                    let wait = r.due_ms - now_ms();
+                    if wait > 0 {
+                        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+                    }
+                }
+                if slot.begin() {
+                    run_batch(shared, slot, u.group, vec![u]).await;
+                }
+            });
+        } else {
+            batches.entry(u.group).or_default().push(u);
+        }
+    }
+    for (group, units) in batches {
+        if slot.begin() {
+            shared
+                .runtime
+                .spawn(run_batch(shared.clone(), slot.clone(), group, units));
+        }
+    }
+}
+
+/// Process one group's batch of units of one partition, hand off its failures, then finish
+/// the units and dispatch what became ready.
+async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Vec<Unit>) {
+    let floor = slot.lock().low_watermark();
+    let mut events = Vec::with_capacity(units.len());
+    let mut failures: Vec<Failure> = Vec::new();
+    let mut pairs = Vec::with_capacity(units.len());
+    for (i, u) in units.iter().enumerate() {
+        let mut e = (*u.event).clone();
+        if let (Some(p), Some(floor)) = (e.position.as_mut(), floor) {
+            p.floor = floor.min(p.offset);
+        }
+        events.push(e);
+        match &u.poison {
+            Some(reason) => failures.push(Failure {
+                event: i,
+                group,
+                kind: FailureKind::Invalid,
+                reason: reason.clone(),
+                store: false,
+            }),
+            None => pairs.push((i, group)),
+        }
+    }
+    let events = Arc::new(events);
+    if !pairs.is_empty() {
+        let (f, stats) = shared
+            .pipeline
+            .process_with_retries(
+                &events,
+                &pairs,
+                InPlace::StoreOnly(shared.settings.store_attempts),
+            )
+            .await;
+        failures.extend(f);
+        tracing::trace!(
+            group,
+            units = units.len(),
+            writes = stats.writes,
+            "batch done"
+        );
+    }
+    let fenced = || slot.lock().fenced;
+    let mut handed_off = true;
+    for f in &failures {
+        handed_off &= hand_off(&shared, &units[f.event], &events[f.event], f, &fenced).await;
+    }
+
+    let (ready, finished) = {
+        let mut st = slot.lock();
+        if st.fenced || !handed_off {
+            drop(st);
+            shared
+                .metrics
+                .fenced
+                .get_or_create(&slot.labels)
+                .inc_by(units.len() as u64);
+            slot.end();
+            return;
+        }
+        let finished = st.complete(&units);
+        let ready = st.take_ready();
+        if st.paused && !st.over(&shared.settings.limits) {
+            resume(&shared, &slot, &mut st);
+        }
+        shared
+            .metrics
+            .in_flight
+            .get_or_create(&slot.labels)
+            .set(st.in_flight() as i64);
+        (ready, finished.len())
+    };
+    shared
+        .metrics
+        .finished
+        .get_or_create(&slot.labels)
+        .inc_by(finished as u64);
+    slot.end();
+    spawn_ready(&shared, &slot, ready);
+}
+
+fn resume(shared: &Shared, slot: &Slot, st: &mut PartitionState) {
+    let Some(consumer) = shared.consumer.get().and_then(Weak::upgrade) else {
+        return;
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&slot.labels.topic, slot.labels.partition);
+    match consumer.resume(&tpl) {
+        Ok(()) => {
+            st.paused = false;
+            shared.metrics.paused.get_or_create(&slot.labels).set(0);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot resume partition"),
+    }
+}
+
+/// Send a failed unit to its group's retry topic, or dead-letter it. Returns false if the
+/// partition was fenced before the broker acknowledged (the unit must not finish).
+async fn hand_off(
+    shared: &Shared,
+    unit: &Unit,
+    event: &Event,
+    failure: &Failure,
+    fenced: &impl Fn() -> bool,
+) -> bool {
+    let def = &shared.pipeline.groups()[unit.group].def;
+    let now = now_ms();
+    let (before, first_failure_ms) = unit
+        .retry
+        .map_or((0, now), |r| (r.attempts, r.first_failure_ms));
+    let attempts = before + 1;
+    let step = envelope::next_step(
+        failure.kind,
+        attempts,
+        def.spec.retry.max_attempts,
+        def.retry_backoff,
+        now,
+    );
+    let mut env = Envelope {
+        group: def.name.clone(),
+        kind: failure.kind,
+        error: failure.reason.clone(),
+        attempts,
+        first_failure_ms,
+        due_ms: None,
+    };
+    let labels = GroupLabels::new(&def.name);
+    let (topic, counter) = match step {
+        NextStep::Retry { due_ms } => {
+            env.due_ms = Some(due_ms);
+            tracing::info!(group = %def.name, topic = %event.topic, partition = event.partition, offset = event.offset,
+                attempts, reason = %failure.reason, "event handed to the retry topic");
+            (&def.retry_topic, &shared.metrics.retries)
+        }
+        NextStep::DeadLetter => {
+            if failure.kind == FailureKind::Retryable {
+                env.error = format!("gave up after {attempts} attempts: {}", failure.reason);
+            }
+            tracing::warn!(group = %def.name, topic = %event.topic, partition = event.partition, offset = event.offset,
+                kind = failure.kind.as_str(), reason = %env.error, "event dead-lettered");
+            (&def.dead_letter_topic, &shared.metrics.dead_letters)
+        }
+    };
+    let ok = shared
+        .republisher
+        .publish(topic, event, &envelope::wrap(event, &env), fenced)
+        .await;
+    if ok {
+        counter.get_or_create(&labels).inc();
+    }
+    ok
+}
+
+/// Consume until `shutdown` turns true; then drain, commit and leave the group.
+pub async fn run(
+    run: &RunSettings,
+    brokers: &str,
+    pipeline: Arc<Pipeline>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let settings = StreamSettings::from_run(run);
+    let cfg = client_config(run, brokers)?;
+    let mut retry_topics: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut own_topics = BTreeSet::new();
+    for (i, g) in pipeline.groups().iter().enumerate() {
+        retry_topics
+            .entry(g.def.retry_topic.clone())
+            .or_default()
+            .push(i);
+        own_topics.insert(g.def.retry_topic.clone());
+        own_topics.insert(g.def.dead_letter_topic.clone());
+    }
+    ensure_topics(&cfg, &own_topics).await?;
+    let metrics = pipeline.metrics().clone();
+    let shared = Arc::new(Shared {
+        republisher: Republisher::new(&cfg)?,
+        pipeline: pipeline.clone(),
+        settings,
+        runtime: tokio::runtime::Handle::current(),
+        slots: Mutex::new(HashMap::new()),
+        consumer: OnceLock::new(),
+        retry_topics,
+        metrics,
+    });
+    let mut consumer_cfg = cfg.clone();
+    consumer_cfg
+        .set("group.id", &run.kafka_group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    if consumer_cfg.get("statistics.interval.ms").is_none() {
+        consumer_cfg.set("statistics.interval.ms", "5000");
+    }
+    let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
+        consumer_cfg
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+            })
+            .context("cannot create Kafka consumer")?,
+    );
+    let _ = shared.consumer.set(Arc::downgrade(&consumer));
+    let mut topics: Vec<String> = pipeline.router().topics().map(str::to_owned).collect();
+    topics.extend(shared.retry_topics.keys().cloned());
+    topics.sort();
+    topics.dedup();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&refs)
+        .with_context(|| format!("cannot subscribe to {topics:?}"))?;
+    tracing::info!(?topics, group_id = %run.kafka_group_id, ?settings, "consuming");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-poll".into())
+            .spawn(move || poll_loop(shared, consumer, stop))
+            .context("cannot start the Kafka poll thread")?
+    };
+    let _ = shutdown.wait_for(|s| *s).await;
+    stop.store(true, AtomicOrdering::SeqCst);
+    tokio::task::spawn_blocking(move || poller.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the Kafka poll thread panicked"))?;
+    tracing::info!("consumer stopped");
+    Ok(())
+}
+
+/// The poll thread: fetch, dispatch, pause at the bound, commit periodically; on stop,
+/// close the consumer (which revokes, drains and commits every partition).
+fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<AtomicBool>) {
+    let mut last_commit = Instant::now();
+    let mut round: Vec<Event> = Vec::with_capacity(shared.settings.fetch_size);
+    while !stop.load(AtomicOrdering::SeqCst) {
+        let any_paused = shared.slots().values().any(|s| s.lock().paused);
+        let wait = if any_paused {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(100)
+        };
+        let mut timeout = wait;
+        while round.len() < shared.settings.fetch_size {
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => round.push(to_event(&m)),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consume error");
+                    break;
+                }
+                None => break,
+            }
+            timeout = Duration::ZERO;
+        }
+        dispatch(&shared, &consumer, round.drain(..));
+        if last_commit.elapsed() >= shared.settings.commit_interval {
+            let slots: Vec<_> = shared.slots().values().cloned().collect();
+            shared.commit(&consumer, &slots, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+    // Stop fetching, then leave the group: closing runs the revoke callback for every
+    // partition (drain, commit, fence).
+    if let Ok(assigned) = consumer.assignment() {
+        let _ = consumer.pause(&assigned);
+    }
+    tracing::info!("shutting down: draining in-flight work");
+    let mut consumer = consumer;
+    loop {
+        match Arc::try_unwrap(consumer) {
+            Ok(c) => {
+                drop(c);
+                break;
+            }
+            Err(c) => {
+                consumer = c;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Register a poll round's events with their partitions and start what may run.
+fn dispatch(
+    shared: &Arc<Shared>,
+    consumer: &BaseConsumer<Ctx>,
+    events: impl Iterator<Item = Event>,
+) {
+    let mut touched: Vec<Arc<Slot>> = Vec::new();
+    for event in events {
+        let tp = (event.topic.clone(), event.partition);
+        let Some(slot) = shared.slots().get(&tp).cloned() else {
+            tracing::error!(topic = %tp.0, partition = tp.1, "message of an unassigned partition ignored");
+            continue;
+        };
+        let event = Arc::new(event);
+        let units = shared.units(&event);
+        shared.metrics.events.get_or_create(&slot.labels).inc();
+        let mut st = slot.lock();
+        if let Err(e) = st.deliver(&event, units) {
+            tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
+            continue;
+        }
+        if !st.paused && st.over(&shared.settings.limits) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&tp.0, tp.1);
+            match consumer.pause(&tpl) {
+                Ok(()) => {
+                    st.paused = true;
+                    shared.metrics.paused.get_or_create(&slot.labels).set(1);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot pause partition"),
+            }
+        }
+        drop(st);
+        if !touched.iter().any(|s| Arc::ptr_eq(s, &slot)) {
+            touched.push(slot);
+        }
+    }
+    for slot in touched {
+        let ready = {
+            let mut st = slot.lock();
+            shared
+                .metrics
+                .in_flight
+                .get_or_create(&slot.labels)
+                .set(st.in_flight() as i64);
+            st.take_ready()
+        };
+        spawn_ready(shared, &slot, ready);
+    }
+}

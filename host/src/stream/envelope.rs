@@ -1,0 +1,264 @@
+//! What the host adds to an event it republishes to a retry or dead-letter topic, and how a
+//! retry worker reads it back.
+//!
+//! The republished message keeps the original key, payload, timestamp (event time) and
+//! headers, plus `fh-*` headers: the group it failed for, the error, the attempt count, the
+//! first failure time, when it is due again, and the original topic/partition/offset. A
+//! plugin processing a retried event sees the original headers plus `fh-attempts`.
+
+use crate::event::Event;
+use crate::pipeline::FailureKind;
+use std::time::Duration;
+
+/// Header names.
+pub mod headers {
+    pub const GROUP: &str = "fh-group";
+    pub const ERROR: &str = "fh-error";
+    pub const ERROR_KIND: &str = "fh-error-kind";
+    /// Failed attempts so far.
+    pub const ATTEMPTS: &str = "fh-attempts";
+    pub const FIRST_FAILURE_MS: &str = "fh-first-failure-ms";
+    /// Retry topic only: not to be processed before (ms since the epoch).
+    pub const DUE_MS: &str = "fh-due-ms";
+    pub const SOURCE_TOPIC: &str = "fh-source-topic";
+    pub const SOURCE_PARTITION: &str = "fh-source-partition";
+    pub const SOURCE_OFFSET: &str = "fh-source-offset";
+}
+
+/// Headers the host owns; stripped from an event before it is wrapped again.
+const PREFIX: &str = "fh-";
+
+/// Why and how often an event failed for one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub group: String,
+    pub kind: FailureKind,
+    pub error: String,
+    pub attempts: u32,
+    pub first_failure_ms: i64,
+    pub due_ms: Option<i64>,
+}
+
+/// Where a failed event goes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// To the retry topic, due at this time.
+    Retry {
+        due_ms: i64,
+    },
+    DeadLetter,
+}
+
+/// Decide the next step after the `attempts`-th failed attempt (1 = the first processing):
+/// invalid events and those out of attempts are dead-lettered; others wait `backoff`,
+/// doubling per attempt (at most 64× and one hour).
+pub fn next_step(
+    kind: FailureKind,
+    attempts: u32,
+    max_attempts: u32,
+    backoff: Duration,
+    now_ms: i64,
+) -> NextStep {
+    if kind == FailureKind::Invalid || attempts >= max_attempts {
+        return NextStep::DeadLetter;
+    }
+    let delay = backoff
+        .saturating_mul(1 << attempts.saturating_sub(1).min(6))
+        .min(Duration::from_secs(3600));
+    NextStep::Retry {
+        due_ms: now_ms + delay.as_millis() as i64,
+    }
+}
+
+/// The headers of the republished message.
+pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
+    let mut h: Vec<(String, Vec<u8>)> = event
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(PREFIX))
+        .cloned()
+        .collect();
+    let mut put = |k: &str, v: String| h.push((k.to_owned(), v.into_bytes()));
+    put(headers::GROUP, env.group.clone());
+    put(headers::ERROR, env.error.clone());
+    put(headers::ERROR_KIND, env.kind.as_str().to_owned());
+    put(headers::ATTEMPTS, env.attempts.to_string());
+    put(headers::FIRST_FAILURE_MS, env.first_failure_ms.to_string());
+    if let Some(due) = env.due_ms {
+        put(headers::DUE_MS, due.to_string());
+    }
+    put(headers::SOURCE_TOPIC, event.topic.clone());
+    put(headers::SOURCE_PARTITION, event.partition.to_string());
+    put(headers::SOURCE_OFFSET, event.offset.to_string());
+    h
+}
+
+/// Read a republished message back: the original event (original topic, partition, offset
+/// and headers, plus `fh-attempts`) and its envelope. `message` is the message as consumed
+/// from the retry topic; the caller sets the returned event's position.
+pub fn unwrap(message: &Event) -> Result<(Event, Envelope), String> {
+    let text = |k: &str| -> Result<&str, String> {
+        let v = message
+            .header(k)
+            .ok_or_else(|| format!("missing header {k}"))?;
+        std::str::from_utf8(v).map_err(|_| format!("header {k} is not UTF-8"))
+    };
+    let num = |k: &str| -> Result<i64, String> {
+        text(k)?
+            .parse()
+            .map_err(|e| format!("header {k} is not a number: {e}"))
+    };
+    let kind = match text(headers::ERROR_KIND)? {
+        "invalid" => FailureKind::Invalid,
+        "retryable" => FailureKind::Retryable,
+        other => {
+            return Err(format!(
+                "header {} has unknown kind {other:?}",
+                headers::ERROR_KIND
+            ));
+        }
+    };
+    let env = Envelope {
+        group: text(headers::GROUP)?.to_owned(),
+        kind,
+        error: text(headers::ERROR)?.to_owned(),
+        attempts: u32::try_from(num(headers::ATTEMPTS)?)
+            .map_err(|_| format!("header {} out of range", headers::ATTEMPTS))?,
+        first_failure_ms: num(headers::FIRST_FAILURE_MS)?,
+        due_ms: message
+            .header(headers::DUE_MS)
+            .map(|_| num(headers::DUE_MS))
+            .transpose()?,
+    };
+    let mut original_headers: Vec<(String, Vec<u8>)> = message
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(PREFIX))
+        .cloned()
+        .collect();
+    original_headers.push((
+        headers::ATTEMPTS.to_owned(),
+        env.attempts.to_string().into_bytes(),
+    ));
+    let event = Event {
+        topic: text(headers::SOURCE_TOPIC)?.to_owned(),
+        partition: i32::try_from(num(headers::SOURCE_PARTITION)?)
+            .map_err(|_| format!("header {} out of range", headers::SOURCE_PARTITION))?,
+        offset: num(headers::SOURCE_OFFSET)?,
+        key: message.key.clone(),
+        timestamp_ms: message.timestamp_ms,
+        headers: original_headers,
+        payload: message.payload.clone(),
+        position: None,
+    };
+    Ok((event, env))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Event {
+        Event {
+            topic: "web".into(),
+            partition: 3,
+            offset: 42,
+            key: Some(b"u1".to_vec()),
+            timestamp_ms: 1_700_000_000_000,
+            headers: vec![("type".into(), b"click".to_vec())],
+            payload: b"{}".to_vec(),
+            position: None,
+        }
+    }
+
+    #[test]
+    fn wrap_then_unwrap_round_trips() {
+        let env = Envelope {
+            group: "users".into(),
+            kind: FailureKind::Retryable,
+            error: "store down".into(),
+            attempts: 2,
+            first_failure_ms: 5,
+            due_ms: Some(9),
+        };
+        let mut msg = event();
+        msg.topic = "users.retry".into();
+        msg.offset = 7;
+        msg.headers = wrap(&event(), &env);
+        let (back, env2) = unwrap(&msg).unwrap();
+        assert_eq!(env2, env);
+        assert_eq!(
+            (back.topic.as_str(), back.partition, back.offset),
+            ("web", 3, 42)
+        );
+        assert_eq!(back.header("type"), Some(&b"click"[..]));
+        assert_eq!(back.header(headers::ATTEMPTS), Some(&b"2"[..]));
+        assert_eq!(
+            back.header(headers::ERROR),
+            None,
+            "host headers are not passed on"
+        );
+        // Wrapping again replaces the host headers instead of piling them up.
+        let again = wrap(&back, &Envelope { attempts: 3, ..env });
+        assert_eq!(
+            again.iter().filter(|(k, _)| k == headers::ATTEMPTS).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn unwrap_names_the_bad_header() {
+        let mut msg = event();
+        assert!(
+            unwrap(&msg)
+                .unwrap_err()
+                .contains("missing header fh-error-kind")
+        );
+        msg.headers = wrap(
+            &event(),
+            &Envelope {
+                group: "g".into(),
+                kind: FailureKind::Retryable,
+                error: "e".into(),
+                attempts: 1,
+                first_failure_ms: 0,
+                due_ms: None,
+            },
+        );
+        for (k, v) in msg.headers.iter_mut() {
+            if k == headers::SOURCE_OFFSET {
+                *v = b"x".to_vec();
+            }
+        }
+        assert!(
+            unwrap(&msg)
+                .unwrap_err()
+                .contains("fh-source-offset is not a number")
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_attempts_run_out() {
+        let b = Duration::from_secs(1);
+        assert_eq!(
+            next_step(FailureKind::Retryable, 1, 3, b, 0),
+            NextStep::Retry { due_ms: 1000 }
+        );
+        assert_eq!(
+            next_step(FailureKind::Retryable, 2, 3, b, 0),
+            NextStep::Retry { due_ms: 2000 }
+        );
+        assert_eq!(
+            next_step(FailureKind::Retryable, 3, 3, b, 0),
+            NextStep::DeadLetter
+        );
+        assert_eq!(
+            next_step(FailureKind::Invalid, 1, 3, b, 0),
+            NextStep::DeadLetter
+        );
+        assert_eq!(
+            next_step(FailureKind::Retryable, 30, 100, Duration::from_secs(600), 0),
+            NextStep::Retry { due_ms: 3_600_000 }
+        );
+    }
+}

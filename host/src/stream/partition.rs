@@ -1,0 +1,261 @@
+//! The bookkeeping of one assigned partition: delivered offsets and the low watermark
+//! ([`OffsetTracker`]), which units may run ([`Lanes`]), how many events and bytes are in
+//! flight (backpressure), and whether the partition was revoked (fencing).
+//!
+//! Pure state with no I/O, so every rule is unit-tested; the consumer holds it under a mutex.
+
+use super::lanes::{LaneKey, Lanes};
+use super::offsets::{OffsetError, OffsetTracker};
+use crate::event::Event;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Bounds of one partition's in-flight work.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Events delivered and not finished.
+    pub max_in_flight: usize,
+    /// Payload bytes of those events.
+    pub max_buffered_bytes: usize,
+}
+
+/// A retried event's history, carried in the retry topic's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryMeta {
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub first_failure_ms: i64,
+    /// Not to be processed before this time (ms since the epoch).
+    pub due_ms: i64,
+}
+
+/// One event for one group.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub event: Arc<Event>,
+    pub group: usize,
+    pub lane: Option<LaneKey>,
+    /// Set for events read from a retry topic.
+    pub retry: Option<RetryMeta>,
+    /// A message that cannot be processed at all (an unreadable retry message): goes to the
+    /// dead-letter topic with this reason.
+    pub poison: Option<String>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    groups_left: usize,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct PartitionState {
+    tracker: OffsetTracker,
+    lanes: Lanes<Unit>,
+    pending: HashMap<i64, Pending>,
+    buffered_bytes: usize,
+    /// Fetching is paused by backpressure.
+    pub paused: bool,
+    /// Revoked or lost: results that arrive now are dropped, nothing is committed.
+    pub fenced: bool,
+    /// Last offset committed (or known committed) for this partition.
+    pub committed: Option<i64>,
+}
+
+impl Default for PartitionState {
+    fn default() -> Self {
+        PartitionState {
+            tracker: OffsetTracker::new(),
+            lanes: Lanes::default(),
+            pending: HashMap::new(),
+            buffered_bytes: 0,
+            paused: false,
+            fenced: false,
+            committed: None,
+        }
+    }
+}
+
+impl PartitionState {
+    /// Register a delivered event and its units. An event with no units (routed nowhere)
+    /// finishes at once.
+    pub fn deliver(&mut self, event: &Arc<Event>, units: Vec<Unit>) -> Result<(), OffsetError> {
+        self.tracker.deliver(event.offset)?;
+        if units.is_empty() {
+            return self.tracker.finish(event.offset);
+        }
+        let bytes = event.payload.len();
+        self.buffered_bytes += bytes;
+        self.pending.insert(
+            event.offset,
+            Pending {
+                groups_left: units.len(),
+                bytes,
+            },
+        );
+        for u in units {
+            self.lanes.submit(u.lane, u);
+        }
+        Ok(())
+    }
+
+    /// Units that may run now.
+    pub fn take_ready(&mut self) -> Vec<Unit> {
+        self.lanes
+            .take_ready()
+            .into_iter()
+            .map(|(_, u)| u)
+            .collect()
+    }
+
+    /// A dispatch finished (each unit succeeded or was handed off): release its lanes and
+    /// finish the events whose every group is done. Returns the offsets finished.
+    pub fn complete(&mut self, units: &[Unit]) -> Vec<i64> {
+        let mut released = Vec::new();
+        let mut finished = Vec::new();
+        for u in units {
+            if let Some(lane) = u.lane
+                && !released.contains(&lane)
+            {
+                released.push(lane);
+                self.lanes.release(lane);
+            }
+            let offset = u.event.offset;
+            let Some(p) = self.pending.get_mut(&offset) else {
+                tracing::error!(offset, "completed a unit of an unknown offset");
+                continue;
+            };
+            p.groups_left -= 1;
+            if p.groups_left == 0 {
+                self.buffered_bytes -= p.bytes;
+                self.pending.remove(&offset);
+                if let Err(e) = self.tracker.finish(offset) {
+                    tracing::error!(offset, error = %e, "offset tracking");
+                }
+                finished.push(offset);
+            }
+        }
+        finished
+    }
+
+    /// Every offset below this is finished: what to commit, and the floor of positions.
+    pub fn low_watermark(&self) -> Option<i64> {
+        self.tracker.committable()
+    }
+
+    /// The offset to commit if it moved since the last commit.
+    pub fn to_commit(&self) -> Option<i64> {
+        let c = self.low_watermark()?;
+        (self.committed.is_none_or(|done| c > done)).then_some(c)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered_bytes
+    }
+
+    /// Whether fetching must pause.
+    pub fn over(&self, limits: &Limits) -> bool {
+        self.in_flight() >= limits.max_in_flight.max(1)
+            || self.buffered_bytes >= limits.max_buffered_bytes.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(offset: i64, key: &str, bytes: usize) -> Arc<Event> {
+        Arc::new(Event {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            timestamp_ms: 0,
+            headers: vec![],
+            payload: vec![b'x'; bytes],
+            position: None,
+        })
+    }
+
+    fn unit(e: &Arc<Event>, group: usize) -> Unit {
+        Unit {
+            event: e.clone(),
+            group,
+            lane: Some(LaneKey::for_key(group, e.key.as_deref())),
+            retry: None,
+            poison: None,
+        }
+    }
+
+    #[test]
+    fn event_finishes_when_every_group_is_done() {
+        let mut p = PartitionState::default();
+        let e0 = event(0, "a", 10);
+        let e1 = event(1, "b", 10);
+        p.deliver(&e0, vec![unit(&e0, 0), unit(&e0, 1)]).unwrap();
+        p.deliver(&e1, vec![unit(&e1, 0)]).unwrap();
+        let ready = p.take_ready();
+        assert_eq!(ready.len(), 3);
+        assert_eq!(p.buffered_bytes(), 20);
+        // e1 and half of e0 finish; e0 still has group 1 in flight.
+        let (g0, g1): (Vec<Unit>, Vec<Unit>) = ready.into_iter().partition(|u| u.group == 0);
+        assert_eq!(p.complete(&g0), vec![1]);
+        assert_eq!(p.low_watermark(), Some(0), "offset 0 still in flight");
+        assert_eq!(p.complete(&g1), vec![0]);
+        assert_eq!(p.low_watermark(), Some(2));
+        assert_eq!((p.in_flight(), p.buffered_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn unrouted_events_finish_at_once_and_gaps_do_not_block() {
+        let mut p = PartitionState::default();
+        let e5 = event(5, "a", 1);
+        p.deliver(&e5, vec![]).unwrap();
+        assert_eq!(p.to_commit(), Some(6));
+        p.committed = Some(6);
+        assert_eq!(p.to_commit(), None, "nothing new to commit");
+        let e9 = event(9, "a", 1);
+        p.deliver(&e9, vec![unit(&e9, 0)]).unwrap();
+        let r = p.take_ready();
+        p.complete(&r);
+        assert_eq!(p.to_commit(), Some(10));
+    }
+
+    #[test]
+    fn backpressure_bounds_events_and_bytes() {
+        let limits = Limits {
+            max_in_flight: 2,
+            max_buffered_bytes: 100,
+        };
+        let mut p = PartitionState::default();
+        let e0 = event(0, "a", 10);
+        p.deliver(&e0, vec![unit(&e0, 0)]).unwrap();
+        assert!(!p.over(&limits));
+        let e1 = event(1, "a", 10);
+        p.deliver(&e1, vec![unit(&e1, 0)]).unwrap();
+        assert!(p.over(&limits), "two events in flight");
+        let big = event(2, "b", 200);
+        let mut q = PartitionState::default();
+        q.deliver(&big, vec![unit(&big, 0)]).unwrap();
+        assert!(q.over(&limits), "bytes bound");
+    }
+
+    #[test]
+    fn same_key_units_queue_behind_the_running_one() {
+        let mut p = PartitionState::default();
+        let e0 = event(0, "a", 1);
+        p.deliver(&e0, vec![unit(&e0, 0)]).unwrap();
+        let first = p.take_ready();
+        let e1 = event(1, "a", 1);
+        p.deliver(&e1, vec![unit(&e1, 0)]).unwrap();
+        assert!(p.take_ready().is_empty(), "key a is busy");
+        p.complete(&first);
+        let next = p.take_ready();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].event.offset, 1);
+    }
+}
