@@ -72,6 +72,94 @@ impl Stack {
         }
     }
 
+    /// The environment of a host on this stack with its own data dir, consumer group and
+    /// an admin port of its own.
+    pub fn host_env(
+        &self,
+        tmp: &Path,
+        spec_dir: &Path,
+        group_id: &str,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("FH_SPEC_DIR", spec_dir.display().to_string()),
+            ("FH_PLUGIN_DIR", plugin_dir().display().to_string()),
+            ("FH_DATA_DIR", tmp.join("data").display().to_string()),
+            ("FH_KAFKA_BROKERS", self.kafka.clone()),
+            ("FH_KAFKA_GROUP_ID", group_id.to_owned()),
+            ("FH_DYNAMODB_ENDPOINT", self.dynamodb.clone()),
+            ("FH_REDIS_URL", self.redis.clone()),
+            ("FH_ADMIN_ADDR", "127.0.0.1:0".into()),
+        ]
+    }
+
+    /// Offsets committed by consumer group `group_id` for partitions `0..partitions` of
+    /// `topic` (-1 where nothing is committed).
+    pub fn committed(&self, group_id: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka)
+            .set("group.id", group_id)
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        (0..partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect()
+    }
+
+    /// Every message of `topic` (one partition): read from the beginning until nothing new
+    /// arrives for 1.5 s. (tansu's reported high watermark can lag the log, so it is not
+    /// used as the end.)
+    pub fn read_all(&self, topic: &str) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka)
+            .set("group.id", format!("reader-{}", unique()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        let mut idle = 0;
+        while idle < 3 && start.elapsed() < Duration::from_secs(30) {
+            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
+                idle += 1;
+                continue;
+            };
+            idle = 0;
+            {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((m.payload().unwrap_or_default().to_vec(), headers));
+            }
+        }
+        out
+    }
+
     pub fn producer(&self) -> FutureProducer {
         ClientConfig::new()
             .set("bootstrap.servers", &self.kafka)
@@ -106,6 +194,97 @@ pub async fn produce(
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
+}
+
+/// A FeatureGroup spec for tests. Retry and dead-letter topics are `<name>.retry` and
+/// `<name>.dlq`: give each test's group a unique name so tests never share them.
+pub fn group_spec(
+    name: &str,
+    topics: &[&str],
+    wasm: &str,
+    features: &[(&str, &str)],
+    config: &str,
+    table: &str,
+    extra: &str,
+) -> String {
+    let sources: String = topics
+        .iter()
+        .map(|t| format!("    - topic: {t}\n"))
+        .collect();
+    let features: String = features
+        .iter()
+        .map(|(n, t)| format!("    - {{name: {n}, type: {t}}}\n"))
+        .collect();
+    format!(
+        "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata:\n  name: {name}\nspec:\n  entity: x\n  features:\n{features}  plugin:\n    wasm: {wasm}\n    config: {config}\n  sources:\n{sources}  store: {{table: {table}, ttl: 1d}}\n  cache: {{strategy: write-through, ttl: 10m}}\n{extra}"
+    )
+}
+
+/// Integer feature `feature` of every entity of `group` in `table` (strongly consistent scan).
+pub async fn counts(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    group: &str,
+    feature: &str,
+) -> std::collections::BTreeMap<String, i64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut start = None;
+    loop {
+        let page = match client
+            .scan()
+            .table_name(table)
+            .consistent_read(true)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => return out, // table not created yet
+        };
+        for item in page.items() {
+            let Some(pk) = item.get("pk").and_then(|a| a.as_s().ok()) else {
+                continue;
+            };
+            let Some(entity) = pk.strip_prefix(&format!("{group}#")) else {
+                continue;
+            };
+            if let Some(n) = item
+                .get(&format!("f:{feature}"))
+                .and_then(|a| a.as_n().ok())
+                .and_then(|n| n.parse().ok())
+            {
+                out.insert(entity.to_owned(), n);
+            }
+        }
+        start = page.last_evaluated_key().cloned();
+        if start.is_none() {
+            return out;
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET a path from a loopback HTTP server; the body, or None if it is not reachable.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
 }
 
 /// A short random suffix so tests never share topics, tables or consumer groups.
@@ -159,6 +338,12 @@ impl Host {
         Host {
             child: cmd.spawn().expect("spawn feature-host"),
         }
+    }
+
+    /// SIGKILL and wait: a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM and wait; returns the exit status.

@@ -9,7 +9,7 @@ use rdkafka::message::{Headers, Message};
 use redis::AsyncCommands;
 use std::time::Duration;
 
-fn specs(dir: &std::path::Path, web: &str, app: &str, table: &str) {
+fn specs(dir: &std::path::Path, web: &str, app: &str, table: &str, id: &str) {
     let group = |name: &str, sources: &str, entity_field: &str, list_field: &str, list: &str| {
         format!(
             r#"apiVersion: feature-host/v1
@@ -29,6 +29,7 @@ spec:
 {sources}
   store: {{table: {table}, ttl: 1d}}
   cache: {{strategy: write-through, ttl: 10m}}
+  retry: {{topic: {name}-{id}.retry, deadLetterTopic: {name}-{id}.dlq}}
 "#
         )
     };
@@ -89,7 +90,7 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
     let tmp = std::env::temp_dir().join(format!("fh-e2e-{id}"));
     let spec_dir = tmp.join("specs");
     std::fs::create_dir_all(&spec_dir).unwrap();
-    specs(&spec_dir, &web, &app, &table);
+    specs(&spec_dir, &web, &app, &table, &id);
     stack.create_topics(&[&web, &app], 2).await;
 
     let env = vec![
@@ -101,7 +102,6 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
         ("FH_DYNAMODB_ENDPOINT", stack.dynamodb.clone()),
         ("FH_REDIS_URL", stack.redis.clone()),
         ("FH_ADMIN_ADDR", "127.0.0.1:0".into()),
-        ("FH_BATCH_WAIT", "5ms".into()),
     ];
     let mut host = Host::spawn(&["run"], &env);
 
@@ -169,7 +169,9 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
         .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
-    consumer.subscribe(&["user-activity.dlq"]).unwrap();
+    consumer
+        .subscribe(&[&format!("user-activity-{id}.dlq")])
+        .unwrap();
     let reason = eventually(Duration::from_secs(30), "dead letter", || async {
         let m = tokio::time::timeout(Duration::from_secs(2), consumer.recv())
             .await

@@ -310,6 +310,7 @@ impl Shared {
                     Ordering::Unordered => None,
                 };
                 Unit {
+                    offset: event.offset,
                     event: event.clone(),
                     group: g,
                     lane,
@@ -324,6 +325,7 @@ impl Shared {
     /// with the retry topic's position (so replays of the retry topic are no-ops too).
     fn retry_unit(&self, message: &Arc<Event>, groups: &[usize]) -> Unit {
         let poison = |reason: String| Unit {
+            offset: message.offset,
             event: message.clone(),
             group: groups[0],
             lane: None,
@@ -345,6 +347,7 @@ impl Shared {
         };
         original.position = message.position.clone();
         Unit {
+            offset: message.offset,
             event: Arc::new(original),
             group,
             lane: None,
@@ -690,7 +693,7 @@ fn dispatch(
         let units = shared.units(&event);
         shared.metrics.events.get_or_create(&slot.labels).inc();
         let mut st = slot.lock();
-        if let Err(e) = st.deliver(&event, units) {
+        if let Err(e) = st.deliver(event.offset, event.payload.len(), units) {
             tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
             continue;
         }

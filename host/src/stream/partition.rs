@@ -32,6 +32,9 @@ pub struct RetryMeta {
 /// One event for one group.
 #[derive(Debug, Clone)]
 pub struct Unit {
+    /// Offset of the consumed message in this partition (for a retried event, its place in
+    /// the retry topic; `event` then carries the original coordinates).
+    pub offset: i64,
     pub event: Arc<Event>,
     pub group: usize,
     pub lane: Option<LaneKey>,
@@ -77,17 +80,21 @@ impl Default for PartitionState {
 }
 
 impl PartitionState {
-    /// Register a delivered event and its units. An event with no units (routed nowhere)
-    /// finishes at once.
-    pub fn deliver(&mut self, event: &Arc<Event>, units: Vec<Unit>) -> Result<(), OffsetError> {
-        self.tracker.deliver(event.offset)?;
+    /// Register a delivered message (`bytes` of payload) and its units. A message with no
+    /// units (routed nowhere) finishes at once.
+    pub fn deliver(
+        &mut self,
+        offset: i64,
+        bytes: usize,
+        units: Vec<Unit>,
+    ) -> Result<(), OffsetError> {
+        self.tracker.deliver(offset)?;
         if units.is_empty() {
-            return self.tracker.finish(event.offset);
+            return self.tracker.finish(offset);
         }
-        let bytes = event.payload.len();
         self.buffered_bytes += bytes;
         self.pending.insert(
-            event.offset,
+            offset,
             Pending {
                 groups_left: units.len(),
                 bytes,
@@ -120,7 +127,7 @@ impl PartitionState {
                 released.push(lane);
                 self.lanes.release(lane);
             }
-            let offset = u.event.offset;
+            let offset = u.offset;
             let Some(p) = self.pending.get_mut(&offset) else {
                 tracing::error!(offset, "completed a unit of an unknown offset");
                 continue;
@@ -183,6 +190,7 @@ mod tests {
 
     fn unit(e: &Arc<Event>, group: usize) -> Unit {
         Unit {
+            offset: e.offset,
             event: e.clone(),
             group,
             lane: Some(LaneKey::for_key(group, e.key.as_deref())),
@@ -196,8 +204,14 @@ mod tests {
         let mut p = PartitionState::default();
         let e0 = event(0, "a", 10);
         let e1 = event(1, "b", 10);
-        p.deliver(&e0, vec![unit(&e0, 0), unit(&e0, 1)]).unwrap();
-        p.deliver(&e1, vec![unit(&e1, 0)]).unwrap();
+        p.deliver(
+            e0.offset,
+            e0.payload.len(),
+            vec![unit(&e0, 0), unit(&e0, 1)],
+        )
+        .unwrap();
+        p.deliver(e1.offset, e1.payload.len(), vec![unit(&e1, 0)])
+            .unwrap();
         let ready = p.take_ready();
         assert_eq!(ready.len(), 3);
         assert_eq!(p.buffered_bytes(), 20);
@@ -214,12 +228,13 @@ mod tests {
     fn unrouted_events_finish_at_once_and_gaps_do_not_block() {
         let mut p = PartitionState::default();
         let e5 = event(5, "a", 1);
-        p.deliver(&e5, vec![]).unwrap();
+        p.deliver(e5.offset, e5.payload.len(), vec![]).unwrap();
         assert_eq!(p.to_commit(), Some(6));
         p.committed = Some(6);
         assert_eq!(p.to_commit(), None, "nothing new to commit");
         let e9 = event(9, "a", 1);
-        p.deliver(&e9, vec![unit(&e9, 0)]).unwrap();
+        p.deliver(e9.offset, e9.payload.len(), vec![unit(&e9, 0)])
+            .unwrap();
         let r = p.take_ready();
         p.complete(&r);
         assert_eq!(p.to_commit(), Some(10));
@@ -233,14 +248,17 @@ mod tests {
         };
         let mut p = PartitionState::default();
         let e0 = event(0, "a", 10);
-        p.deliver(&e0, vec![unit(&e0, 0)]).unwrap();
+        p.deliver(e0.offset, e0.payload.len(), vec![unit(&e0, 0)])
+            .unwrap();
         assert!(!p.over(&limits));
         let e1 = event(1, "a", 10);
-        p.deliver(&e1, vec![unit(&e1, 0)]).unwrap();
+        p.deliver(e1.offset, e1.payload.len(), vec![unit(&e1, 0)])
+            .unwrap();
         assert!(p.over(&limits), "two events in flight");
         let big = event(2, "b", 200);
         let mut q = PartitionState::default();
-        q.deliver(&big, vec![unit(&big, 0)]).unwrap();
+        q.deliver(big.offset, big.payload.len(), vec![unit(&big, 0)])
+            .unwrap();
         assert!(q.over(&limits), "bytes bound");
     }
 
@@ -248,10 +266,12 @@ mod tests {
     fn same_key_units_queue_behind_the_running_one() {
         let mut p = PartitionState::default();
         let e0 = event(0, "a", 1);
-        p.deliver(&e0, vec![unit(&e0, 0)]).unwrap();
+        p.deliver(e0.offset, e0.payload.len(), vec![unit(&e0, 0)])
+            .unwrap();
         let first = p.take_ready();
         let e1 = event(1, "a", 1);
-        p.deliver(&e1, vec![unit(&e1, 0)]).unwrap();
+        p.deliver(e1.offset, e1.payload.len(), vec![unit(&e1, 0)])
+            .unwrap();
         assert!(p.take_ready().is_empty(), "key a is busy");
         p.complete(&first);
         let next = p.take_ready();
