@@ -117,7 +117,7 @@ impl Stack {
     /// Every message of `topic` (one partition): read from the beginning until nothing new
     /// arrives for 1.5 s. (tansu's reported high watermark can lag the log, so it is not
     /// used as the end.)
-    pub fn read_all(&self, topic: &str) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
+    pub fn read_all(&self, topic: &str) -> Vec<Record> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::{Headers, Message};
         let c: BaseConsumer = ClientConfig::new()
@@ -195,6 +195,9 @@ pub async fn produce(
         .map_err(|(e, _)| e)
         .expect("produce");
 }
+
+/// A consumed message: payload and headers (as text).
+pub type Record = (Vec<u8>, Vec<(String, String)>);
 
 /// A FeatureGroup spec for tests. Retry and dead-letter topics are `<name>.retry` and
 /// `<name>.dlq`: give each test's group a unique name so tests never share them.

@@ -263,7 +263,7 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
     })
     .await;
     assert_eq!(dead.len(), 2, "exactly two dead letters");
-    let header = |m: &(Vec<u8>, Vec<(String, String)>), k: &str| {
+    let header = |m: &Record, k: &str| {
         m.1.iter()
             .find(|(hk, _)| hk == k)
             .map(|(_, v)| v.clone())
