@@ -64,6 +64,17 @@ pub enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Benchmarks; each ends with `name=value` lines (see README "Measurements").
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Kafka consumer throughput: sequential baselines vs parallel in-partition processing.
+    ///
+    /// Example: `eval "$(scripts/stack env)"; feature-host bench stream`
+    Stream(crate::bench::stream::StreamBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +124,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             features,
             stores,
         } => get(&stores, &group, &entity, &features).await,
+        Command::Bench(BenchCommand::Stream(args)) => {
+            let report = crate::bench::stream::run(args).await?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema => {
             println!(
                 "{}",

@@ -9,10 +9,11 @@
 //! - [`feature`]: values, operations, and the merge rules (event time, exactly-once);
 //! - [`sink`]: DynamoDB / Redis / embedded stores and the cache strategies;
 //! - [`pipeline`]: the batch path through all of the above;
-//! - [`admin`], [`metrics`], [`cli`], [`config`], [`app`]: operating it.
+//! - [`admin`], [`metrics`], [`cli`], [`config`], [`app`]: operating it; [`bench`]: measuring it.
 
 pub mod admin;
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dispatch;

@@ -39,6 +39,7 @@ use crate::pipeline::{Failure, FailureKind, InPlace, Pipeline};
 use crate::spec::Ordering;
 use anyhow::Context as _;
 use rdkafka::client::ClientContext;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
@@ -134,6 +135,23 @@ impl Slot {
         self.activity().active -= 1;
         self.changed.notify_all();
     }
+
+    /// Whether the partition is at its bound, so its queue is not read now (recorded in
+    /// the `fh_consumer_paused` gauge).
+    fn hold(&self, shared: &Shared) -> bool {
+        let mut st = self.lock();
+        let over = st.over(&shared.settings.limits);
+        if over != st.paused {
+            st.paused = over;
+            shared
+                .metrics
+                .paused
+                .get_or_create(&self.labels)
+                .set(i64::from(over));
+            tracing::trace!(topic = %self.labels.topic, partition = self.labels.partition, held = over, "fetch hold");
+        }
+        over
+    }
 }
 
 /// State shared by the poll thread, the rebalance callbacks and the processing tasks.
@@ -144,6 +162,9 @@ pub struct Shared {
     runtime: tokio::runtime::Handle,
     slots: Mutex<HashMap<TopicPartition, Arc<Slot>>>,
     consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
+    /// Each assigned partition's own message queue, polled only while the partition is
+    /// below its bound.
+    queues: Mutex<HashMap<TopicPartition, PartitionQueue<Ctx>>>,
     /// Retry topic → the groups that retry through it.
     retry_topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
@@ -199,11 +220,21 @@ impl Shared {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// New partitions get their state and their own queue, split off before librdkafka
+    /// starts fetching them (so no message of theirs reaches the main queue).
     fn assign(&self, tpl: &TopicPartitionList) {
+        let consumer = self.consumer.get().and_then(Weak::upgrade);
         let mut slots = self.slots();
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         for el in tpl.elements() {
             let tp = (el.topic().to_owned(), el.partition());
             tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
+            if let Some(q) = consumer
+                .as_ref()
+                .and_then(|c| c.split_partition_queue(&tp.0, tp.1))
+            {
+                queues.insert(tp.clone(), q);
+            }
             slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1)));
         }
     }
@@ -213,9 +244,14 @@ impl Shared {
     fn revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, lost: bool) {
         let revoked: Vec<Arc<Slot>> = {
             let mut slots = self.slots();
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             tpl.elements()
                 .iter()
-                .filter_map(|el| slots.remove(&(el.topic().to_owned(), el.partition())))
+                .filter_map(|el| {
+                    let tp = (el.topic().to_owned(), el.partition());
+                    queues.remove(&tp);
+                    slots.remove(&tp)
+                })
                 .collect()
         };
         let deadline = Instant::now() + self.settings.drain_timeout;
@@ -457,9 +493,6 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
         }
         let finished = st.complete(&units);
         let ready = st.take_ready();
-        if st.paused && !st.over(&shared.settings.limits) {
-            resume(&shared, &slot, &mut st);
-        }
         shared
             .metrics
             .in_flight
@@ -474,21 +507,6 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
         .inc_by(finished as u64);
     slot.end();
     spawn_ready(&shared, &slot, ready);
-}
-
-fn resume(shared: &Shared, slot: &Slot, st: &mut PartitionState) {
-    let Some(consumer) = shared.consumer.get().and_then(Weak::upgrade) else {
-        return;
-    };
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&slot.labels.topic, slot.labels.partition);
-    match consumer.resume(&tpl) {
-        Ok(()) => {
-            st.paused = false;
-            shared.metrics.paused.get_or_create(&slot.labels).set(0);
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot resume partition"),
-    }
 }
 
 /// Send a failed unit to its group's retry topic, or dead-letter it. Returns false if the
@@ -548,15 +566,33 @@ async fn hand_off(
     ok
 }
 
-/// Consume until `shutdown` turns true; then drain, commit and leave the group.
+/// Consume with the process settings until `shutdown` turns true.
 pub async fn run(
     run: &RunSettings,
     brokers: &str,
     pipeline: Arc<Pipeline>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let cfg = client_config(run, brokers)?;
+    consume(
+        &cfg,
+        &run.kafka_group_id,
+        StreamSettings::from_run(run),
+        pipeline,
+        shutdown,
+    )
+    .await
+}
+
+/// Consume the pipeline's topics (and its groups' retry topics) as consumer group
+/// `group_id` until `shutdown` turns true; then drain, commit and leave the group.
+pub async fn consume(
+    cfg: &rdkafka::ClientConfig,
+    group_id: &str,
+    settings: StreamSettings,
+    pipeline: Arc<Pipeline>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let settings = StreamSettings::from_run(run);
-    let cfg = client_config(run, brokers)?;
     let mut retry_topics: HashMap<String, Vec<usize>> = HashMap::new();
     let mut own_topics = BTreeSet::new();
     for (i, g) in pipeline.groups().iter().enumerate() {
@@ -567,27 +603,34 @@ pub async fn run(
         own_topics.insert(g.def.retry_topic.clone());
         own_topics.insert(g.def.dead_letter_topic.clone());
     }
-    ensure_topics(&cfg, &own_topics).await?;
+    ensure_topics(cfg, &own_topics).await?;
     let metrics = pipeline.metrics().clone();
     let shared = Arc::new(Shared {
-        republisher: Republisher::new(&cfg)?,
+        republisher: Republisher::new(cfg)?,
         pipeline: pipeline.clone(),
         settings,
         runtime: tokio::runtime::Handle::current(),
         slots: Mutex::new(HashMap::new()),
         consumer: OnceLock::new(),
+        queues: Mutex::new(HashMap::new()),
         retry_topics,
         metrics,
     });
     let mut consumer_cfg = cfg.clone();
     consumer_cfg
-        .set("group.id", &run.kafka_group_id)
+        .set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
     if consumer_cfg.get("statistics.interval.ms").is_none() {
         consumer_cfg.set("statistics.interval.ms", "5000");
+    }
+    // The client's prefetch per partition is the other half of the memory bound: it stops
+    // fetching a partition whose local queue holds this much.
+    if consumer_cfg.get("queued.max.messages.kbytes").is_none() {
+        let kb = (settings.limits.max_buffered_bytes / 1024).clamp(1, 2_097_151);
+        consumer_cfg.set("queued.max.messages.kbytes", kb.to_string());
     }
     let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
         consumer_cfg
@@ -605,7 +648,7 @@ pub async fn run(
     consumer
         .subscribe(&refs)
         .with_context(|| format!("cannot subscribe to {topics:?}"))?;
-    tracing::info!(?topics, group_id = %run.kafka_group_id, ?settings, "consuming");
+    tracing::info!(?topics, group_id, ?settings, "consuming");
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = {
@@ -624,43 +667,82 @@ pub async fn run(
     Ok(())
 }
 
-/// The poll thread: fetch, dispatch, pause at the bound, commit periodically; on stop,
-/// close the consumer (which revokes, drains and commits every partition).
+/// The poll thread. Each round serves the main queue (rebalances, statistics, errors) and
+/// takes messages from every partition queue whose partition is below its bound — a
+/// partition at its bound is simply not read (its fetching stops once the client's
+/// prefetch queue is full), so nothing is discarded and refetched. Then it spawns what
+/// became ready and commits periodically. On stop it revokes everything (drain, commit,
+/// fence) and closes the consumer.
 fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<AtomicBool>) {
     let mut last_commit = Instant::now();
-    let mut round: Vec<Event> = Vec::with_capacity(shared.settings.fetch_size);
+    let mut idle = Duration::ZERO;
     while !stop.load(AtomicOrdering::SeqCst) {
-        let any_paused = shared.slots().values().any(|s| s.lock().paused);
-        let wait = if any_paused {
-            Duration::from_millis(5)
-        } else {
-            Duration::from_millis(100)
-        };
-        let mut timeout = wait;
-        while round.len() < shared.settings.fetch_size {
-            match consumer.poll(timeout) {
-                Some(Ok(m)) => round.push(to_event(&m)),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "Kafka consume error");
-                    break;
-                }
-                None => break,
+        let mut touched: Vec<Arc<Slot>> = Vec::new();
+        match consumer.poll(idle) {
+            Some(Ok(m)) => {
+                let event = to_event(&m);
+                drop(m);
+                deliver(&shared, event, &mut touched);
             }
-            timeout = Duration::ZERO;
+            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consume error"),
+            None => {}
         }
-        dispatch(&shared, &consumer, round.drain(..));
+        let mut delivered = touched.len();
+        {
+            let queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+            for (tp, queue) in queues.iter() {
+                let Some(slot) = shared.slots().get(tp).cloned() else {
+                    continue;
+                };
+                for _ in 0..shared.settings.fetch_size {
+                    if slot.hold(&shared) {
+                        break;
+                    }
+                    match queue.poll(Duration::ZERO) {
+                        Some(Ok(m)) => {
+                            let event = to_event(&m);
+                            drop(m);
+                            deliver(&shared, event, &mut touched);
+                            delivered += 1;
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "Kafka consume error");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        for slot in touched {
+            let ready = {
+                let st = &mut slot.lock();
+                shared
+                    .metrics
+                    .in_flight
+                    .get_or_create(&slot.labels)
+                    .set(st.in_flight() as i64);
+                st.take_ready()
+            };
+            spawn_ready(&shared, &slot, ready);
+        }
+        // Nothing to read: wait on the main queue, longer the longer it stays quiet.
+        idle = if delivered > 0 {
+            Duration::ZERO
+        } else {
+            (idle * 2).clamp(Duration::from_millis(1), Duration::from_millis(20))
+        };
         if last_commit.elapsed() >= shared.settings.commit_interval {
             let slots: Vec<_> = shared.slots().values().cloned().collect();
             shared.commit(&consumer, &slots, CommitMode::Async);
             last_commit = Instant::now();
         }
     }
-    // Stop fetching, then leave the group: closing runs the revoke callback for every
-    // partition (drain, commit, fence).
-    if let Ok(assigned) = consumer.assignment() {
-        let _ = consumer.pause(&assigned);
-    }
     tracing::info!("shutting down: draining in-flight work");
+    if let Ok(assigned) = consumer.assignment() {
+        shared.revoke(&consumer, &assigned, false);
+    }
+    // Leave the group; every partition queue is gone, so this is the last reference.
     let mut consumer = consumer;
     loop {
         match Arc::try_unwrap(consumer) {
@@ -676,53 +758,25 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
     }
 }
 
-/// Register a poll round's events with their partitions and start what may run.
-fn dispatch(
-    shared: &Arc<Shared>,
-    consumer: &BaseConsumer<Ctx>,
-    events: impl Iterator<Item = Event>,
-) {
-    let mut touched: Vec<Arc<Slot>> = Vec::new();
-    for event in events {
-        let tp = (event.topic.clone(), event.partition);
-        let Some(slot) = shared.slots().get(&tp).cloned() else {
-            tracing::error!(topic = %tp.0, partition = tp.1, "message of an unassigned partition ignored");
-            continue;
-        };
-        let event = Arc::new(event);
-        let units = shared.units(&event);
-        shared.metrics.events.get_or_create(&slot.labels).inc();
-        let mut st = slot.lock();
-        if let Err(e) = st.deliver(event.offset, event.payload.len(), units) {
-            tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
-            continue;
-        }
-        if !st.paused && st.over(&shared.settings.limits) {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&tp.0, tp.1);
-            match consumer.pause(&tpl) {
-                Ok(()) => {
-                    st.paused = true;
-                    shared.metrics.paused.get_or_create(&slot.labels).set(1);
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot pause partition"),
-            }
-        }
-        drop(st);
-        if !touched.iter().any(|s| Arc::ptr_eq(s, &slot)) {
-            touched.push(slot);
-        }
+/// Register one consumed message with its partition.
+fn deliver(shared: &Shared, event: Event, touched: &mut Vec<Arc<Slot>>) {
+    let tp = (event.topic.clone(), event.partition);
+    let Some(slot) = shared.slots().get(&tp).cloned() else {
+        tracing::error!(topic = %tp.0, partition = tp.1, "message of an unassigned partition ignored");
+        return;
+    };
+    let event = Arc::new(event);
+    let units = shared.units(&event);
+    shared.metrics.events.get_or_create(&slot.labels).inc();
+    let mut st = slot.lock();
+    if let Err(e) = st.deliver(event.offset, event.payload.len(), units) {
+        // Only a client bug could cause this; nothing past this offset is committed without
+        // the tracker's say, so it is not lost.
+        tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
+        return;
     }
-    for slot in touched {
-        let ready = {
-            let mut st = slot.lock();
-            shared
-                .metrics
-                .in_flight
-                .get_or_create(&slot.labels)
-                .set(st.in_flight() as i64);
-            st.take_ready()
-        };
-        spawn_ready(shared, &slot, ready);
+    drop(st);
+    if !touched.iter().any(|s| Arc::ptr_eq(s, &slot)) {
+        touched.push(slot);
     }
 }
