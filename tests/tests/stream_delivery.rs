@@ -35,30 +35,26 @@ struct Setup {
     spec_dir: std::path::PathBuf,
 }
 
-async fn clicks_setup(partitions: i32) -> Setup {
+/// A topic of `partitions`, a table, and one group `<prefix>-<id>` on them.
+async fn setup(
+    prefix: &str,
+    partitions: i32,
+    wasm: &str,
+    features: &[(&str, &str)],
+    config: &str,
+    extra: &str,
+) -> Setup {
     let stack = Stack::from_env();
     let id = unique();
-    let topic = format!("clicks-{id}");
+    let topic = format!("{prefix}-{id}");
     let table = format!("features-{id}");
-    let group = format!("users-{id}");
+    let group = format!("{prefix}-{id}");
     let tmp = std::env::temp_dir().join(format!("fh-e2e-{id}"));
     let spec_dir = tmp.join("specs");
     std::fs::create_dir_all(&spec_dir).unwrap();
     std::fs::write(
-        spec_dir.join("users.yaml"),
-        group_spec(
-            &group,
-            &[&topic],
-            "user_activity.wasm",
-            &[
-                ("clicks", "int"),
-                ("views", "int"),
-                ("last_viewed", "string-list"),
-            ],
-            "{entity_field: user_id, list_field: item_id, last_k: 3}",
-            &table,
-            "",
-        ),
+        spec_dir.join("group.yaml"),
+        group_spec(&group, &[&topic], wasm, features, config, &table, extra),
     )
     .unwrap();
     stack.create_topics(&[&topic], partitions).await;
@@ -71,6 +67,22 @@ async fn clicks_setup(partitions: i32) -> Setup {
         tmp,
         spec_dir,
     }
+}
+
+async fn clicks_setup(partitions: i32) -> Setup {
+    setup(
+        "clicks",
+        partitions,
+        "user_activity.wasm",
+        &[
+            ("clicks", "int"),
+            ("views", "int"),
+            ("last_viewed", "string-list"),
+        ],
+        "{entity_field: user_id, list_field: item_id, last_k: 3}",
+        "",
+    )
+    .await
 }
 
 async fn produce_clicks(
@@ -198,28 +210,24 @@ async fn a_killed_hosts_partitions_move_to_the_other_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
-    let stack = Stack::from_env();
-    let id = unique();
-    let topic = format!("hostile-{id}");
-    let table = format!("features-{id}");
-    let group = format!("hostile-{id}");
-    let tmp = std::env::temp_dir().join(format!("fh-e2e-{id}"));
-    let spec_dir = tmp.join("specs");
-    std::fs::create_dir_all(&spec_dir).unwrap();
-    std::fs::write(
-        spec_dir.join("hostile.yaml"),
-        group_spec(
-            &group,
-            &[&topic],
-            "hostile.wasm",
-            &[("n", "int")],
-            "null",
-            &table,
-            "  retry: {maxAttempts: 3, backoff: 300ms}\n",
-        ),
+    let s = setup(
+        "hostile",
+        1,
+        "hostile.wasm",
+        &[("n", "int")],
+        "null",
+        "  retry: {maxAttempts: 3, backoff: 300ms}\n",
     )
-    .unwrap();
-    stack.create_topics(&[&topic], 1).await;
+    .await;
+    let Setup {
+        stack,
+        id,
+        topic,
+        table,
+        group,
+        tmp,
+        spec_dir,
+    } = s;
     let port = free_port();
     let mut env = stack.host_env(&tmp, &spec_dir, &format!("poison-{id}"));
     env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");

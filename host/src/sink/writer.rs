@@ -12,7 +12,7 @@ use std::time::Duration;
 /// Compare-and-swap rounds before giving up on a contended entity.
 const MAX_CAS_ROUNDS: u32 = 16;
 /// Concurrent conditional writes per batch.
-const WRITE_CONCURRENCY: usize = 32;
+const WRITE_CONCURRENCY: usize = 128;
 
 /// A cache that can also serve as the store of `cache-only` groups.
 pub trait CacheStore: Cache + Store {}

@@ -340,6 +340,35 @@ fn check_semantics(
         errors.extend(problems);
     }
 
+    // A retry or dead-letter topic that is also a source would feed failures back in as new
+    // events for every group reading it.
+    let sources: BTreeSet<String> = set
+        .groups
+        .values()
+        .flat_map(|g| g.spec.sources.iter().map(|s| s.topic.clone()))
+        .collect();
+    let mut clashes = Vec::new();
+    for g in set.groups.values() {
+        for (field, topic) in [
+            ("spec.retry.topic", &g.retry_topic),
+            ("spec.retry.deadLetterTopic", &g.dead_letter_topic),
+        ] {
+            if sources.contains(topic) {
+                clashes.push((g.name.clone(), SpecError {
+                    file: g.file.display().to_string(),
+                    field: field.into(),
+                    message: format!(
+                        "topic {topic:?} is also a source topic; retry and dead-letter topics must be the host's own"
+                    ),
+                }));
+            }
+        }
+    }
+    for (name, e) in clashes {
+        set.groups.remove(&name);
+        errors.push(e);
+    }
+
     // Cross-references need every group loaded first.
     let names: BTreeSet<String> = ingestion_docs
         .iter()
@@ -576,6 +605,20 @@ mod tests {
             set.topics().into_iter().collect::<Vec<_>>(),
             vec!["t".to_string()]
         );
+    }
+
+    #[test]
+    fn retry_topic_must_not_be_a_source() {
+        let other = GROUP
+            .replace("name: g}", "name: h}")
+            .replace("topic: t}", "topic: g.retry}");
+        let errs = load_str(&[("g.yaml", GROUP), ("h.yaml", &other)])
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].file.ends_with("g.yaml"));
+        assert_eq!(errs[0].field, "spec.retry.topic");
+        assert!(errs[0].message.contains("also a source topic"));
     }
 
     #[test]

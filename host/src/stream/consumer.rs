@@ -1,16 +1,18 @@
 //! The Kafka consumer: parallel processing inside each partition, low-watermark commits,
 //! retry and dead-letter hand-off, and rebalance fencing.
 //!
-//! **Threads.** One dedicated thread polls librdkafka (`BaseConsumer::poll`), so rebalance
-//! callbacks — which must block while a revoked partition drains — never stall a tokio
-//! worker. It turns messages into units of work ([`Unit`]: one event for one group) and
-//! spawns their processing on the tokio runtime; plugin calls run on the blocking pool.
+//! **Threads.** One dedicated thread polls librdkafka, so rebalance callbacks — which must
+//! block while a revoked partition drains — never stall a tokio worker. It turns messages
+//! into units of work ([`Unit`]: one event for one group) and spawns their processing on the
+//! tokio runtime; plugin calls run on the blocking pool.
 //!
-//! **Per partition** ([`PartitionState`]): up to `max_in_flight` delivered events (or
-//! `max_buffered_bytes` of payload) are processed concurrently; at the bound, fetching of
-//! that partition pauses and resumes as work finishes. Units run in lanes ([`super::lanes`])
-//! by the group's ordering mode; units ready together for one group run as one batch (one
-//! plugin call, one coalesced store write per entity).
+//! **Per partition** ([`PartitionState`]): every assigned partition has its own client queue.
+//! It is read only while fewer than `max_in_flight` delivered events (and `max_buffered_bytes`
+//! of payload) are unfinished; at the bound it is left alone, and the client stops fetching
+//! once its prefetch for the partition is full. (Pausing instead would discard the prefetched
+//! messages and resume from the fetch position, not the last delivered one.) Units run in
+//! lanes ([`super::lanes`]) by the group's ordering mode; units ready together for one group
+//! run as one batch (one plugin call, one coalesced store write per entity).
 //!
 //! **Where offsets are committed:** [`Shared::commit`] — periodically, on revoke and on
 //! shutdown — commits each partition's low watermark: one past the highest offset below
@@ -30,7 +32,7 @@
 
 use super::envelope::{self, Envelope, NextStep};
 use super::kafka::{Republisher, client_config, ensure_topics, to_event};
-use super::lanes::LaneKey;
+use super::lanes::{LaneKey, split_batches};
 use super::partition::{Limits, PartitionState, RetryMeta, Unit};
 use crate::config::RunSettings;
 use crate::event::Event;
@@ -154,6 +156,34 @@ impl Slot {
     }
 }
 
+/// Wakes the poll thread: a queue became non-empty, or a dispatch finished (a partition
+/// held at its bound may be readable again).
+#[derive(Default)]
+struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    fn notify(&self) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Wait for a notification (or `timeout`), consuming it.
+    fn wait(&self, timeout: Duration) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !*pending {
+            pending = self
+                .cv
+                .wait_timeout(pending, timeout)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *pending = false;
+    }
+}
+
 /// State shared by the poll thread, the rebalance callbacks and the processing tasks.
 pub struct Shared {
     pipeline: Arc<Pipeline>,
@@ -165,6 +195,7 @@ pub struct Shared {
     /// Each assigned partition's own message queue, polled only while the partition is
     /// below its bound.
     queues: Mutex<HashMap<TopicPartition, PartitionQueue<Ctx>>>,
+    wake: Arc<Wake>,
     /// Retry topic → the groups that retry through it.
     retry_topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
@@ -229,10 +260,12 @@ impl Shared {
         for el in tpl.elements() {
             let tp = (el.topic().to_owned(), el.partition());
             tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
-            if let Some(q) = consumer
+            if let Some(mut q) = consumer
                 .as_ref()
                 .and_then(|c| c.split_partition_queue(&tp.0, tp.1))
             {
+                let wake = self.wake.clone();
+                q.set_nonempty_callback(move || wake.notify());
                 queues.insert(tp.clone(), q);
             }
             slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1)));
@@ -403,7 +436,7 @@ fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Unit>) {
     if ready.is_empty() {
         return;
     }
-    let mut batches: BTreeMap<usize, Vec<Unit>> = BTreeMap::new();
+    let mut batches: BTreeMap<usize, Vec<(Option<LaneKey>, Unit)>> = BTreeMap::new();
     for u in ready {
         if u.retry.is_some() || u.poison.is_some() {
             let (shared, slot) = (shared.clone(), slot.clone());
@@ -419,14 +452,19 @@ fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Unit>) {
                 }
             });
         } else {
-            batches.entry(u.group).or_default().push(u);
+            batches.entry(u.group).or_default().push((u.lane, u));
         }
     }
+    // Several smaller batches instead of one: the partition keeps reading and processing
+    // while a batch waits on the store.
+    let cap = (shared.settings.limits.max_in_flight / 4).max(1);
     for (group, units) in batches {
-        if slot.begin() {
-            shared
-                .runtime
-                .spawn(run_batch(shared.clone(), slot.clone(), group, units));
+        for batch in split_batches(units, cap) {
+            if slot.begin() {
+                shared
+                    .runtime
+                    .spawn(run_batch(shared.clone(), slot.clone(), group, batch));
+            }
         }
     }
 }
@@ -506,6 +544,7 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
         .get_or_create(&slot.labels)
         .inc_by(finished as u64);
     slot.end();
+    shared.wake.notify();
     spawn_ready(&shared, &slot, ready);
 }
 
@@ -613,6 +652,7 @@ pub async fn consume(
         slots: Mutex::new(HashMap::new()),
         consumer: OnceLock::new(),
         queues: Mutex::new(HashMap::new()),
+        wake: Arc::new(Wake::default()),
         retry_topics,
         metrics,
     });
@@ -632,13 +672,14 @@ pub async fn consume(
         let kb = (settings.limits.max_buffered_bytes / 1024).clamp(1, 2_097_151);
         consumer_cfg.set("queued.max.messages.kbytes", kb.to_string());
     }
-    let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
-        consumer_cfg
-            .create_with_context(Ctx {
-                shared: shared.clone(),
-            })
-            .context("cannot create Kafka consumer")?,
-    );
+    let mut consumer: BaseConsumer<Ctx> = consumer_cfg
+        .create_with_context(Ctx {
+            shared: shared.clone(),
+        })
+        .context("cannot create Kafka consumer")?;
+    let wake = shared.wake.clone();
+    consumer.set_nonempty_callback(move || wake.notify());
+    let consumer = Arc::new(consumer);
     let _ = shared.consumer.set(Arc::downgrade(&consumer));
     let mut topics: Vec<String> = pipeline.router().topics().map(str::to_owned).collect();
     topics.extend(shared.retry_topics.keys().cloned());
@@ -675,19 +716,23 @@ pub async fn consume(
 /// fence) and closes the consumer.
 fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<AtomicBool>) {
     let mut last_commit = Instant::now();
-    let mut idle = Duration::ZERO;
     while !stop.load(AtomicOrdering::SeqCst) {
         let mut touched: Vec<Arc<Slot>> = Vec::new();
-        match consumer.poll(idle) {
-            Some(Ok(m)) => {
-                let event = to_event(&m);
-                drop(m);
-                deliver(&shared, event, &mut touched);
+        let mut delivered = 0;
+        // Rebalances, statistics and errors (and messages of a partition whose queue could
+        // not be split).
+        for _ in 0..shared.settings.fetch_size {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    let event = to_event(&m);
+                    drop(m);
+                    deliver(&shared, event, &mut touched);
+                    delivered += 1;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "Kafka consume error"),
+                None => break,
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "Kafka consume error"),
-            None => {}
         }
-        let mut delivered = touched.len();
         {
             let queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
             for (tp, queue) in queues.iter() {
@@ -726,12 +771,11 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
             };
             spawn_ready(&shared, &slot, ready);
         }
-        // Nothing to read: wait on the main queue, longer the longer it stays quiet.
-        idle = if delivered > 0 {
-            Duration::ZERO
-        } else {
-            (idle * 2).clamp(Duration::from_millis(1), Duration::from_millis(20))
-        };
+        // Nothing read: sleep until a queue fills or a dispatch finishes (the timeout bounds
+        // how late rebalance callbacks and commits can be).
+        if delivered == 0 {
+            shared.wake.wait(Duration::from_millis(20));
+        }
         if last_commit.elapsed() >= shared.settings.commit_interval {
             let slots: Vec<_> = shared.slots().values().cloned().collect();
             shared.commit(&consumer, &slots, CommitMode::Async);

@@ -106,6 +106,32 @@ impl<U> Lanes<U> {
     }
 }
 
+/// Split one group's ready units into batches of about `cap` units that can run
+/// concurrently: all units of one lane stay in one batch (in order), so lanes keep their
+/// order; a lane longer than `cap` makes its batch longer.
+pub fn split_batches<U>(units: Vec<(Option<LaneKey>, U)>, cap: usize) -> Vec<Vec<U>> {
+    let cap = cap.max(1);
+    let mut batches: Vec<Vec<U>> = Vec::new();
+    let mut lane_batch: HashMap<LaneKey, usize> = HashMap::new();
+    for (lane, unit) in units {
+        let at = match lane.and_then(|l| lane_batch.get(&l).copied()) {
+            Some(i) => i,
+            None => {
+                if batches.last().is_none_or(|b| b.len() >= cap) {
+                    batches.push(Vec::new());
+                }
+                let i = batches.len() - 1;
+                if let Some(l) = lane {
+                    lane_batch.insert(l, i);
+                }
+                i
+            }
+        };
+        batches[at].push(unit);
+    }
+    batches
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +172,16 @@ mod tests {
         l.submit(Some(LaneKey::Partition { group: 0 }), 2);
         l.submit(Some(LaneKey::Partition { group: 1 }), 3);
         assert_eq!(units(l.take_ready()), vec![3]);
+    }
+
+    #[test]
+    fn batches_keep_each_lane_whole_and_in_order() {
+        let a = Some(LaneKey::for_key(0, Some(b"a")));
+        let b = Some(LaneKey::for_key(0, Some(b"b")));
+        let units = vec![(a, 1), (b, 2), (None, 3), (a, 4), (None, 5), (a, 6)];
+        let batches = split_batches(units, 2);
+        assert_eq!(batches, vec![vec![1, 2, 4, 6], vec![3, 5]]);
+        assert_eq!(split_batches::<u8>(vec![], 4), Vec::<Vec<u8>>::new());
     }
 
     proptest! {

@@ -57,7 +57,7 @@ pub struct PartitionState {
     lanes: Lanes<Unit>,
     pending: HashMap<i64, Pending>,
     buffered_bytes: usize,
-    /// Fetching is paused by backpressure.
+    /// At the bound: the partition's queue is not read (backpressure).
     pub paused: bool,
     /// Revoked or lost: results that arrive now are dropped, nothing is committed.
     pub fenced: bool,
@@ -169,7 +169,7 @@ impl PartitionState {
         self.buffered_bytes
     }
 
-    /// Whether fetching must pause.
+    /// Whether the partition is at its bound (stop reading it).
     pub fn over(&self, limits: &Limits) -> bool {
         self.in_flight() >= limits.max_in_flight.max(1)
             || self.buffered_bytes >= limits.max_buffered_bytes.max(1)
