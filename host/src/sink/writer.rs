@@ -111,6 +111,12 @@ impl FeatureWriter {
         let mut rounds = 0;
         while !pending.is_empty() {
             rounds += 1;
+            if rounds > 1 {
+                // Lost races: back off with jitter so contending writers spread out instead
+                // of colliding again on the next round.
+                let cap_us = 200u64 << (rounds - 2).min(6);
+                tokio::time::sleep(Duration::from_micros(rand::random_range(0..cap_us))).await;
+            }
             if rounds > MAX_CAS_ROUNDS {
                 let backend = store.backend();
                 report.failed.extend(pending.drain(..).map(|key| {
