@@ -122,6 +122,20 @@ async fn assert_exact_counts(s: &Setup, want: &BTreeMap<String, i64>) {
     assert_eq!(&got, want, "every counter exact");
 }
 
+/// Every counter exact after the first `n` clicks; then `host` stops with SIGTERM (exit 0)
+/// having committed every partition of the topic to its end.
+async fn exact_and_committed(s: &Setup, mut host: Host, group_id: &str, partitions: i32, n: usize) {
+    assert_exact_counts(s, &expected_clicks(n)).await;
+    assert!(host.terminate().success(), "host exits 0 on SIGTERM");
+    let committed = s.stack.committed(group_id, &s.topic, partitions);
+    assert_eq!(
+        committed.iter().sum::<i64>(),
+        n as i64,
+        "every partition committed to its end: {committed:?}"
+    );
+    let _ = std::fs::remove_dir_all(&s.tmp);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
     let _serial = SERIAL.lock().await;
@@ -153,16 +167,8 @@ async fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
         eprintln!("cycle {cycle}: SIGKILL after {delay:?}; {seen} of {N} clicks stored");
     }
     late.await.unwrap();
-    let mut host = Host::spawn(&["run"], &env);
-    assert_exact_counts(&s, &expected_clicks(N)).await;
-    assert!(host.terminate().success(), "host exits 0 on SIGTERM");
-    let committed = s.stack.committed(&format!("crash-{}", s.id), &s.topic, 3);
-    assert_eq!(
-        committed.iter().sum::<i64>(),
-        N as i64,
-        "every partition committed to its end: {committed:?}"
-    );
-    let _ = std::fs::remove_dir_all(&s.tmp);
+    let host = Host::spawn(&["run"], &env);
+    exact_and_committed(&s, host, &format!("crash-{}", s.id), 3, N).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +190,7 @@ async fn a_killed_hosts_partitions_move_to_the_other_host() {
         e
     };
     let mut a = Host::spawn(&["run"], &data("a"));
-    let mut b = Host::spawn(&["run"], &data("b"));
+    let b = Host::spawn(&["run"], &data("b"));
     let producing = {
         let (stack, topic) = (s.stack.clone(), s.topic.clone());
         tokio::spawn(
@@ -203,15 +209,8 @@ async fn a_killed_hosts_partitions_move_to_the_other_host() {
     a.kill();
     eprintln!("host A killed");
     producing.await.unwrap();
-    assert_exact_counts(&s, &expected_clicks(N)).await;
-    assert!(b.terminate().success(), "host B exits 0 on SIGTERM");
-    let committed = s.stack.committed(&group_id, &s.topic, 4);
-    assert_eq!(
-        committed.iter().sum::<i64>(),
-        N as i64,
-        "B committed A's partitions too: {committed:?}"
-    );
-    let _ = std::fs::remove_dir_all(&s.tmp);
+    // B alone must now count A's partitions too and commit them to their ends.
+    exact_and_committed(&s, b, &group_id, 4, N).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
