@@ -101,7 +101,8 @@ struct Slot {
 #[derive(Default)]
 struct Activity {
     active: usize,
-    draining: bool,
+    /// Fenced: no dispatch may start any more.
+    closed: bool,
 }
 
 impl Slot {
@@ -122,11 +123,12 @@ impl Slot {
         self.activity.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Count a dispatch as running, unless the partition is draining (then the work is left
-    /// to the next owner: not finished, so not committed).
+    /// Count a dispatch as running, unless the partition is fenced (then the work is left
+    /// to the next owner: not finished, so not committed). While a revoke drains, units
+    /// released behind finishing ones still start, so the commit gets as far as it can.
     fn begin(&self) -> bool {
         let mut a = self.activity();
-        if a.draining {
+        if a.closed {
             return false;
         }
         a.active += 1;
@@ -290,8 +292,8 @@ impl Shared {
         let deadline = Instant::now() + self.settings.drain_timeout;
         for slot in &revoked {
             let mut a = slot.activity();
-            a.draining = true;
             if lost {
+                a.closed = true;
                 continue; // Another member may own it already: do not wait, do not commit.
             }
             while a.active > 0 {
@@ -312,6 +314,7 @@ impl Shared {
             self.commit(consumer, &revoked, CommitMode::Sync);
         }
         for slot in &revoked {
+            slot.activity().closed = true;
             let mut st = slot.lock();
             st.fenced = true;
             tracing::info!(topic = %slot.labels.topic, partition = slot.labels.partition, lost,
@@ -557,6 +560,9 @@ async fn hand_off(
     failure: &Failure,
     fenced: &impl Fn() -> bool,
 ) -> bool {
+    if fenced() {
+        return false; // The next owner re-reads it; a hand-off now would be a duplicate.
+    }
     let def = &shared.pipeline.groups()[unit.group].def;
     let now = now_ms();
     let (before, first_failure_ms) = unit
@@ -783,20 +789,37 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
         }
     }
     tracing::info!("shutting down: draining in-flight work");
-    if let Ok(assigned) = consumer.assignment() {
-        shared.revoke(&consumer, &assigned, false);
+    // Everything this host tracks, assigned or not, is drained, committed and fenced.
+    let mut all = TopicPartitionList::new();
+    for (topic, partition) in shared.slots().keys() {
+        all.add_partition(topic, *partition);
     }
-    // Leave the group; every partition queue is gone, so this is the last reference.
+    shared.revoke(&consumer, &all, false);
+    // Partition queues hold the consumer: drop them all before it can close.
+    shared
+        .queues
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    // Leave the group; a task may hold the consumer for an instant (resolving a weak
+    // reference), so wait for the last reference, but never forever.
     let mut consumer = consumer;
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Arc::try_unwrap(consumer) {
             Ok(c) => {
                 drop(c);
                 break;
             }
-            Err(c) => {
+            Err(c) if Instant::now() < deadline => {
                 consumer = c;
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => {
+                tracing::error!(
+                    "consumer still referenced at shutdown; exiting without closing it (the group rebalances after the session timeout)"
+                );
+                break;
             }
         }
     }
