@@ -198,8 +198,6 @@ pub struct Shared {
     /// below its bound.
     queues: Mutex<HashMap<TopicPartition, PartitionQueue<Ctx>>>,
     wake: Arc<Wake>,
-    /// When the assignment was last lost (and not given back since).
-    lost_at: Mutex<Option<Instant>>,
     /// Retry topic → the groups that retry through it.
     retry_topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
@@ -258,7 +256,6 @@ impl Shared {
     /// New partitions get their state and their own queue, split off before librdkafka
     /// starts fetching them (so no message of theirs reaches the main queue).
     fn assign(&self, tpl: &TopicPartitionList) {
-        *self.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let consumer = self.consumer.get().and_then(Weak::upgrade);
         let mut slots = self.slots();
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -292,9 +289,6 @@ impl Shared {
                 })
                 .collect()
         };
-        if lost {
-            *self.lost_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        }
         let deadline = Instant::now() + self.settings.drain_timeout;
         for slot in &revoked {
             let mut a = slot.activity();
@@ -665,7 +659,6 @@ pub async fn consume(
         consumer: OnceLock::new(),
         queues: Mutex::new(HashMap::new()),
         wake: Arc::new(Wake::default()),
-        lost_at: Mutex::new(None),
         retry_topics,
         metrics,
     });
@@ -706,10 +699,10 @@ pub async fn consume(
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = {
-        let (shared, stop, topics) = (shared.clone(), stop.clone(), topics.clone());
+        let (shared, stop) = (shared.clone(), stop.clone());
         std::thread::Builder::new()
             .name("kafka-poll".into())
-            .spawn(move || poll_loop(shared, consumer, stop, topics))
+            .spawn(move || poll_loop(shared, consumer, stop))
             .context("cannot start the Kafka poll thread")?
     };
     let _ = shutdown.wait_for(|s| *s).await;
@@ -727,12 +720,7 @@ pub async fn consume(
 /// prefetch queue is full), so nothing is discarded and refetched. Then it spawns what
 /// became ready and commits periodically. On stop it revokes everything (drain, commit,
 /// fence) and closes the consumer.
-fn poll_loop(
-    shared: Arc<Shared>,
-    consumer: Arc<BaseConsumer<Ctx>>,
-    stop: Arc<AtomicBool>,
-    topics: Vec<String>,
-) {
+fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<AtomicBool>) {
     let mut last_commit = Instant::now();
     while !stop.load(AtomicOrdering::SeqCst) {
         let mut touched: Vec<Arc<Slot>> = Vec::new();
@@ -794,7 +782,6 @@ fn poll_loop(
         if delivered == 0 {
             shared.wake.wait(Duration::from_millis(20));
         }
-        rejoin_if_stranded(&shared, &consumer, &topics);
         if last_commit.elapsed() >= shared.settings.commit_interval {
             let slots: Vec<_> = shared.slots().values().cloned().collect();
             shared.commit(&consumer, &slots, CommitMode::Async);
@@ -835,27 +822,6 @@ fn poll_loop(
                 break;
             }
         }
-    }
-}
-
-/// After a lost assignment librdkafka rejoins the group by itself; if no partition comes
-/// back for this long, the coordinator has forgotten this member (seen with tansu after
-/// another member was killed), so rejoin with a fresh subscription.
-const STRANDED_AFTER: Duration = Duration::from_secs(30);
-
-fn rejoin_if_stranded(shared: &Shared, consumer: &BaseConsumer<Ctx>, topics: &[String]) {
-    let mut lost_at = shared.lost_at.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(at) = *lost_at else { return };
-    if at.elapsed() < STRANDED_AFTER || !shared.slots().is_empty() {
-        return;
-    }
-    *lost_at = Some(Instant::now());
-    drop(lost_at);
-    tracing::warn!(after = ?STRANDED_AFTER, "no partitions since the assignment was lost: rejoining the group");
-    consumer.unsubscribe();
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    if let Err(e) = consumer.subscribe(&refs) {
-        tracing::error!(error = %e, "cannot resubscribe");
     }
 }
 
