@@ -230,17 +230,10 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
         "  retry: {maxAttempts: 3, backoff: 300ms}\n",
     )
     .await;
-    let Setup {
-        stack,
-        id,
-        topic,
-        table,
-        group,
-        tmp,
-        spec_dir,
-    } = s;
+    let (stack, id, topic, table, group, tmp) =
+        (&s.stack, &s.id, &s.topic, &s.table, &s.group, &s.tmp);
     let port = free_port();
-    let mut env = stack.host_env(&tmp, &spec_dir, &format!("poison-{id}"));
+    let mut env = stack.host_env(tmp, &s.spec_dir, &format!("poison-{id}"));
     env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
     env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
     env.push(("FH_COMMIT_INTERVAL", "200ms".into()));
@@ -253,14 +246,14 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
     payloads.extend(["invalid", "flaky:2", "flaky:9"]);
     payloads.extend(["ok"; 10]);
     for (i, payload) in payloads.iter().enumerate() {
-        produce(&p, &topic, "k1", 1_000 + i as i64, payload, &[]).await;
+        produce(&p, topic, "k1", 1_000 + i as i64, payload, &[]).await;
     }
 
     // The good events after the poison are written without waiting for the retries
     // (backoff 300 ms, then 600 ms).
     let ddb = stack.dynamodb().await;
     eventually(Duration::from_secs(60), "the 20 good events", || async {
-        let n = counts(&ddb, &table, &group, "n").await.get("k1").copied();
+        let n = counts(&ddb, table, group, "n").await.get("k1").copied();
         (n >= Some(20)).then_some(())
     })
     .await;
@@ -269,7 +262,7 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
         Duration::from_secs(60),
         "the flaky event after its retries",
         || async {
-            let n = counts(&ddb, &table, &group, "n").await.get("k1").copied();
+            let n = counts(&ddb, table, group, "n").await.get("k1").copied();
             (n == Some(21)).then_some(())
         },
     )
@@ -294,7 +287,7 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
         .expect("invalid dead-lettered");
     assert_eq!(header(invalid, "fh-error-kind"), "invalid");
     assert!(header(invalid, "fh-error").contains("told to reject"));
-    assert_eq!(header(invalid, "fh-source-topic"), topic);
+    assert_eq!(&header(invalid, "fh-source-topic"), topic);
     assert_eq!(header(invalid, "fh-source-offset"), "10");
     assert_eq!(header(invalid, "fh-attempts"), "1");
     let gave_up = dead
@@ -330,7 +323,7 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
         Duration::from_secs(30),
         "source committed to its end",
         || async {
-            let c = stack.committed(&format!("poison-{id}"), &topic, 1);
+            let c = stack.committed(&format!("poison-{id}"), topic, 1);
             (c == vec![23]).then_some(())
         },
     )
@@ -345,5 +338,5 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
         assert!(metrics.contains(&want), "{want} missing from\n{metrics}");
     }
     assert!(host.terminate().success(), "host exits 0 on SIGTERM");
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(tmp);
 }

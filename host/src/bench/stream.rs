@@ -268,9 +268,6 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
     let cfg = {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &args.brokers);
-        if let Ok(d) = std::env::var("FH_BENCH_KAFKA_DEBUG") {
-            c.set("debug", d);
-        }
         c
     };
     let id = super::unique();

@@ -753,7 +753,7 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
                         Some(Ok(m)) => {
                             let event = to_event(&m);
                             drop(m);
-                            deliver(&shared, event, &mut touched);
+                            deliver_to(&shared, &slot, event, &mut touched);
                             delivered += 1;
                         }
                         Some(Err(e)) => {
@@ -825,13 +825,19 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
     }
 }
 
-/// Register one consumed message with its partition.
+/// Register a message from the main queue with its partition.
 fn deliver(shared: &Shared, event: Event, touched: &mut Vec<Arc<Slot>>) {
     let tp = (event.topic.clone(), event.partition);
     let Some(slot) = shared.slots().get(&tp).cloned() else {
         tracing::error!(topic = %tp.0, partition = tp.1, "message of an unassigned partition ignored");
         return;
     };
+    deliver_to(shared, &slot, event, touched);
+}
+
+/// Register one consumed message with its (known) partition.
+fn deliver_to(shared: &Shared, slot: &Arc<Slot>, event: Event, touched: &mut Vec<Arc<Slot>>) {
+    let tp = (&slot.labels.topic, slot.labels.partition);
     let event = Arc::new(event);
     let units = shared.units(&event);
     shared.metrics.events.get_or_create(&slot.labels).inc();
@@ -843,7 +849,7 @@ fn deliver(shared: &Shared, event: Event, touched: &mut Vec<Arc<Slot>>) {
         return;
     }
     drop(st);
-    if !touched.iter().any(|s| Arc::ptr_eq(s, &slot)) {
-        touched.push(slot);
+    if !touched.iter().any(|s| Arc::ptr_eq(s, slot)) {
+        touched.push(slot.clone());
     }
 }

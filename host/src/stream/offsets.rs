@@ -74,11 +74,6 @@ impl OffsetTracker {
         }
     }
 
-    /// The highest delivered offset.
-    pub fn last_delivered(&self) -> Option<i64> {
-        self.last
-    }
-
     /// Messages delivered and not finished.
     pub fn in_flight(&self) -> usize {
         self.window.len() - self.done_in_window

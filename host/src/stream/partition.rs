@@ -160,11 +160,6 @@ impl PartitionState {
         self.tracker.in_flight()
     }
 
-    /// The offset after the last delivered message: where fetching must continue.
-    pub fn next_delivery(&self) -> Option<i64> {
-        self.tracker.last_delivered().map(|l| l + 1)
-    }
-
     pub fn buffered_bytes(&self) -> usize {
         self.buffered_bytes
     }
