@@ -1,12 +1,13 @@
-//! The admin HTTP API: health, readiness, feature lookup, plugin versions, and (without
-//! Kafka) the event push endpoint.
+//! The admin HTTP API: health, readiness, feature lookup, plugin versions and reload status,
+//! plugin rollback (bearer token), and (without Kafka) the event push endpoint.
 
 use crate::pipeline::Pipeline;
+use crate::plugin::reload::Reloader;
 use crate::stream::dead_letter::DeadLetterFile;
 use crate::stream::local::{IngestSummary, ingest, parse_event};
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use std::collections::BTreeMap;
@@ -17,6 +18,9 @@ pub struct AdminState {
     pub pipeline: Arc<Pipeline>,
     /// Set when events may be pushed over HTTP (no Kafka configured).
     pub push: Option<DeadLetterFile>,
+    pub reloader: Option<Arc<Reloader>>,
+    /// Required (as `Authorization: Bearer …`) by mutating calls; `None` refuses them.
+    pub token: Option<String>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -25,6 +29,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/plugins", get(plugins))
+        .route("/v1/plugins/{group}/rollback", post(rollback))
         .route("/v1/features/{group}/{entity}", get(features));
     if state.push.is_some() {
         r = r.route("/v1/events", post(push));
@@ -37,7 +42,7 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {
-    Json(serde_json::json!({ "ready": true, "groups": s.pipeline.groups().len() })).into_response()
+    Json(serde_json::json!({ "ready": true, "groups": s.pipeline.group_count() })).into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -52,18 +57,72 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn plugins(State(s): State<AdminState>) -> Response {
-    let out: BTreeMap<&str, serde_json::Value> = s
-        .pipeline
-        .groups()
-        .iter()
-        .map(|g| {
-            (
-                g.def.name.as_str(),
-                serde_json::json!({ "version": g.plugin.version(), "wasm": g.def.plugin_path }),
-            )
-        })
-        .collect();
-    Json(out).into_response()
+    let (groups, notes) = match &s.reloader {
+        Some(r) => (serde_json::to_value(r.status()).unwrap_or_default(), r.notes()),
+        None => (
+            s.pipeline
+                .runtimes()
+                .iter()
+                .map(|g| {
+                    serde_json::json!({
+                        "group": g.def.name,
+                        "version": g.plugin.version(),
+                        "wasm": g.def.plugin_path,
+                        "spec": g.def.file,
+                    })
+                })
+                .collect(),
+            Vec::new(),
+        ),
+    };
+    Json(serde_json::json!({ "groups": groups, "notes": notes })).into_response()
+}
+
+/// Whether the request carries the configured bearer token.
+fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &s.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "mutating calls are disabled: start the host with FH_ADMIN_TOKEN set".into(),
+        ));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time comparison: the token must not leak through response timing.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ))
+    }
+}
+
+async fn rollback(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let Some(reloader) = &s.reloader else {
+        return error(StatusCode::NOT_FOUND, "hot reload is not running".into());
+    };
+    match reloader.rollback(&group) {
+        Ok(version) => Json(serde_json::json!({ "group": group, "version": version })).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
 }
 
 async fn features(

@@ -2,8 +2,9 @@
 
 use crate::config::{CacheKind, StoreKind, StoreSettings};
 use crate::dispatch::Router;
-use crate::pipeline::{GroupRuntime, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::plugin::PluginEngine;
+use crate::plugin::reload::build_runtime;
 use crate::sink::Store;
 use crate::sink::dynamo::DynamoStore;
 use crate::sink::embedded::EmbeddedStore;
@@ -66,26 +67,24 @@ pub async fn ensure_tables(writer: &FeatureWriter, specs: &SpecSet) -> anyhow::R
 
 /// Compile and initialize every group's plugin (off the async workers) and build the pipeline.
 pub async fn build_pipeline(specs: &SpecSet, writer: FeatureWriter) -> anyhow::Result<Pipeline> {
-    let engine = PluginEngine::new()?;
+    build_pipeline_with(&PluginEngine::new()?, specs, writer).await
+}
+
+/// As [`build_pipeline`], on a given engine (the one hot reload will use). Every plugin
+/// passes the same gate as a reload: compile, interface check, init, golden events.
+pub async fn build_pipeline_with(
+    engine: &PluginEngine,
+    specs: &SpecSet,
+    writer: FeatureWriter,
+) -> anyhow::Result<Pipeline> {
     let mut groups = Vec::new();
     for def in specs.groups.values() {
         let (engine, d) = (engine.clone(), def.clone());
-        let plugin = tokio::task::spawn_blocking(move || {
-            engine.load(
-                &d.name,
-                &d.plugin_path,
-                d.spec.plugin.config.as_ref(),
-                &d.spec.plugin.limits,
-            )
-        })
-        .await?
-        .with_context(|| format!("feature group {} ({})", def.name, def.file.display()))?;
-        tracing::info!(group = %def.name, version = plugin.version(), "plugin loaded");
-        groups.push(GroupRuntime {
-            def: def.clone(),
-            plugin,
-            sink: GroupSink::from_def(def),
-        });
+        let runtime = tokio::task::spawn_blocking(move || build_runtime(&engine, &d))
+            .await?
+            .with_context(|| format!("feature group {} ({})", def.name, def.file.display()))?;
+        tracing::info!(group = %def.name, version = runtime.plugin.version(), "plugin loaded");
+        groups.push(runtime);
     }
     Ok(Pipeline::new(groups, Router::new(specs), writer))
 }

@@ -89,6 +89,33 @@ pub enum PluginCommand {
         /// JSON-lines events (the local events format).
         #[arg(long)]
         events: PathBuf,
+        /// Print golden cases (`{"event": …, "writes": […]}`) to use as `plugin.golden`
+        /// once reviewed.
+        #[arg(long)]
+        golden: bool,
+    },
+    /// Show each group's serving plugin version and its reload history, from a running host.
+    ///
+    /// Example: `feature-host plugin status --admin 127.0.0.1:8080`
+    Status {
+        /// The host's admin address.
+        #[arg(long, env = "FH_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+        admin: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a group with the plugin version it had before its last reload (running host).
+    ///
+    /// Example: `FH_ADMIN_TOKEN=… feature-host plugin rollback user-activity`
+    Rollback {
+        group: String,
+        /// The host's admin address.
+        #[arg(long, env = "FH_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
+        admin: String,
+        /// The host's FH_ADMIN_TOKEN.
+        #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -136,10 +163,67 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugin(PluginCommand::Test { wasm, spec, events }) => {
-            crate::plugin::test_cmd::run(&wasm, &spec, &events).await
+        Command::Plugin(PluginCommand::Test {
+            wasm,
+            spec,
+            events,
+            golden,
+        }) => crate::plugin::test_cmd::run(&wasm, &spec, &events, golden).await,
+        Command::Plugin(PluginCommand::Status { admin, json }) => plugin_status(&admin, json).await,
+        Command::Plugin(PluginCommand::Rollback {
+            group,
+            admin,
+            token,
+        }) => {
+            let (status, body) = crate::admin_client::request(
+                &admin,
+                "POST",
+                &format!("/v1/plugins/{group}/rollback"),
+                token.as_deref(),
+            )
+            .await?;
+            println!("{body}");
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
+}
+
+async fn plugin_status(admin: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (status, body) = crate::admin_client::request(admin, "GET", "/v1/plugins", None).await?;
+    if status != 200 || json {
+        println!("{body}");
+        return Ok(if status == 200 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("unexpected answer from {admin}/v1/plugins: {body}"))?;
+    println!(
+        "{:<24} {:<17} {:<17} {:<12} LAST RELOAD",
+        "GROUP", "VERSION", "PREVIOUS", "RESULT"
+    );
+    for g in v["groups"].as_array().into_iter().flatten() {
+        let s = |k: &str| g[k].as_str().unwrap_or("-").to_owned();
+        let last = &g["last_reload"];
+        println!(
+            "{:<24} {:<17} {:<17} {:<12} {}",
+            s("group"),
+            s("version"),
+            s("previous_version"),
+            last["result"].as_str().unwrap_or("-"),
+            last["error"].as_str().unwrap_or("")
+        );
+    }
+    for n in v["notes"].as_array().into_iter().flatten() {
+        println!("note: {}", n.as_str().unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate(dir: &std::path::Path, plugin_dir: &std::path::Path) -> ExitCode {
@@ -190,7 +274,14 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
     if stores.create_tables && stores.store_kind() == StoreKind::Dynamodb {
         app::ensure_tables(&writer, &specs).await?;
     }
-    let pipeline = Arc::new(app::build_pipeline(&specs, writer).await?);
+    let engine = crate::plugin::PluginEngine::with_settings(&run.plugins.engine(&stores.data_dir))?;
+    let pipeline = Arc::new(app::build_pipeline_with(&engine, &specs, writer).await?);
+    let reloader = crate::plugin::reload::Reloader::new(
+        pipeline.clone(),
+        engine,
+        &stores.spec_dir,
+        &stores.plugin_dir,
+    );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -203,7 +294,17 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
     let admin = crate::admin::router(crate::admin::AdminState {
         pipeline: pipeline.clone(),
         push,
+        reloader: Some(reloader.clone()),
+        token: run.admin_token.clone(),
     });
+    if run.plugins.reload && !run.once {
+        let (rx, p) = (shutdown_rx.clone(), run.plugins.clone());
+        tokio::spawn(async move {
+            if let Err(e) = reloader.watch(p.reload_debounce, p.reload_poll, rx).await {
+                tracing::error!(error = %e, "hot reload is off: cannot watch the spec and plugin directories");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&run.admin_addr)
         .await
         .with_context(|| {

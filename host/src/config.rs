@@ -145,4 +145,50 @@ pub struct RunSettings {
     /// Admin HTTP address (health, features, and the event push endpoint without Kafka).
     #[arg(long, env = "FH_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
     pub admin_addr: String,
+
+    /// Bearer token the admin API's mutating calls (plugin rollback) require; unset: they
+    /// are refused.
+    #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    #[command(flatten)]
+    pub plugins: PluginSettings,
+}
+
+/// The plugin runtime and hot reload.
+#[derive(Debug, Clone, Args)]
+pub struct PluginSettings {
+    /// Watch the spec and plugin directories and swap changed plugins live.
+    #[arg(long, env = "FH_RELOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reload: bool,
+
+    /// Quiet time after a file change before reloading (writers rename into place).
+    #[arg(long, env = "FH_RELOAD_DEBOUNCE", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub reload_debounce: Duration,
+
+    /// Full rescan interval, for file systems without change events.
+    #[arg(long, env = "FH_RELOAD_POLL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub reload_poll: Duration,
+
+    /// Plugin instances that may exist at once (pooling allocator slots; 0 = allocate on
+    /// demand).
+    #[arg(long, env = "FH_PLUGIN_MAX_INSTANCES", default_value_t = 1000)]
+    pub max_instances: u32,
+
+    /// Precompiled plugin artifacts (default: `<data dir>/plugin-cache`; `off` disables).
+    #[arg(long, env = "FH_PLUGIN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl PluginSettings {
+    pub fn engine(&self, data_dir: &std::path::Path) -> crate::plugin::EngineSettings {
+        crate::plugin::EngineSettings {
+            max_instances: self.max_instances,
+            cache_dir: match &self.cache_dir {
+                Some(p) if p.as_os_str() == "off" => None,
+                Some(p) => Some(p.clone()),
+                None => Some(data_dir.join("plugin-cache")),
+            },
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! - [`admin`], [`metrics`], [`cli`], [`config`], [`app`]: operating it; [`bench`]: measuring it.
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod bench;
 pub mod cli;

@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
@@ -40,6 +41,28 @@ impl GroupLabels {
     }
 }
 
+/// Labels of a group's plugin version.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub group: String,
+    pub version: String,
+}
+
+/// Labels of reload outcomes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub group: String,
+    /// `applied`, `rejected` or `rolled_back`.
+    pub result: String,
+}
+
+fn call_histogram() -> Histogram {
+    // 50 µs .. ~3.3 s: a one-event call up to a large batch near its deadline.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 17,
+    ))
+}
+
 /// Every series the host exports.
 pub struct Metrics {
     registry: Registry,
@@ -67,6 +90,16 @@ pub struct Metrics {
     pub replays: Family<GroupLabels, Counter>,
     /// Late results of a revoked partition that were dropped (fenced), not committed.
     pub fenced: Family<PartitionLabels, Counter>,
+    /// Duration of plugin batch calls.
+    pub plugin_call_seconds: Family<GroupLabels, Histogram, fn() -> Histogram>,
+    /// Plugin batch calls that failed (trap, timeout, memory cap): the batch went to retry.
+    pub plugin_call_failures: Family<GroupLabels, Counter>,
+    /// Plugin instances replaced after a failure or past their memory high-water mark.
+    pub plugin_instance_recycles: Family<GroupLabels, Counter>,
+    /// Hot reload outcomes per group.
+    pub plugin_reloads: Family<ReloadLabels, Counter>,
+    /// 1 for the plugin version serving each group.
+    pub plugin_version: Family<VersionLabels, Gauge>,
 }
 
 impl Metrics {
@@ -106,6 +139,31 @@ impl Metrics {
             fenced: reg!(
                 "consumer_fenced_results",
                 "Late results of revoked partitions dropped, not committed"
+            ),
+            plugin_call_seconds: {
+                let m = Family::new_with_constructor(call_histogram as fn() -> Histogram);
+                registry.register(
+                    "plugin_call_seconds",
+                    "Duration of plugin batch calls",
+                    m.clone(),
+                );
+                m
+            },
+            plugin_call_failures: reg!(
+                "plugin_call_failures",
+                "Plugin batch calls that trapped, timed out or hit the memory cap"
+            ),
+            plugin_instance_recycles: reg!(
+                "plugin_instance_recycles",
+                "Plugin instances replaced after a failure or past their memory high-water mark"
+            ),
+            plugin_reloads: reg!(
+                "plugin_reloads",
+                "Plugin and spec reloads by result (applied, rejected, rolled_back)"
+            ),
+            plugin_version: reg!(
+                "plugin_version_info",
+                "1 for the plugin version serving the group"
             ),
             registry,
         })

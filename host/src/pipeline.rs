@@ -6,7 +6,8 @@
 use crate::dispatch::Router;
 use crate::event::Event;
 use crate::feature::{Mutation, Write, check_write};
-use crate::metrics::{GroupLabels, Metrics};
+use crate::metrics::{GroupLabels, Metrics, VersionLabels};
+use arc_swap::ArcSwap;
 use crate::plugin::{EventFailure, Plugin};
 use crate::sink::SinkError;
 use crate::sink::writer::{FeatureWriter, GroupSink, WriteReport};
@@ -15,7 +16,8 @@ use futures::future::join_all;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// A feature group ready to process: its spec, plugin and sink settings.
+/// A feature group ready to process: its spec, plugin and sink settings. Hot reload
+/// replaces a group's runtime as a whole; a batch uses the runtime it started with.
 #[derive(Clone)]
 pub struct GroupRuntime {
     pub def: GroupDef,
@@ -78,7 +80,10 @@ pub struct BatchStats {
 }
 
 pub struct Pipeline {
-    groups: Vec<GroupRuntime>,
+    /// Indexed like the router's groups. Swapped atomically by hot reload: a batch loads
+    /// its group's runtime once, so it runs entirely on one version, and a swap takes
+    /// effect at the next batch.
+    groups: Vec<ArcSwap<GroupRuntime>>,
     router: Router,
     writer: FeatureWriter,
     metrics: Arc<Metrics>,
@@ -93,11 +98,21 @@ impl Pipeline {
                 .map(|g| &g.def.name)
                 .eq(router.groups().iter())
         );
+        let metrics = Metrics::new();
+        for g in &groups {
+            metrics
+                .plugin_version
+                .get_or_create(&VersionLabels {
+                    group: g.def.name.clone(),
+                    version: g.plugin.version().into(),
+                })
+                .set(1);
+        }
         Pipeline {
-            groups,
+            groups: groups.into_iter().map(ArcSwap::from_pointee).collect(),
             router,
             writer,
-            metrics: Metrics::new(),
+            metrics,
         }
     }
 
@@ -105,12 +120,48 @@ impl Pipeline {
         &self.metrics
     }
 
-    pub fn groups(&self) -> &[GroupRuntime] {
-        &self.groups
+    /// Number of groups (indices `0..n` as the router returns them).
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 
-    pub fn group(&self, name: &str) -> Option<&GroupRuntime> {
-        self.groups.iter().find(|g| g.def.name == name)
+    /// The runtime serving group `g` now.
+    pub fn runtime(&self, g: usize) -> Arc<GroupRuntime> {
+        self.groups[g].load_full()
+    }
+
+    /// A snapshot of every group's runtime.
+    pub fn runtimes(&self) -> Vec<Arc<GroupRuntime>> {
+        self.groups.iter().map(|g| g.load_full()).collect()
+    }
+
+    pub fn group_index(&self, name: &str) -> Option<usize> {
+        self.router.groups().iter().position(|n| n == name)
+    }
+
+    pub fn group(&self, name: &str) -> Option<Arc<GroupRuntime>> {
+        self.group_index(name).map(|g| self.runtime(g))
+    }
+
+    /// Serve group `g` with `new` from its next batch on; batches already running finish
+    /// on the old runtime, which is returned. Only the hot reloader calls this, after
+    /// checking that `new` keeps the group's name, sources and ordering.
+    pub fn replace(&self, g: usize, new: Arc<GroupRuntime>) -> Arc<GroupRuntime> {
+        let old = self.groups[g].swap(new.clone());
+        if old.plugin.version() != new.plugin.version() {
+            self.metrics.plugin_version.remove(&VersionLabels {
+                group: old.def.name.clone(),
+                version: old.plugin.version().into(),
+            });
+        }
+        self.metrics
+            .plugin_version
+            .get_or_create(&VersionLabels {
+                group: new.def.name.clone(),
+                version: new.plugin.version().into(),
+            })
+            .set(1);
+        old
     }
 
     pub fn router(&self) -> &Router {
@@ -177,7 +228,7 @@ impl Pipeline {
                 let n = attempts[&(f.event, f.group)];
                 f.kind == FailureKind::Retryable
                     && match in_place {
-                        InPlace::All => n < self.groups[f.group].def.spec.retry.max_attempts,
+                        InPlace::All => n < self.runtime(f.group).def.spec.retry.max_attempts,
                         InPlace::StoreOnly(max) => f.store && n < max,
                     }
             };
@@ -190,7 +241,7 @@ impl Pipeline {
                 .map(|f| {
                     let n = attempts[&(f.event, f.group)];
                     let first = match in_place {
-                        InPlace::All => self.groups[f.group].def.retry_backoff,
+                        InPlace::All => self.runtime(f.group).def.retry_backoff,
                         InPlace::StoreOnly(_) => STORE_RETRY_BACKOFF,
                     };
                     first.saturating_mul(1 << (n - 1).min(6))
@@ -218,7 +269,9 @@ impl Pipeline {
     ) -> (Vec<Failure>, Option<WriteReport>) {
         idx.sort_unstable();
         idx.dedup();
-        let group = &self.groups[g];
+        // Loaded once: the whole batch runs on one version of the group.
+        let group = self.runtime(g);
+        let labels = GroupLabels::new(&group.def.name);
         let failure = |event, kind, reason: String| Failure {
             event,
             group: g,
@@ -231,9 +284,22 @@ impl Pipeline {
         } else {
             Arc::new(idx.iter().map(|&i| events[i].clone()).collect())
         };
-        let results = match group.plugin.process(input).await {
+        let started = std::time::Instant::now();
+        let called = group.plugin.process(input).await;
+        let m = &self.metrics;
+        m.plugin_call_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let recycled = group.plugin.take_recycled();
+        if recycled > 0 {
+            m.plugin_instance_recycles
+                .get_or_create(&labels)
+                .inc_by(recycled);
+        }
+        let results = match called {
             Ok(r) => r,
             Err(e) => {
+                m.plugin_call_failures.get_or_create(&labels).inc();
                 tracing::error!(group = %group.def.name, error = %e, "plugin call failed");
                 return (
                     idx.iter()
@@ -278,8 +344,6 @@ impl Pipeline {
             return (failures, None);
         }
         let report = self.writer.apply(&group.sink, mutations).await;
-        let labels = GroupLabels::new(&group.def.name);
-        let m = &self.metrics;
         m.writes
             .get_or_create(&labels)
             .inc_by(report.outcome.applied_ops.into());

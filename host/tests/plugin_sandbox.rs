@@ -1,10 +1,30 @@
 //! A plugin that panics, loops or balloons fails only that call, with a clear error; the next
-//! call on the same plugin works. Needs the fixtures built (scripts/build-plugins).
+//! call on the same plugin works. Components of the wrong shape are refused at load time.
+//! Needs the fixtures built (scripts/build-plugins).
 
 use feature_host::event::Event;
-use feature_host::plugin::{PluginEngine, PluginError};
+use feature_host::plugin::{EngineSettings, PluginEngine, PluginError};
 use feature_host::spec::PluginLimits;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    let wasm = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist")
+        .join(name);
+    assert!(
+        wasm.is_file(),
+        "fixture {name} not built: run scripts/build-plugins"
+    );
+    wasm
+}
+
+fn limits(timeout_ms: u64, memory_mb: u64, recycle_mb: Option<u64>) -> PluginLimits {
+    PluginLimits {
+        timeout_ms,
+        memory_mb,
+        recycle_mb,
+    }
+}
 
 fn event(payload: &str) -> Event {
     Event {
@@ -21,18 +41,10 @@ fn event(payload: &str) -> Event {
 
 #[test]
 fn hostile_calls_are_contained_and_the_plugin_keeps_serving() {
-    let wasm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist/hostile.wasm");
-    assert!(
-        wasm.is_file(),
-        "fixture not built: run scripts/build-plugins"
-    );
-    let limits = PluginLimits {
-        timeout_ms: 300,
-        memory_mb: 32,
-    };
+    let wasm = fixture("hostile.wasm");
     let plugin = PluginEngine::new()
         .unwrap()
-        .load("hostile", &wasm, None, &limits)
+        .load("hostile", &wasm, None, &limits(300, 32, None))
         .unwrap();
     let ok = |p: &feature_host::plugin::Plugin| {
         let out = p.process_blocking(&[event("fine")]).unwrap();
@@ -87,4 +99,108 @@ fn hostile_calls_are_contained_and_the_plugin_keeps_serving() {
         ),
     }
     ok(&plugin);
+}
+
+fn expect_err(r: Result<feature_host::plugin::Plugin, PluginError>) -> PluginError {
+    match r {
+        Ok(p) => panic!("loaded {}", p.version()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn components_of_the_wrong_shape_are_refused_with_the_reason() {
+    let engine = PluginEngine::new().unwrap();
+    let l = limits(300, 32, None);
+    let load = |bytes: &[u8]| engine.load_bytes("g", "x.wasm", bytes, None, &l);
+
+    // Same export names, other types: an SDK from another world.
+    let impostor = std::fs::read(fixture("wrong_interface.wasm")).unwrap();
+    let e = expect_err(load(&impostor));
+    assert!(matches!(e, PluginError::Interface { .. }), "{e}");
+    assert!(e.to_string().contains("does not implement"), "{e}");
+
+    // A component that exports nothing.
+    let empty_component = b"\0asm\x0d\0\x01\0";
+    let e = expect_err(load(empty_component));
+    assert!(matches!(e, PluginError::Interface { .. }), "{e}");
+
+    // A core module (a `wasm32-unknown-unknown` build), and garbage.
+    for bytes in [&b"\0asm\x01\0\0\0"[..], b"hello, world"] {
+        let e = expect_err(load(bytes));
+        assert!(matches!(e, PluginError::Compile { .. }), "{e}");
+    }
+}
+
+#[test]
+fn randomness_is_seeded_by_version_and_memory_hogs_are_recycled() {
+    let wasm = fixture("hostile.wasm");
+    let random = |p: &feature_host::plugin::Plugin| {
+        let out = p.process_blocking(&[event("random")]).unwrap();
+        out[0].as_ref().unwrap()[0].op.clone()
+    };
+    // Two engines, two fresh instances: the same version draws the same numbers.
+    let a = PluginEngine::new()
+        .unwrap()
+        .load("g", &wasm, None, &limits(1000, 32, None))
+        .unwrap();
+    let b = PluginEngine::new()
+        .unwrap()
+        .load("g", &wasm, None, &limits(1000, 32, Some(1)))
+        .unwrap();
+    assert_eq!(random(&a), random(&b));
+
+    // Default threshold (half the cap): a small plugin's instance is reused.
+    a.process_blocking(&[event("fine")]).unwrap();
+    assert_eq!(a.take_recycled(), 0);
+    assert_eq!(a.pooled_instances(), 1);
+    // A 1 MiB threshold: every instance (a Rust module starts above 1 MiB) is replaced.
+    b.process_blocking(&[event("fine")]).unwrap();
+    b.process_blocking(&[event("fine")]).unwrap();
+    assert_eq!(b.take_recycled(), 3);
+    assert_eq!(b.pooled_instances(), 0);
+    // Still serving, from fresh instances.
+    let out = b.process_blocking(&[event("fine")]).unwrap();
+    assert_eq!(out[0].as_ref().unwrap()[0].feature, "n");
+}
+
+#[test]
+fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
+    let dir = std::env::temp_dir().join(format!("fh-artifacts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let settings = EngineSettings {
+        max_instances: 16,
+        cache_dir: Some(dir.clone()),
+    };
+    let wasm = fixture("hostile.wasm");
+    let l = limits(1000, 32, None);
+    let first = PluginEngine::with_settings(&settings)
+        .unwrap()
+        .load("g", &wasm, None, &l)
+        .unwrap();
+    let artifacts: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    let name = artifacts[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(first.version()) && name.ends_with(".cwasm"), "{name}");
+
+    // A new engine (a restart) loads the artifact.
+    let again = PluginEngine::with_settings(&settings)
+        .unwrap()
+        .load("g", &wasm, None, &l)
+        .unwrap();
+    assert_eq!(again.version(), first.version());
+    again.process_blocking(&[event("fine")]).unwrap();
+
+    // A damaged artifact is discarded and the component compiled again.
+    std::fs::write(&artifacts[0], b"not machine code").unwrap();
+    let third = PluginEngine::with_settings(&settings)
+        .unwrap()
+        .load("g", &wasm, None, &l)
+        .unwrap();
+    third.process_blocking(&[event("fine")]).unwrap();
+    assert!(std::fs::metadata(&artifacts[0]).unwrap().len() > 1000);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,7 +8,12 @@ use anyhow::Context as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    wasm: &Path,
+    spec_file: &Path,
+    events_file: &Path,
+    golden: bool,
+) -> anyhow::Result<ExitCode> {
     let plugin_dir = wasm.parent().unwrap_or(Path::new("."));
     // The spec's own `plugin.wasm` is irrelevant here: the component under test is `wasm`.
     let group = match load_files(&[spec_file.to_path_buf()], plugin_dir) {
@@ -33,6 +38,7 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
                     retry_backoff: std::time::Duration::from_secs(1),
                     retry_topic: String::new(),
                     dead_letter_topic: String::new(),
+                    golden: Vec::new(),
                     spec: d.spec,
                 }),
                 Document::Ingestion(_) => None,
@@ -44,6 +50,7 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
     let text = std::fs::read_to_string(events_file)
         .with_context(|| format!("cannot read {}", events_file.display()))?;
     let mut events = Vec::new();
+    let mut lines = Vec::new();
     for (n, line) in text
         .lines()
         .enumerate()
@@ -52,6 +59,7 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
         let e = crate::stream::local::parse_event(line, Some(n as i64 + 1), None)
             .map_err(|e| anyhow::anyhow!("{}:{}: {e}", events_file.display(), n + 1))?;
         events.push(e);
+        lines.push(serde_json::from_str::<serde_json::Value>(line).unwrap_or_default());
     }
     let (wasm, name, config, limits) = (
         wasm.to_path_buf(),
@@ -67,7 +75,24 @@ pub async fn run(wasm: &Path, spec_file: &Path, events_file: &Path) -> anyhow::R
     .await??;
     let (events, results) = results;
     let mut failed = false;
-    for (event, result) in events.iter().zip(results) {
+    for ((event, result), original) in events.iter().zip(results).zip(&lines) {
+        if golden {
+            let checked = result.map(|writes| {
+                writes
+                    .into_iter()
+                    .filter_map(|w| match check_write(&group.spec, w) {
+                        Ok(w) => Some(w),
+                        Err(e) => {
+                            failed = true;
+                            eprintln!("offset {}: {e}", event.offset);
+                            None
+                        }
+                    })
+                    .collect()
+            });
+            println!("{}", super::golden::case_line(original, &checked));
+            continue;
+        }
         let line = match result {
             Ok(writes) => {
                 let checked: Vec<serde_json::Value> = writes

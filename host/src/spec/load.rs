@@ -59,6 +59,8 @@ pub struct GroupDef {
     pub retry_backoff: Duration,
     pub retry_topic: String,
     pub dead_letter_topic: String,
+    /// The golden events of `spec.plugin.golden`, parsed.
+    pub golden: Vec<crate::plugin::golden::GoldenCase>,
 }
 
 /// A validated Ingestion.
@@ -116,6 +118,11 @@ static VALIDATORS: LazyLock<Validators> = LazyLock::new(|| {
 /// Load and validate every `*.yaml` / `*.yml` below `dir` (recursively). Plugin paths resolve
 /// against `plugin_dir`.
 pub fn load_dir(dir: &Path, plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
+    load_files(&spec_files(dir)?, plugin_dir)
+}
+
+/// The spec files below `dir`, sorted.
+pub fn spec_files(dir: &Path) -> Result<Vec<PathBuf>, SpecErrors> {
     let mut files = Vec::new();
     if let Err(e) = collect_yaml(dir, &mut files) {
         return Err(SpecErrors(vec![SpecError {
@@ -125,7 +132,35 @@ pub fn load_dir(dir: &Path, plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
         }]));
     }
     files.sort();
-    load_files(&files, plugin_dir)
+    Ok(files)
+}
+
+/// Load what can be loaded: files with problems are set aside, with their errors, and the
+/// others load as a set. Hot reload uses this so that one team's broken spec does not hold
+/// back another team's update.
+pub fn load_dir_tolerant(dir: &Path, plugin_dir: &Path) -> (SpecSet, Vec<SpecError>) {
+    let mut files = match spec_files(dir) {
+        Ok(f) => f,
+        Err(e) => return (SpecSet::default(), e.0),
+    };
+    let mut set_aside = Vec::new();
+    // Removing a file can surface another's problem (a reference to a group it defined):
+    // a few rounds settle it.
+    for _ in 0..4 {
+        match load_files(&files, plugin_dir) {
+            Ok(set) => return (set, set_aside),
+            Err(errors) => {
+                let bad: BTreeSet<String> = errors
+                    .0
+                    .iter()
+                    .map(|e| e.file.split('#').next().unwrap_or_default().to_owned())
+                    .collect();
+                files.retain(|f| !bad.contains(&f.display().to_string()));
+                set_aside.extend(errors.0);
+            }
+        }
+    }
+    (SpecSet::default(), set_aside)
 }
 
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -506,7 +541,18 @@ fn check_group(
             ),
         ));
     }
+    let golden = match &spec.plugin.golden {
+        Some(rel) => {
+            let path = file.parent().unwrap_or(Path::new(".")).join(rel);
+            crate::plugin::golden::load(&path).unwrap_or_else(|m| {
+                problems.push(err("spec.plugin.golden", m));
+                Vec::new()
+            })
+        }
+        None => Vec::new(),
+    };
     GroupDef {
+        golden,
         name: name.to_owned(),
         file: file.to_path_buf(),
         retry_topic: spec

@@ -116,6 +116,12 @@ pub struct PluginSpec {
     pub config: Option<serde_json::Value>,
     #[serde(default)]
     pub limits: PluginLimits,
+    /// Golden events: a JSON-lines file (relative to this spec file) of sample events with
+    /// the writes they must produce. A plugin version that disagrees is refused, at start
+    /// and on every reload. `feature-host plugin test --golden` writes such a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub golden: Option<String>,
 }
 
 /// Sandbox limits per plugin call / instance.
@@ -130,6 +136,11 @@ pub struct PluginLimits {
     #[serde(default = "default_memory_mb")]
     #[schemars(range(min = 1, max = 4096))]
     pub memory_mb: u64,
+    /// An instance whose memory grew past this many MiB is replaced after its call instead
+    /// of being reused (wasm memory never shrinks). Default: half of `memoryMb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub recycle_mb: Option<u64>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -144,6 +155,7 @@ impl Default for PluginLimits {
         PluginLimits {
             timeout_ms: default_timeout_ms(),
             memory_mb: default_memory_mb(),
+            recycle_mb: None,
         }
     }
 }

@@ -376,7 +376,7 @@ impl Shared {
             .route(event)
             .into_iter()
             .map(|g| {
-                let lane = match self.pipeline.groups()[g].def.spec.ordering {
+                let lane = match self.pipeline.runtime(g).def.spec.ordering {
                     Ordering::Key => Some(LaneKey::for_key(g, event.key.as_deref())),
                     Ordering::Partition => Some(LaneKey::Partition { group: g }),
                     Ordering::Unordered => None,
@@ -410,7 +410,7 @@ impl Shared {
         };
         let Some(&group) = groups
             .iter()
-            .find(|&&g| self.pipeline.groups()[g].def.name == env.group)
+            .find(|&&g| self.pipeline.router().groups()[g] == env.group)
         else {
             return poison(format!(
                 "retry message for group {:?}, which does not retry through {}",
@@ -563,7 +563,8 @@ async fn hand_off(
     if fenced() {
         return false; // The next owner re-reads it; a hand-off now would be a duplicate.
     }
-    let def = &shared.pipeline.groups()[unit.group].def;
+    let runtime = shared.pipeline.runtime(unit.group);
+    let def = &runtime.def;
     let now = now_ms();
     let (before, first_failure_ms) = unit
         .retry
@@ -640,7 +641,7 @@ pub async fn consume(
 ) -> anyhow::Result<()> {
     let mut retry_topics: HashMap<String, Vec<usize>> = HashMap::new();
     let mut own_topics = BTreeSet::new();
-    for (i, g) in pipeline.groups().iter().enumerate() {
+    for (i, g) in pipeline.runtimes().iter().enumerate() {
         retry_topics
             .entry(g.def.retry_topic.clone())
             .or_default()

@@ -115,7 +115,7 @@ pub async fn ingest(
         .await;
     let mut lines: Vec<String> = failures
         .iter()
-        .map(|f| to_json_line(&events[f.event], &pipeline.groups()[f.group].def.name, f))
+        .map(|f| to_json_line(&events[f.event], &pipeline.router().groups()[f.group], f))
         .collect();
     for (line, reason) in &unparsed {
         lines.push(serde_json::json!({"kind": FailureKind::Invalid.as_str(), "reason": reason, "line": line}).to_string());
@@ -130,7 +130,7 @@ pub async fn ingest(
             )
         })?;
     for f in &failures {
-        tracing::warn!(group = %pipeline.groups()[f.group].def.name, kind = f.kind.as_str(), reason = %f.reason,
+        tracing::warn!(group = %pipeline.router().groups()[f.group], kind = f.kind.as_str(), reason = %f.reason,
             offset = events[f.event].offset, "event dead-lettered");
     }
     Ok(IngestSummary {
