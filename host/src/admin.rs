@@ -58,7 +58,10 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 
 async fn plugins(State(s): State<AdminState>) -> Response {
     let (groups, notes) = match &s.reloader {
-        Some(r) => (serde_json::to_value(r.status()).unwrap_or_default(), r.notes()),
+        Some(r) => (
+            serde_json::to_value(r.status()).unwrap_or_default(),
+            r.notes(),
+        ),
         None => (
             s.pipeline
                 .runtimes()
@@ -120,7 +123,9 @@ async fn rollback(
         return error(StatusCode::NOT_FOUND, "hot reload is not running".into());
     };
     match reloader.rollback(&group) {
-        Ok(version) => Json(serde_json::json!({ "group": group, "version": version })).into_response(),
+        Ok(version) => {
+            Json(serde_json::json!({ "group": group, "version": version })).into_response()
+        }
         Err(e) => error(StatusCode::CONFLICT, e),
     }
 }

@@ -35,7 +35,10 @@ pub async fn request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("malformed HTTP status line from {addr}: {head}"))?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()

@@ -183,8 +183,15 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
-    let name = artifacts[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.starts_with(first.version()) && name.ends_with(".cwasm"), "{name}");
+    let name = artifacts[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with(first.version()) && name.ends_with(".cwasm"),
+        "{name}"
+    );
 
     // A new engine (a restart) loads the artifact.
     let again = PluginEngine::with_settings(&settings)

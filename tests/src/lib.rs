@@ -230,6 +230,33 @@ pub async fn counts(
     group: &str,
     feature: &str,
 ) -> std::collections::BTreeMap<String, i64> {
+    attributes(client, table, group, feature)
+        .await
+        .into_iter()
+        .filter_map(|(e, a)| Some((e, a.as_n().ok()?.parse().ok()?)))
+        .collect()
+}
+
+/// String feature `feature` of every entity of `group` in `table`.
+pub async fn strings(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    group: &str,
+    feature: &str,
+) -> std::collections::BTreeMap<String, String> {
+    attributes(client, table, group, feature)
+        .await
+        .into_iter()
+        .filter_map(|(e, a)| Some((e, a.as_s().ok()?.clone())))
+        .collect()
+}
+
+async fn attributes(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    group: &str,
+    feature: &str,
+) -> std::collections::BTreeMap<String, aws_sdk_dynamodb::types::AttributeValue> {
     let mut out = std::collections::BTreeMap::new();
     let mut start = None;
     loop {
@@ -251,12 +278,8 @@ pub async fn counts(
             let Some(entity) = pk.strip_prefix(&format!("{group}#")) else {
                 continue;
             };
-            if let Some(n) = item
-                .get(&format!("f:{feature}"))
-                .and_then(|a| a.as_n().ok())
-                .and_then(|n| n.parse().ok())
-            {
-                out.insert(entity.to_owned(), n);
+            if let Some(v) = item.get(&format!("f:{feature}")) {
+                out.insert(entity.to_owned(), v.clone());
             }
         }
         start = page.last_evaluated_key().cloned();
@@ -264,6 +287,40 @@ pub async fn counts(
             return out;
         }
     }
+}
+
+/// The hostile fixture with its build label replaced (at most 15 bytes): a distinct plugin
+/// version that writes `label` = `label`. Labels starting with `bad` miscount; with
+/// `initfail` the plugin refuses to start.
+pub fn relabeled_hostile(label: &str) -> Vec<u8> {
+    assert!(label.len() <= 15);
+    let mut bytes = std::fs::read(plugin_dir().join("hostile.wasm")).unwrap();
+    let marker = b"fh-label:";
+    let found: Vec<usize> = bytes
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, w)| *w == marker)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(found.len(), 1, "the label marker must occur exactly once");
+    let at = found[0] + marker.len();
+    let mut padded = label.as_bytes().to_vec();
+    padded.resize(15, b'.');
+    bytes[at..at + 15].copy_from_slice(&padded);
+    bytes
+}
+
+/// The version (content hash) the host gives a plugin's bytes.
+pub fn plugin_version(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(bytes)[..8])
+}
+
+/// Write `bytes` to `path` the way deploy tools should: a temporary file, then a rename.
+pub fn install_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A free loopback port (bound, then released).
@@ -277,17 +334,36 @@ pub fn free_port() -> u16 {
 
 /// GET a path from a loopback HTTP server; the body, or None if it is not reachable.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    http(port, "GET", path, &[]).await.map(|(_, body)| body)
+}
+
+/// One HTTP/1.0 request to the loopback port: status and body, `None` if unreachable.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    s.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n{extra}Content-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// A short random suffix so tests never share topics, tables or consumer groups.

@@ -159,6 +159,7 @@ mod tests {
                 wasm: "x.wasm".into(),
                 config: None,
                 limits: Default::default(),
+                golden: None,
             },
             sources: vec![],
             store: Default::default(),

@@ -61,11 +61,14 @@ impl ArtifactCache {
     /// Store a compiled component. Failures only cost a recompile later: logged, not fatal.
     pub(super) fn put(&self, content_hash: &str, component: &Component) {
         let path = self.path(content_hash);
-        let result = component.serialize().map_err(std::io::Error::other).and_then(|bytes| {
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)
-        });
+        let result = component
+            .serialize()
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, &path)
+            });
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache the precompiled plugin");
         }

@@ -69,7 +69,8 @@ pub fn load(path: &Path) -> Result<Vec<GoldenCase>, String> {
 }
 
 fn parse_case(line: &str, at: String) -> Result<GoldenCase, String> {
-    let l: Line = serde_json::from_str(line).map_err(|e| format!("{at}: not a golden case: {e}"))?;
+    let l: Line =
+        serde_json::from_str(line).map_err(|e| format!("{at}: not a golden case: {e}"))?;
     let mut event = l.event;
     if let Some(obj) = event.as_object_mut() {
         obj.entry("timestamp").or_insert(0.into());
@@ -90,7 +91,10 @@ fn parse_case(line: &str, at: String) -> Result<GoldenCase, String> {
 }
 
 /// The outcome of one event, in golden-file form (for `plugin test --golden`).
-pub fn case_line(event_json: &serde_json::Value, outcome: &Result<Vec<Write>, EventFailure>) -> serde_json::Value {
+pub fn case_line(
+    event_json: &serde_json::Value,
+    outcome: &Result<Vec<Write>, EventFailure>,
+) -> serde_json::Value {
     match outcome {
         Ok(w) => serde_json::json!({ "event": event_json, "writes": w }),
         Err(EventFailure::Invalid(m)) => serde_json::json!({ "event": event_json, "invalid": m }),
@@ -110,7 +114,9 @@ pub fn check(plugin: &Plugin, def: &GroupDef) -> Result<(), PluginError> {
         message,
     };
     let events: Vec<Event> = def.golden.iter().map(|c| c.event.clone()).collect();
-    let results = plugin.process_blocking(&events).map_err(|e| fail(e.to_string()))?;
+    let results = plugin
+        .process_blocking(&events)
+        .map_err(|e| fail(e.to_string()))?;
     for (case, result) in def.golden.iter().zip(results) {
         let got = result.map(|writes| {
             writes
@@ -119,7 +125,11 @@ pub fn check(plugin: &Plugin, def: &GroupDef) -> Result<(), PluginError> {
                 .collect::<Vec<_>>()
         });
         let mismatch = |got: String| {
-            fail(format!("{}: expected {}, got {got}", case.at, describe(&case.expect)))
+            fail(format!(
+                "{}: expected {}, got {got}",
+                case.at,
+                describe(&case.expect)
+            ))
         };
         match (&case.expect, got) {
             (Expected::Writes(want), Ok(got)) => {
@@ -198,8 +208,11 @@ mod tests {
 
     #[test]
     fn rejects_ambiguous_or_malformed_cases_naming_the_line() {
-        let e = parse_case(r#"{"event":{"topic":"t","payload":1},"invalid":"a","retryable":"b"}"#, "g:3".into())
-            .unwrap_err();
+        let e = parse_case(
+            r#"{"event":{"topic":"t","payload":1},"invalid":"a","retryable":"b"}"#,
+            "g:3".into(),
+        )
+        .unwrap_err();
         assert!(e.starts_with("g:3: give exactly one"), "{e}");
         let e = parse_case(r#"{"event":{"payload":1},"writes":[]}"#, "g:4".into()).unwrap_err();
         assert!(e.starts_with("g:4: not a local event"), "{e}");

@@ -223,7 +223,9 @@ impl Reloader {
                         .and_then(|s| s.previous.as_ref())
                         .map(|(p, _)| p.plugin.version().to_owned()),
                     last_reload: st.and_then(|s| s.history.back().cloned()),
-                    history: st.map(|s| s.history.iter().cloned().collect()).unwrap_or_default(),
+                    history: st
+                        .map(|s| s.history.iter().cloned().collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -280,9 +282,14 @@ impl Reloader {
                 .collect();
             let Some(def) = set.groups.get(&name) else {
                 let reason = if mine.is_empty() {
-                    format!("the spec of group {name} is gone; the loaded version keeps serving until a restart")
+                    format!(
+                        "the spec of group {name} is gone; the loaded version keeps serving until a restart"
+                    )
                 } else {
-                    mine.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+                    mine.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 };
                 self.reject(&name, None, "", reason, noticed);
                 continue;
@@ -308,8 +315,7 @@ impl Reloader {
             {
                 let groups = self.groups.lock().expect("reload state");
                 let st = groups.get(&name);
-                if version == current.plugin.version() && st.is_some_and(|s| s.spec_fp == spec_fp)
-                {
+                if version == current.plugin.version() && st.is_some_and(|s| s.spec_fp == spec_fp) {
                     continue; // unchanged
                 }
                 if st
@@ -364,11 +370,10 @@ impl Reloader {
             }
         }
         for e in &errors {
-            let owned = self
-                .pipeline
-                .runtimes()
-                .iter()
-                .any(|rt| e.file.split('#').next() == Some(&*rt.def.file.display().to_string()));
+            let owned =
+                self.pipeline.runtimes().iter().any(|rt| {
+                    e.file.split('#').next() == Some(&*rt.def.file.display().to_string())
+                });
             if !owned {
                 notes.push(e.to_string());
             }
@@ -467,24 +472,26 @@ impl Reloader {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            match res {
-                // Reads (ours included) are not changes.
-                Ok(e) if matches!(
-                    e.kind,
-                    EventKind::Access(notify::event::AccessKind::Close(
-                        notify::event::AccessMode::Write
-                    )) | EventKind::Create(_)
-                        | EventKind::Modify(_)
-                        | EventKind::Remove(_)
-                ) =>
-                {
-                    let _ = tx.send(());
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                match res {
+                    // Reads (ours included) are not changes.
+                    Ok(e)
+                        if matches!(
+                            e.kind,
+                            EventKind::Access(notify::event::AccessKind::Close(
+                                notify::event::AccessMode::Write
+                            )) | EventKind::Create(_)
+                                | EventKind::Modify(_)
+                                | EventKind::Remove(_)
+                        ) =>
+                    {
+                        let _ = tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "file watcher error"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "file watcher error"),
-            }
-        })?;
+            })?;
         for dir in [&self.spec_dir, &self.plugin_dir] {
             watcher
                 .watch(dir, RecursiveMode::Recursive)

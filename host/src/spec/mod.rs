@@ -8,6 +8,7 @@ pub mod load;
 pub mod model;
 
 pub use load::{
-    GroupDef, IngestionDef, SpecError, SpecErrors, SpecSet, json_schema, load_dir, load_dir_tolerant,
+    GroupDef, IngestionDef, SpecError, SpecErrors, SpecSet, json_schema, load_dir,
+    load_dir_tolerant,
 };
 pub use model::*;
