@@ -123,7 +123,7 @@ async fn plugin_replaced_under_live_traffic_loses_nothing_and_broken_versions_ne
         let (done, produced) = (done.clone(), produced.clone());
         tokio::spawn(async move {
             let mut i = 0usize;
-            while !done.load(Ordering::Relaxed) || i % 20 != 0 {
+            while !done.load(Ordering::Relaxed) || !i.is_multiple_of(20) {
                 produce(
                     &p,
                     &topic,
@@ -135,7 +135,7 @@ async fn plugin_replaced_under_live_traffic_loses_nothing_and_broken_versions_ne
                 .await;
                 i += 1;
                 produced.store(i, Ordering::Relaxed);
-                if i % 20 == 0 {
+                if i.is_multiple_of(20) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
