@@ -81,10 +81,10 @@ async fn plugins(State(s): State<AdminState>) -> Response {
     Json(serde_json::json!({ "groups": groups, "notes": notes })).into_response()
 }
 
-/// Whether the request carries the configured bearer token.
-fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+/// `None` when the request carries the configured bearer token, else the refusal.
+fn refusal(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.token else {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "mutating calls are disabled: start the host with FH_ADMIN_TOKEN set".into(),
         ));
@@ -101,14 +101,12 @@ fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
     });
-    if ok {
-        Ok(())
-    } else {
-        Err(error(
+    (!ok).then(|| {
+        error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
-        ))
-    }
+        )
+    })
 }
 
 async fn rollback(
@@ -116,7 +114,7 @@ async fn rollback(
     headers: HeaderMap,
     Path(group): Path<String>,
 ) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
+    if let Some(r) = refusal(&s, &headers) {
         return r;
     }
     let Some(reloader) = &s.reloader else {
@@ -126,6 +124,7 @@ async fn rollback(
         Ok(version) => {
             Json(serde_json::json!({ "group": group, "version": version })).into_response()
         }
+        Err(e) if s.pipeline.group_index(&group).is_none() => error(StatusCode::NOT_FOUND, e),
         Err(e) => error(StatusCode::CONFLICT, e),
     }
 }
