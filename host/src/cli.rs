@@ -75,6 +75,11 @@ pub enum BenchCommand {
     ///
     /// Example: `eval "$(scripts/stack env)"; feature-host bench stream`
     Stream(crate::bench::stream::StreamBenchArgs),
+    /// WASM vs native per-event cost, hot-reload latency, memory per plugin instance. No
+    /// services needed.
+    ///
+    /// Example: `feature-host bench plugin`
+    Plugin(crate::bench::plugin::PluginBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +158,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         } => get(&stores, &group, &entity, &features).await,
         Command::Bench(BenchCommand::Stream(args)) => {
             let report = crate::bench::stream::run(args).await?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Plugin(args)) => {
+            let report = crate::bench::plugin::run(args).await?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
