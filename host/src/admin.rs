@@ -120,7 +120,7 @@ async fn rollback(
     let Some(reloader) = &s.reloader else {
         return error(StatusCode::NOT_FOUND, "hot reload is not running".into());
     };
-    match reloader.rollback(&group) {
+    match reloader.rollback(&group).await {
         Ok(version) => {
             Json(serde_json::json!({ "group": group, "version": version })).into_response()
         }

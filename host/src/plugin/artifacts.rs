@@ -65,7 +65,8 @@ impl ArtifactCache {
             .serialize()
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
-                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                // Unique even across replicas sharing the volume (all PID 1 in containers).
+                let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
                 std::fs::write(&tmp, bytes)?;
                 std::fs::rename(&tmp, &path)
             });

@@ -106,6 +106,17 @@ impl Plugin {
             .map_err(|e| PluginError::Cancelled(e.to_string()))?
     }
 
+    /// Drop every warm instance (`fresh`: and start one new one). Used after the golden
+    /// events ran, so no synthetic event's state reaches live traffic, and on a version that
+    /// stopped serving, so a kept rollback target holds no instances.
+    pub fn reset_pool(&self, fresh: bool) -> Result<(), PluginError> {
+        self.inner.pool.lock().expect("pool lock").clear();
+        if fresh {
+            self.warm(1)?;
+        }
+        Ok(())
+    }
+
     /// Initialize `n` more instances now (e.g. to measure their footprint).
     pub fn warm(&self, n: usize) -> Result<(), PluginError> {
         for _ in 0..n {

@@ -141,9 +141,12 @@ struct GroupState {
     loaded_at_ms: i64,
     spec_fp: String,
     previous: Option<(Arc<GroupRuntime>, String)>,
-    /// The candidate last rejected or rolled back from (plugin version, spec fingerprint,
-    /// reason): not retried until the plugin or its spec changes again.
+    /// The candidate last rejected (plugin version, spec fingerprint, reason): not retried
+    /// until the plugin or its spec changes again.
     refused: Option<(String, String, String)>,
+    /// The candidate rolled back from (plugin version, spec fingerprint): not re-applied
+    /// until a different candidate is.
+    pinned_away: Option<(String, String)>,
     history: VecDeque<ReloadRecord>,
 }
 
@@ -185,6 +188,7 @@ impl Reloader {
                         spec_fp: spec_fingerprint(&rt.def),
                         previous: None,
                         refused: None,
+                        pinned_away: None,
                         history: VecDeque::new(),
                     },
                 )
@@ -273,6 +277,11 @@ impl Reloader {
             };
         let mut notes: Vec<String> = Vec::new();
         let mut swapped = 0;
+        // The directory itself could not be read: say so, rather than "every spec is gone".
+        let unreadable = set.groups.is_empty()
+            && errors
+                .iter()
+                .any(|e| e.file == self.spec_dir.display().to_string());
         for (g, current) in self.pipeline.runtimes().into_iter().enumerate() {
             let name = current.def.name.clone();
             let file = current.def.file.display().to_string();
@@ -281,7 +290,13 @@ impl Reloader {
                 .filter(|e| e.file.split('#').next() == Some(file.as_str()))
                 .collect();
             let Some(def) = set.groups.get(&name) else {
-                let reason = if mine.is_empty() {
+                let reason = if unreadable {
+                    errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                } else if mine.is_empty() {
                     format!(
                         "the spec of group {name} is gone; the loaded version keeps serving until a restart"
                     )
@@ -291,22 +306,31 @@ impl Reloader {
                         .collect::<Vec<_>>()
                         .join("; ")
                 };
-                self.reject(&name, None, "", reason, noticed);
+                self.reject(&name, None, "", reason, noticed, true);
                 continue;
             };
+            if def.file != current.def.file {
+                let reason = format!(
+                    "{} now also defines group {name}, which {} defines: duplicate group name",
+                    def.file.display(),
+                    current.def.file.display()
+                );
+                self.reject(&name, None, "", reason, noticed, true);
+                continue;
+            }
             if let Some(field) = fixed_field_change(&current.def, def) {
                 let reason = format!(
                     "{}: {field} changed; it is fixed while the host runs: restart to apply",
                     def.file.display()
                 );
-                self.reject(&name, None, "", reason, noticed);
+                self.reject(&name, None, "", reason, noticed, true);
                 continue;
             }
             let bytes = match tokio::fs::read(&def.plugin_path).await {
                 Ok(b) => b,
                 Err(e) => {
                     let reason = format!("cannot read plugin {}: {e}", def.plugin_path.display());
-                    self.reject(&name, None, "", reason, noticed);
+                    self.reject(&name, None, "", reason, noticed, true);
                     continue;
                 }
             };
@@ -324,6 +348,12 @@ impl Reloader {
                 {
                     continue; // already refused: wait for the next change
                 }
+                if st
+                    .and_then(|s| s.pinned_away.as_ref())
+                    .is_some_and(|(v, f)| *v == version && *f == spec_fp)
+                {
+                    continue; // rolled back from: wait for the next change
+                }
             }
             let (engine, d) = (self.engine.clone(), def.clone());
             let built =
@@ -334,18 +364,23 @@ impl Reloader {
             };
             match built {
                 Ok(runtime) => {
-                    let old = self.pipeline.replace(g, Arc::new(runtime));
-                    let took_ms = noticed.elapsed().as_millis() as u64;
-                    tracing::info!(group = %name, from = old.plugin.version(), to = %version, took_ms, "plugin reloaded");
-                    {
+                    // Swap and bookkeeping under one lock, so a rollback sees both or neither.
+                    let old = {
                         let mut groups = self.groups.lock().expect("reload state");
+                        let old = self.pipeline.replace(g, Arc::new(runtime));
                         if let Some(st) = groups.get_mut(&name) {
                             let old_fp = std::mem::replace(&mut st.spec_fp, spec_fp);
-                            st.previous = Some((old, old_fp));
+                            st.previous = Some((old.clone(), old_fp));
                             st.loaded_at_ms = now_ms();
                             st.refused = None;
+                            st.pinned_away = None;
                         }
-                    }
+                        old
+                    };
+                    // Kept for rollback only: its warm instances would hold pool slots.
+                    let _ = old.plugin.reset_pool(false);
+                    let took_ms = noticed.elapsed().as_millis() as u64;
+                    tracing::info!(group = %name, from = old.plugin.version(), to = %version, took_ms, "plugin reloaded");
                     self.record(
                         &name,
                         ReloadRecord {
@@ -358,7 +393,20 @@ impl Reloader {
                     );
                     swapped += 1;
                 }
-                Err(e) => self.reject(&name, Some(version), &spec_fp, e.to_string(), noticed),
+                Err(e) => {
+                    // A deadline or cancellation may be load, not the candidate: try it again
+                    // on the next pass instead of refusing it until its file changes.
+                    let remember =
+                        !matches!(e, PluginError::Timeout { .. } | PluginError::Cancelled(_));
+                    self.reject(
+                        &name,
+                        Some(version),
+                        &spec_fp,
+                        e.to_string(),
+                        noticed,
+                        remember,
+                    )
+                }
             }
         }
         for (name, def) in &set.groups {
@@ -385,7 +433,8 @@ impl Reloader {
         swapped
     }
 
-    /// Record a refused candidate, once per distinct candidate and reason.
+    /// Record a refused candidate, once per distinct candidate and reason (`remember`:
+    /// and do not try it again until it changes).
     fn reject(
         &self,
         group: &str,
@@ -393,6 +442,7 @@ impl Reloader {
         spec_fp: &str,
         reason: String,
         noticed: std::time::Instant,
+        remember: bool,
     ) {
         {
             let mut groups = self.groups.lock().expect("reload state");
@@ -407,7 +457,9 @@ impl Reloader {
             if st.refused.as_ref() == Some(&key) {
                 return;
             }
-            st.refused = Some(key);
+            if remember {
+                st.refused = Some(key);
+            }
         }
         tracing::warn!(group, version = version.as_deref().unwrap_or("-"), reason = %reason,
             "plugin reload rejected; the loaded version keeps serving");
@@ -425,7 +477,9 @@ impl Reloader {
 
     /// Serve `group` with the version it had before its last swap. The version rolled back
     /// from is not re-applied until its plugin or spec changes again.
-    pub fn rollback(&self, group: &str) -> Result<String, String> {
+    pub async fn rollback(&self, group: &str) -> Result<String, String> {
+        // Not while a pass may be swapping this group.
+        let _pass = self.pass.lock().await;
         let g = self
             .pipeline
             .group_index(group)
@@ -440,12 +494,10 @@ impl Reloader {
             .ok_or_else(|| format!("group {group} has no previous version to roll back to"))?;
         let to = previous.plugin.version().to_owned();
         let old = self.pipeline.replace(g, previous);
+        let _ = old.plugin.reset_pool(false);
         let old_fp = std::mem::replace(&mut st.spec_fp, previous_fp);
-        st.refused = Some((
-            old.plugin.version().to_owned(),
-            old_fp.clone(),
-            "rolled back".into(),
-        ));
+        st.pinned_away = Some((old.plugin.version().to_owned(), old_fp.clone()));
+        st.refused = None;
         st.previous = Some((old.clone(), old_fp));
         st.loaded_at_ms = now_ms();
         drop(groups);
@@ -499,6 +551,7 @@ impl Reloader {
         }
         tracing::info!(specs = %self.spec_dir.display(), plugins = %self.plugin_dir.display(), "watching for plugin and spec changes");
         let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         loop {
             tokio::select! {
