@@ -80,6 +80,11 @@ pub enum BenchCommand {
     ///
     /// Example: `feature-host bench plugin`
     Plugin(crate::bench::plugin::PluginBenchArgs),
+    /// Feature writes/s per cache strategy against DynamoDB + Redis, next to a plain-client
+    /// loop sending the same requests (the raw ceiling); round trips per batch.
+    ///
+    /// Example: `eval "$(scripts/stack env)"; feature-host bench sinks --entities 256 --features 8`
+    Sinks(crate::bench::sinks::SinksBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +168,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Plugin(args)) => {
             let report = crate::bench::plugin::run(args).await?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Sinks(args)) => {
+            let report = crate::bench::sinks::run(args).await?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }

@@ -100,6 +100,13 @@ pub struct Metrics {
     pub plugin_reloads: Family<ReloadLabels, Counter>,
     /// 1 for the plugin version serving each group.
     pub plugin_version: Family<VersionLabels, Gauge>,
+    /// Cache updates (keys) that failed after their store write, or were queued behind
+    /// earlier failures, and went to the cache repair queue.
+    pub cache_repairs_queued: Family<GroupLabels, Counter>,
+    /// Keys whose cache entry may be stale, waiting for their repair (invalidation).
+    pub cache_repairs_pending: Gauge,
+    /// Repairs that landed.
+    pub cache_repairs: Counter,
 }
 
 impl Metrics {
@@ -165,6 +172,28 @@ impl Metrics {
                 "plugin_version_info",
                 "1 for the plugin version serving the group"
             ),
+            cache_repairs_queued: reg!(
+                "cache_repairs_queued",
+                "Cache updates that failed after the store write (or queued behind such a failure)"
+            ),
+            cache_repairs_pending: {
+                let g = Gauge::default();
+                registry.register(
+                    "cache_repairs_pending",
+                    "Keys whose cache entry may be stale, waiting for their invalidation",
+                    g.clone(),
+                );
+                g
+            },
+            cache_repairs: {
+                let c = Counter::default();
+                registry.register(
+                    "cache_repairs",
+                    "Cache repairs (invalidations) that landed",
+                    c.clone(),
+                );
+                c
+            },
             registry,
         })
     }

@@ -99,6 +99,7 @@ impl Pipeline {
                 .eq(router.groups().iter())
         );
         let metrics = Metrics::new();
+        writer.repairs().attach_metrics(metrics.clone());
         for g in &groups {
             metrics
                 .plugin_version
@@ -247,7 +248,9 @@ impl Pipeline {
                     first.saturating_mul(1 << (n - 1).min(6))
                 })
                 .min()
-                .unwrap_or_default();
+                .unwrap_or_default()
+                // Jitter: batches that failed together (a throttled table) retry apart.
+                .mul_f64(rand::random_range(0.5..1.0));
             tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events in place");
             tokio::time::sleep(backoff).await;
             let pairs: Vec<(usize, usize)> = retry.iter().map(|f| (f.event, f.group)).collect();
@@ -354,7 +357,8 @@ impl Pipeline {
             .get_or_create(&labels)
             .inc_by(report.replayed as u64);
         if let Some(e) = &report.cache_error {
-            tracing::warn!(group = %group.def.name, error = %e, "cache update failed after the store write");
+            tracing::warn!(group = %group.def.name, error = %e, queued = report.cache_queued,
+                "cache update failed after the store write; queued for repair");
         }
         // An event fails if any entity it wrote failed; its other entities did apply, and a
         // retry finds them already applied (their positions), so nothing counts twice.

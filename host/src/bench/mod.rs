@@ -3,6 +3,7 @@
 //! compared by a script. Every ratio is against a baseline measured in the same run.
 
 pub mod plugin;
+pub mod sinks;
 pub mod stream;
 
 use crate::config::StoreSettings;

@@ -9,7 +9,7 @@
 //! | `f:<feature>`    | the value (N, S, B, BOOL, L; vectors as packed f32 LE in B) |
 //! | `t:<feature>` (N)| event time (ms) that decided the value; alone = tombstone   |
 //! | `i:<feature>` (L)| event time of each item of a last-k list                   |
-//! | `p:<src>#<part>` | highest applied offset from that source partition          |
+//! | `p:<src>#<part>` | applied offsets from that source partition: `floor[:o1,o2…]` |
 //! | `ttl` (N)        | expiry, Unix seconds (DynamoDB TTL attribute)              |
 
 use super::{SinkError, Store, Target, unix_now};
@@ -22,10 +22,15 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
     ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
+use futures::stream::{self, StreamExt};
 use std::collections::HashMap;
 use std::time::Duration;
 
 const BACKEND: &str = "DynamoDB";
+/// `BatchGetItem` takes at most 100 keys.
+const BATCH_GET_KEYS: usize = 100;
+/// `BatchGetItem` requests of one load in flight at once.
+const LOAD_CONCURRENCY: usize = 8;
 type Item = HashMap<String, AttributeValue>;
 
 pub struct DynamoStore {
@@ -81,6 +86,52 @@ impl DynamoStore {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// One `BatchGetItem` of up to 100 keys, repeated for unprocessed keys (throttling)
+    /// with a growing backoff.
+    async fn batch_get(&self, table: &str, keys: &[String]) -> Result<Vec<Item>, SinkError> {
+        let mut request = Some(
+            KeysAndAttributes::builder()
+                .set_keys(Some(
+                    keys.iter()
+                        .map(|k| HashMap::from([("pk".to_string(), AttributeValue::S(k.clone()))]))
+                        .collect(),
+                ))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| SinkError::Rejected {
+                    backend: BACKEND,
+                    message: e.to_string(),
+                })?,
+        );
+        let mut items = Vec::with_capacity(keys.len());
+        let mut backoff = Duration::from_millis(10);
+        while let Some(req) = request.take() {
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(table, req)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("batch get from {table}"), e))?;
+            items.extend(
+                out.responses
+                    .unwrap_or_default()
+                    .remove(table)
+                    .unwrap_or_default(),
+            );
+            request = out
+                .unprocessed_keys
+                .unwrap_or_default()
+                .remove(table)
+                .filter(|k| !k.keys().is_empty());
+            if request.is_some() {
+                tokio::time::sleep(backoff.mul_f64(rand::random_range(0.5..1.0))).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        Ok(items)
     }
 }
 
@@ -164,52 +215,21 @@ impl Store for DynamoStore {
         target: &Target,
         keys: &[String],
     ) -> Result<Vec<Option<Versioned>>, SinkError> {
+        // Futures collected first: a closure in the stream would not be `Send` for every
+        // lifetime, which `async_trait` needs.
+        let requests: Vec<_> = keys
+            .chunks(BATCH_GET_KEYS)
+            .map(|chunk| self.batch_get(&target.table, chunk))
+            .collect();
+        let chunks: Vec<Result<Vec<Item>, SinkError>> = stream::iter(requests)
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .collect()
+            .await;
         let mut found: HashMap<String, Item> = HashMap::with_capacity(keys.len());
-        for chunk in keys.chunks(100) {
-            let mut request = Some(
-                KeysAndAttributes::builder()
-                    .set_keys(Some(
-                        chunk
-                            .iter()
-                            .map(|k| {
-                                HashMap::from([("pk".to_string(), AttributeValue::S(k.clone()))])
-                            })
-                            .collect(),
-                    ))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(|e| SinkError::Rejected {
-                        backend: BACKEND,
-                        message: e.to_string(),
-                    })?,
-            );
-            let mut backoff = Duration::from_millis(10);
-            while let Some(req) = request.take() {
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&target.table, req)
-                    .send()
-                    .await
-                    .map_err(|e| classify(&format!("batch get from {}", target.table), e))?;
-                for item in out
-                    .responses
-                    .unwrap_or_default()
-                    .remove(&target.table)
-                    .unwrap_or_default()
-                {
-                    if let Some(AttributeValue::S(pk)) = item.get("pk") {
-                        found.insert(pk.clone(), item);
-                    }
-                }
-                request = out
-                    .unprocessed_keys
-                    .unwrap_or_default()
-                    .remove(&target.table)
-                    .filter(|k| !k.keys().is_empty());
-                if request.is_some() {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+        for chunk in chunks {
+            for item in chunk? {
+                if let Some(AttributeValue::S(pk)) = item.get("pk") {
+                    found.insert(pk.clone(), item);
                 }
             }
         }

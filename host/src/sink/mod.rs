@@ -3,12 +3,14 @@
 //! Every backend is a versioned key-value store with compare-and-swap ([`Store`]); the merge
 //! rules live in [`crate::feature::state`], so backends cannot disagree on semantics. The
 //! [`writer::FeatureWriter`] coalesces a batch per entity, merges, swaps, and applies the
-//! group's cache strategy; [`writer::FeatureWriter::get`] is the read path.
+//! group's cache strategy; [`writer::FeatureWriter::get`] is the read path. A cache update
+//! that fails after its store write goes to [`cache_repair`], never back to the event.
 //!
 //! Backends: [`dynamo`] (DynamoDB, the source of truth), [`redis_cache`] (Redis, the remote
 //! cache), [`embedded`] (redb file, the no-services default store), [`memory_cache`]
 //! (in-process cache).
 
+pub mod cache_repair;
 pub mod dynamo;
 pub mod embedded;
 pub mod memory_cache;

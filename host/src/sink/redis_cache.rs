@@ -103,7 +103,9 @@ impl RedisCache {
         format!("fh:{key}")
     }
 
-    fn fields(entry: &Versioned) -> Result<Vec<String>, SinkError> {
+    /// The hash fields (name, value, …) of an entry: `__s` (the full state) and one field
+    /// per live feature. `__v` is set separately.
+    pub fn fields(entry: &Versioned) -> Result<Vec<String>, SinkError> {
         let mut out = Vec::with_capacity(2 + entry.state.features.len() * 2);
         out.push("__s".into());
         out.push(

@@ -1,6 +1,7 @@
 //! Applying a batch of mutations to a group's store and cache, per its cache strategy; and
 //! the read path.
 
+use super::cache_repair::CacheRepairs;
 use super::{Cache, CacheFill, SinkError, Store, Target, unix_now};
 use crate::feature::{ApplyOutcome, Mutation, Versioned};
 use crate::spec::{CacheStrategy, GroupDef};
@@ -59,8 +60,12 @@ pub struct WriteReport {
     pub cas_conflicts: u32,
     /// Entities (store keys) whose write failed, with the reason; nothing of theirs applied.
     pub failed: Vec<(String, SinkError)>,
-    /// A cache update that failed after the store write succeeded.
+    /// A cache update that failed after the store write succeeded (its keys went to the
+    /// repair queue).
     pub cache_error: Option<SinkError>,
+    /// Cache updates (keys) queued for repair instead of applied: they failed, or the cache
+    /// had repairs pending already.
+    pub cache_queued: usize,
 }
 
 /// Writes features of any group to the store and the cache.
@@ -68,15 +73,42 @@ pub struct WriteReport {
 pub struct FeatureWriter {
     store: Arc<dyn Store>,
     cache: Arc<dyn CacheStore>,
+    repairs: Arc<CacheRepairs>,
 }
 
 impl FeatureWriter {
     pub fn new(store: Arc<dyn Store>, cache: Arc<dyn CacheStore>) -> FeatureWriter {
-        FeatureWriter { store, cache }
+        FeatureWriter::with_repairs(store, cache, Arc::default())
+    }
+
+    pub fn with_repairs(
+        store: Arc<dyn Store>,
+        cache: Arc<dyn CacheStore>,
+        repairs: Arc<CacheRepairs>,
+    ) -> FeatureWriter {
+        FeatureWriter {
+            store,
+            cache,
+            repairs,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Cache updates that failed after their store write, waiting to be repaired.
+    pub fn repairs(&self) -> &Arc<CacheRepairs> {
+        &self.repairs
+    }
+
+    /// Queue repairs of `keys` (store key, version): their cache entries may be stale.
+    fn queue_repairs(&self, sink: &GroupSink, keys: Vec<(String, u64)>) -> usize {
+        let n = keys.len();
+        let cache: Arc<dyn Cache> = self.cache.clone();
+        self.repairs
+            .enqueue(&cache, &sink.target.group, keys, sink.cache_ttl);
+        n
     }
 
     fn primary(&self, sink: &GroupSink) -> Arc<dyn Store> {
@@ -191,26 +223,47 @@ impl FeatureWriter {
             }
         }
         report.written = written.len();
-        let cache_result = match sink.strategy {
+        let cached = matches!(
+            sink.strategy,
+            CacheStrategy::WriteThrough | CacheStrategy::WriteAround
+        );
+        if !cached || written.is_empty() {
+            return report;
+        }
+        let versions = |w: &[(String, Versioned)]| -> Vec<(String, u64)> {
+            w.iter().map(|(k, v)| (k.clone(), v.version)).collect()
+        };
+        if !self.repairs.idle() {
+            // The cache failed recently and repairs are still queued: queue these too
+            // rather than make every batch wait on a cache that is down.
+            report.cache_queued = self.queue_repairs(sink, versions(&written));
+            return report;
+        }
+        let result = match sink.strategy {
             CacheStrategy::WriteThrough => {
                 let fills: Vec<CacheFill> = written
-                    .into_iter()
+                    .iter()
                     .map(|(key, entry)| CacheFill {
-                        key,
-                        entry,
+                        key: key.clone(),
+                        entry: entry.clone(),
                         ttl: sink.cache_ttl,
                     })
                     .collect();
                 self.cache.put_if_newer(&fills).await
             }
-            CacheStrategy::WriteAround => {
-                let keys: Vec<(String, u64)> =
-                    written.into_iter().map(|(k, v)| (k, v.version)).collect();
-                self.cache.invalidate(&keys, sink.cache_ttl).await
+            _ => {
+                self.cache
+                    .invalidate(&versions(&written), sink.cache_ttl)
+                    .await
             }
-            CacheStrategy::CacheOnly | CacheStrategy::StoreOnly => Ok(()),
         };
-        report.cache_error = cache_result.err();
+        if let Err(e) = result {
+            // The store has the write; the cache may still hold the previous value. The
+            // repair queue invalidates it once the cache answers, and readers skip it till
+            // then.
+            report.cache_queued = self.queue_repairs(sink, versions(&written));
+            report.cache_error = Some(e);
+        }
         report
     }
 
@@ -227,6 +280,15 @@ impl FeatureWriter {
                 self.store.load(&sink.target, &[key]).await?.pop().flatten(),
             )),
             CacheStrategy::CacheOnly => Cache::get(&*self.cache, &key).await,
+            CacheStrategy::WriteThrough | CacheStrategy::WriteAround
+                if self.repairs.bypass(&sink.target.group, &key) =>
+            {
+                // The cached entry may be older than the store: read the store, and leave
+                // the cache to the repair queue.
+                Ok(live(
+                    self.store.load(&sink.target, &[key]).await?.pop().flatten(),
+                ))
+            }
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround => {
                 match Cache::get(&*self.cache, &key).await {
                     Ok(Some(hit)) => return Ok(Some(hit)),

@@ -1,0 +1,429 @@
+//! `feature-host bench sinks`: feature writes/s of the [`FeatureWriter`] per cache
+//! strategy against DynamoDB and Redis (the stack's: `eval "$(scripts/stack env)"`), next to
+//! the raw ceiling measured in the same run: plain aws-sdk-dynamodb / redis client loops
+//! sending the same requests (same count, same item sizes, same concurrency) with none of
+//! the writer's work — no merge, no conditions, no coalescing.
+//!
+//! A batch is `--entities` entities × `--features` int features (one `set` each, a new
+//! source offset per entity), written `--batches` times to the same entities, one batch at a
+//! time like a partition's batches. Our requests per batch (counted, not assumed):
+//! DynamoDB `BatchGetItem` per 100 keys plus one conditional `PutItem` per entity; Redis one
+//! pipeline for write-through / write-around; for cache-only one read pipeline plus one
+//! script call per entity. The raw loop sends exactly those.
+
+use super::{Report, unique};
+use crate::config::StoreSettings;
+use crate::feature::{Mutation, Op, Position, Value, Versioned};
+use crate::sink::dynamo::{DynamoStore, encode_item};
+use crate::sink::redis_cache::RedisCache;
+use crate::sink::writer::{CacheStore, FeatureWriter, GroupSink};
+use crate::sink::{Cache, CacheFill, SinkError, Store, Target};
+use crate::spec::{CacheStrategy, FeatureType};
+use anyhow::Context as _;
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use futures::stream::{self, StreamExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SinksBenchArgs {
+    /// Entities per batch.
+    #[arg(long, default_value_t = 256)]
+    pub entities: usize,
+    /// Features written per entity.
+    #[arg(long, default_value_t = 8)]
+    pub features: usize,
+    /// Timed batches per strategy (after one warm-up batch).
+    #[arg(long, default_value_t = 20)]
+    pub batches: usize,
+    #[command(flatten)]
+    pub stores: StoreSettings,
+}
+
+/// Requests sent, by kind.
+#[derive(Default)]
+struct Counts {
+    ddb: AtomicU64,
+    redis: AtomicU64,
+}
+
+impl Counts {
+    fn take(&self) -> (u64, u64) {
+        (
+            self.ddb.swap(0, Ordering::Relaxed),
+            self.redis.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+/// DynamoDB, counting requests.
+struct CountedStore(DynamoStore, Arc<Counts>);
+
+#[async_trait]
+impl Store for CountedStore {
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    async fn ensure_table(&self, table: &str) -> Result<(), SinkError> {
+        self.0.ensure_table(table).await
+    }
+    async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        self.1
+            .ddb
+            .fetch_add(keys.len().div_ceil(100) as u64, Ordering::Relaxed);
+        self.0.load(t, keys).await
+    }
+    async fn compare_and_swap(
+        &self,
+        t: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError> {
+        self.1.ddb.fetch_add(1, Ordering::Relaxed);
+        self.0.compare_and_swap(t, key, expected, next).await
+    }
+}
+
+/// Redis, counting round trips (a pipeline is one).
+struct CountedCache(RedisCache, Arc<Counts>);
+
+impl CountedCache {
+    fn one(&self) {
+        self.1.redis.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl Cache for CountedCache {
+    fn backend(&self) -> &'static str {
+        Cache::backend(&self.0)
+    }
+    async fn put_if_newer(&self, fills: &[CacheFill]) -> Result<(), SinkError> {
+        self.one();
+        self.0.put_if_newer(fills).await
+    }
+    async fn invalidate(&self, keys: &[(String, u64)], ttl: Duration) -> Result<(), SinkError> {
+        self.one();
+        self.0.invalidate(keys, ttl).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError> {
+        self.one();
+        Cache::get(&self.0, key).await
+    }
+}
+
+#[async_trait]
+impl Store for CountedCache {
+    fn backend(&self) -> &'static str {
+        Store::backend(&self.0)
+    }
+    async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+        self.one();
+        self.0.load(t, keys).await
+    }
+    async fn compare_and_swap(
+        &self,
+        t: &Target,
+        key: &str,
+        expected: u64,
+        next: &Versioned,
+    ) -> Result<bool, SinkError> {
+        self.one();
+        self.0.compare_and_swap(t, key, expected, next).await
+    }
+}
+
+const STRATEGIES: [(CacheStrategy, &str); 4] = [
+    (CacheStrategy::StoreOnly, "store_only"),
+    (CacheStrategy::WriteThrough, "write_through"),
+    (CacheStrategy::WriteAround, "write_around"),
+    (CacheStrategy::CacheOnly, "cache_only"),
+];
+
+/// Concurrent conditional writes per batch: the writer's bound, used by the raw loop too.
+const CONCURRENCY: usize = 128;
+
+fn sink(args: &SinksBenchArgs, id: &str, strategy: CacheStrategy) -> GroupSink {
+    GroupSink {
+        target: Target {
+            group: format!("bench-{id}"),
+            table: format!("bench-sinks-{id}"),
+            types: (0..args.features)
+                .map(|f| (format!("f{f}"), FeatureType::Int))
+                .collect(),
+        },
+        strategy,
+        store_ttl: Some(Duration::from_secs(86_400)),
+        cache_ttl: Duration::from_secs(600),
+    }
+}
+
+/// Batch `b`: every entity sets every feature, at a new offset and event time.
+fn batch(args: &SinksBenchArgs, b: usize) -> Vec<(String, Mutation)> {
+    (0..args.entities)
+        .map(|e| {
+            let offset = (b * args.entities + e) as i64;
+            let ops = (0..args.features)
+                .map(|f| {
+                    (
+                        format!("f{f}"),
+                        Op::Set(Value::Int(offset * 31 + f as i64)),
+                        1_764_028_800_000 + offset,
+                    )
+                })
+                .collect();
+            (
+                format!("entity-{e:05}"),
+                Mutation {
+                    position: Some(Position::sequential("bench", 0, offset)),
+                    ops,
+                    overwrite: false,
+                },
+            )
+        })
+        .collect()
+}
+
+pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
+    let endpoint = args.stores.dynamodb_endpoint.clone().context(
+        "bench sinks measures DynamoDB and Redis: set FH_DYNAMODB_ENDPOINT and FH_REDIS_URL (eval \"$(scripts/stack env)\")",
+    )?;
+    let redis_url = args
+        .stores
+        .redis_url
+        .clone()
+        .context("bench sinks needs FH_REDIS_URL (eval \"$(scripts/stack env)\")")?;
+    let counts = Arc::new(Counts::default());
+    let store = Arc::new(CountedStore(
+        DynamoStore::connect(Some(&endpoint)).await,
+        counts.clone(),
+    ));
+    let cache: Arc<dyn CacheStore> = Arc::new(CountedCache(
+        RedisCache::connect(&redis_url).await?,
+        counts.clone(),
+    ));
+    let writer = FeatureWriter::new(store.clone(), cache);
+    let raw_ddb = DynamoStore::connect(Some(&endpoint)).await.client().clone();
+    let raw_redis = redis::Client::open(redis_url.as_str())?
+        .get_connection_manager()
+        .await?;
+    let (e, f, n) = (args.entities, args.features, args.batches);
+    eprintln!("sinks: {e} entities x {f} features per batch, {n} batches per strategy");
+    let mut report = Report::default();
+    for (strategy, name) in STRATEGIES {
+        let id = unique();
+        let sink = sink(&args, &id, strategy);
+        if strategy != CacheStrategy::CacheOnly {
+            store.ensure_table(&sink.target.table).await?;
+        }
+        // Warm-up: creates the entities, so every timed batch updates existing ones.
+        let warm = writer.apply(&sink, batch(&args, 0)).await;
+        anyhow::ensure!(
+            warm.failed.is_empty() && warm.cache_error.is_none(),
+            "warm-up write failed: {:?} {:?}",
+            warm.failed.first(),
+            warm.cache_error
+        );
+        counts.take();
+        let start = Instant::now();
+        for b in 1..=n {
+            let r = writer.apply(&sink, batch(&args, b)).await;
+            anyhow::ensure!(
+                r.failed.is_empty() && r.cache_error.is_none() && r.written == e,
+                "batch {b} of {name}: written {} of {e}, failed {:?}, cache {:?}",
+                r.written,
+                r.failed.first(),
+                r.cache_error
+            );
+        }
+        let ours = (e * f * n) as f64 / start.elapsed().as_secs_f64();
+        let (ddb_requests, redis_requests) = counts.take();
+
+        // The raw ceiling: the same requests, item sizes and concurrency, plain clients.
+        let entries: Vec<(String, Versioned)> = batch(&args, 0)
+            .into_iter()
+            .map(|(entity, m)| {
+                let mut state = crate::feature::EntityState::default();
+                state.apply(&m);
+                state.expires_at = Some(crate::sink::unix_now() + 86_400);
+                (sink.target.key(&entity), Versioned { version: 2, state })
+            })
+            .collect();
+        let items: Vec<HashMap<String, AttributeValue>> =
+            entries.iter().map(|(k, v)| encode_item(k, v)).collect();
+        let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+        let cached: Vec<(String, Vec<String>)> = entries
+            .iter()
+            .map(|(k, v)| Ok((format!("fh:raw:{k}"), RedisCache::fields(v)?)))
+            .collect::<Result<_, SinkError>>()?;
+        let start = Instant::now();
+        for _ in 0..n {
+            match strategy {
+                CacheStrategy::CacheOnly => {
+                    raw_redis_cache_only(&raw_redis, &cached).await?;
+                }
+                _ => {
+                    raw_dynamodb(&raw_ddb, &sink.target.table, &keys, &items).await?;
+                    match strategy {
+                        CacheStrategy::WriteThrough => {
+                            raw_redis_pipeline(&raw_redis, &cached, false).await?
+                        }
+                        CacheStrategy::WriteAround => {
+                            raw_redis_pipeline(&raw_redis, &cached, true).await?
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let raw = (e * f * n) as f64 / start.elapsed().as_secs_f64();
+        report.add(&format!("sinks_{name}_writes_per_s"), ours);
+        report.add(&format!("sinks_{name}_raw_writes_per_s"), raw);
+        report.add(&format!("sinks_{name}_vs_raw"), ours / raw);
+        report.add(
+            &format!("sinks_{name}_dynamodb_requests_per_batch"),
+            ddb_requests as f64 / n as f64,
+        );
+        report.add(
+            &format!("sinks_{name}_redis_round_trips_per_batch"),
+            redis_requests as f64 / n as f64,
+        );
+        if strategy != CacheStrategy::CacheOnly {
+            let _ = raw_ddb
+                .delete_table()
+                .table_name(&sink.target.table)
+                .send()
+                .await;
+        }
+    }
+    Ok(report)
+}
+
+/// What the writer sends DynamoDB per batch, minus its work: `BatchGetItem` per 100 keys
+/// (concurrently), then one unconditional `PutItem` per entity at the writer's concurrency.
+async fn raw_dynamodb(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    keys: &[String],
+    items: &[HashMap<String, AttributeValue>],
+) -> anyhow::Result<()> {
+    let gets = keys.chunks(100).map(|chunk| {
+        let req = KeysAndAttributes::builder()
+            .set_keys(Some(
+                chunk
+                    .iter()
+                    .map(|k| HashMap::from([("pk".to_owned(), AttributeValue::S(k.clone()))]))
+                    .collect(),
+            ))
+            .consistent_read(true)
+            .build();
+        async move {
+            client
+                .batch_get_item()
+                .request_items(table, req?)
+                .send()
+                .await?;
+            anyhow::Ok(())
+        }
+    });
+    for r in stream::iter(gets)
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+    {
+        r?;
+    }
+    let puts = items.iter().map(|item| async move {
+        client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(item.clone()))
+            .send()
+            .await?;
+        anyhow::Ok(())
+    });
+    for r in stream::iter(puts)
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+    {
+        r?;
+    }
+    Ok(())
+}
+
+/// One pipeline per batch: per entity an `HSET` of its fields as the cache holds them
+/// (write-through) or of an invalidation marker (write-around), and a `PEXPIRE`.
+async fn raw_redis_pipeline(
+    conn: &redis::aio::ConnectionManager,
+    entries: &[(String, Vec<String>)],
+    marker: bool,
+) -> anyhow::Result<()> {
+    let mut pipe = redis::pipe();
+    for (key, fields) in entries {
+        if marker {
+            pipe.cmd("HSET")
+                .arg(key)
+                .arg("__v")
+                .arg(2)
+                .arg("__inv")
+                .arg(1)
+                .ignore();
+        } else {
+            pipe.cmd("HSET")
+                .arg(key)
+                .arg("__v")
+                .arg(2)
+                .arg(fields)
+                .ignore();
+        }
+        pipe.pexpire(key, 600_000).ignore();
+    }
+    pipe.query_async::<()>(&mut conn.clone()).await?;
+    Ok(())
+}
+
+/// Cache-only: one read pipeline (`HMGET` per entity), then per entity one round trip
+/// (`HSET` + `EXPIREAT` pipelined) at the writer's concurrency.
+async fn raw_redis_cache_only(
+    conn: &redis::aio::ConnectionManager,
+    entries: &[(String, Vec<String>)],
+) -> anyhow::Result<()> {
+    let mut pipe = redis::pipe();
+    for (key, _) in entries {
+        pipe.cmd("HMGET")
+            .arg(key)
+            .arg("__v")
+            .arg("__s")
+            .arg("__inv");
+    }
+    let _: Vec<redis::Value> = pipe.query_async(&mut conn.clone()).await?;
+    let expire_at = crate::sink::unix_now() + 600;
+    let writes = entries.iter().map(|(key, fields)| async move {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(key)
+            .arg("__v")
+            .arg(2)
+            .arg(fields)
+            .ignore()
+            .cmd("EXPIREAT")
+            .arg(key)
+            .arg(expire_at)
+            .ignore();
+        pipe.query_async::<()>(&mut conn.clone()).await?;
+        anyhow::Ok(())
+    });
+    for r in stream::iter(writes)
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+    {
+        r?;
+    }
+    Ok(())
+}

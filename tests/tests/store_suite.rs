@@ -1,0 +1,345 @@
+//! One suite, two backends: the same write scenarios through the [`FeatureWriter`] against
+//! the embedded default (redb file + in-process cache) and the real stack (DynamoDB Local +
+//! Redis). Same operations, same results — and on the real stack, the TTLs are native
+//! (DynamoDB's `ttl` attribute, Redis `PEXPIRE`).
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use feature_host::feature::{Mutation, Op, Position, Value, Versioned};
+use feature_host::sink::dynamo::DynamoStore;
+use feature_host::sink::embedded::EmbeddedStore;
+use feature_host::sink::memory_cache::MemoryCache;
+use feature_host::sink::redis_cache::RedisCache;
+use feature_host::sink::writer::{CacheStore, FeatureWriter, GroupSink};
+use feature_host::sink::{Cache, Store, Target, unix_now};
+use feature_host::spec::{CacheStrategy, FeatureType};
+use feature_host_e2e::{Stack, unique};
+use std::sync::Arc;
+use std::time::Duration;
+
+const STORE_TTL: Duration = Duration::from_secs(86_400);
+const CACHE_TTL: Duration = Duration::from_secs(600);
+
+struct Backends {
+    writer: FeatureWriter,
+    store: Arc<dyn Store>,
+    cache: Arc<dyn CacheStore>,
+    table: String,
+}
+
+fn sink(b: &Backends, group: &str, strategy: CacheStrategy) -> GroupSink {
+    let types = [
+        ("name", FeatureType::String),
+        ("count", FeatureType::Int),
+        ("score", FeatureType::Float),
+        ("low", FeatureType::Float),
+        ("tags", FeatureType::StringList),
+        ("gone", FeatureType::String),
+    ];
+    GroupSink {
+        target: Target {
+            group: group.to_owned(),
+            table: b.table.clone(),
+            types: types.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
+        },
+        strategy,
+        store_ttl: Some(STORE_TTL),
+        cache_ttl: CACHE_TTL,
+    }
+}
+
+const EVENTS: usize = 40;
+const TAGS: u32 = 5;
+
+/// Event `i` (event time grows with `i`): every op kind on entity `e`. The newest event
+/// deletes `gone`; all others set it.
+fn event(i: usize) -> (String, Mutation) {
+    let t = 1_000 + 10 * i as i64;
+    let score = ((i * 37) % 101) as f64;
+    let mut ops = vec![
+        (
+            "name".to_owned(),
+            Op::Set(Value::String(format!("v{i}"))),
+            t,
+        ),
+        ("count".to_owned(), Op::Incr(Value::Int(1)), t),
+        ("score".to_owned(), Op::Max(Value::Float(score)), t),
+        ("low".to_owned(), Op::Min(Value::Float(score)), t),
+        (
+            "tags".to_owned(),
+            Op::Append {
+                item: Value::String(format!("t{i}")),
+                cap: TAGS,
+            },
+            t,
+        ),
+    ];
+    ops.push(if i == EVENTS - 1 {
+        ("gone".to_owned(), Op::Delete, t)
+    } else {
+        (
+            "gone".to_owned(),
+            Op::Set(Value::String(format!("g{i}"))),
+            t,
+        )
+    });
+    (
+        "e".to_owned(),
+        Mutation {
+            position: Some(Position::sequential("src", 0, i as i64)),
+            ops,
+            overwrite: false,
+        },
+    )
+}
+
+/// A fixed scramble of `0..n`: the newest events arrive first, interleaved with the oldest.
+fn arrival_order(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).map(|i| (i * 17 + 5) % n).collect();
+    order.reverse();
+    order
+}
+
+fn value<'a>(v: &'a Versioned, feature: &str) -> Option<&'a Value> {
+    v.state.features.get(feature)?.value.as_ref()
+}
+
+async fn load(b: &Backends, sink: &GroupSink, entity: &str) -> Option<Versioned> {
+    let store: &dyn Store = match sink.strategy {
+        CacheStrategy::CacheOnly => &*b.cache,
+        _ => &*b.store,
+    };
+    store
+        .load(&sink.target, &[sink.target.key(entity)])
+        .await
+        .unwrap()
+        .pop()
+        .flatten()
+}
+
+/// Out of order, in several batches, then all replayed in another order: the newest event
+/// time wins for set/delete, max/min are extremes, last-k is newest first, increments exact.
+async fn out_of_order_and_replayed(b: &Backends, group: &str) {
+    let s = sink(b, group, CacheStrategy::WriteThrough);
+    let order = arrival_order(EVENTS);
+    for chunk in order.chunks(7) {
+        let r = b
+            .writer
+            .apply(&s, chunk.iter().map(|&i| event(i)).collect())
+            .await;
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+    }
+    let first = load(b, &s, "e").await.expect("entity written");
+    let want_tags: Vec<String> = (0..TAGS as usize)
+        .map(|k| format!("t{}", EVENTS - 1 - k))
+        .collect();
+    let scores: Vec<f64> = (0..EVENTS).map(|i| ((i * 37) % 101) as f64).collect();
+    assert_eq!(
+        value(&first, "name"),
+        Some(&Value::String(format!("v{}", EVENTS - 1)))
+    );
+    assert_eq!(value(&first, "count"), Some(&Value::Int(EVENTS as i64)));
+    assert_eq!(
+        value(&first, "score"),
+        Some(&Value::Float(
+            scores.iter().cloned().fold(f64::MIN, f64::max)
+        ))
+    );
+    assert_eq!(
+        value(&first, "low"),
+        Some(&Value::Float(
+            scores.iter().cloned().fold(f64::MAX, f64::min)
+        ))
+    );
+    assert_eq!(value(&first, "tags"), Some(&Value::StringList(want_tags)));
+    assert_eq!(value(&first, "gone"), None, "the newest op was a delete");
+    assert!(
+        first.state.features.contains_key("gone"),
+        "the delete left a tombstone"
+    );
+
+    // Replay everything (a redelivery after a crash), newest-last this time.
+    let r = b.writer.apply(&s, (0..EVENTS).map(event).collect()).await;
+    assert_eq!((r.written, r.replayed), (0, EVENTS), "replays are no-ops");
+    let again = load(b, &s, "e").await.unwrap();
+    assert_eq!(
+        again, first,
+        "state unchanged by the replay, version included"
+    );
+    // The cache holds what the store holds.
+    let cached = Cache::get(&*b.cache, &s.target.key("e")).await.unwrap();
+    assert_eq!(cached.as_ref(), Some(&first));
+}
+
+/// A stale `set` is skipped without blocking the same event's `incr`; `overwrite` bypasses
+/// event time on purpose.
+async fn stale_sets_and_overwrite(b: &Backends, group: &str) {
+    let s = sink(b, group, CacheStrategy::StoreOnly);
+    let m = |offset: i64, t: i64, name: &str, overwrite: bool| {
+        (
+            "e".to_owned(),
+            Mutation {
+                position: Some(Position::sequential("src", 0, offset)),
+                ops: vec![
+                    ("name".into(), Op::Set(Value::String(name.into())), t),
+                    ("count".into(), Op::Incr(Value::Int(1)), t),
+                ],
+                overwrite,
+            },
+        )
+    };
+    b.writer.apply(&s, vec![m(1, 500, "new", false)]).await;
+    let r = b.writer.apply(&s, vec![m(2, 100, "old", false)]).await;
+    assert_eq!(r.outcome.stale_skips, 1);
+    let v = load(b, &s, "e").await.unwrap();
+    assert_eq!(value(&v, "name"), Some(&Value::String("new".into())));
+    assert_eq!(value(&v, "count"), Some(&Value::Int(2)), "the incr applied");
+    b.writer.apply(&s, vec![m(3, 50, "backfilled", true)]).await;
+    let v = load(b, &s, "e").await.unwrap();
+    assert_eq!(value(&v, "name"), Some(&Value::String("backfilled".into())));
+}
+
+/// Each strategy leaves store and cache as documented, with TTLs set.
+async fn strategies(b: &Backends, prefix: &str) {
+    for strategy in [
+        CacheStrategy::StoreOnly,
+        CacheStrategy::WriteThrough,
+        CacheStrategy::WriteAround,
+        CacheStrategy::CacheOnly,
+    ] {
+        let s = sink(b, &format!("{prefix}-{strategy:?}"), strategy);
+        let key = s.target.key("e");
+        let r = b.writer.apply(&s, vec![event(0), event(1)]).await;
+        assert!(
+            r.failed.is_empty() && r.cache_error.is_none(),
+            "{strategy:?}: {r:?}"
+        );
+        let stored = Store::load(&*b.store, &s.target, std::slice::from_ref(&key))
+            .await
+            .unwrap()
+            .pop()
+            .flatten();
+        let cached = Cache::get(&*b.cache, &key).await.unwrap();
+        let now = unix_now();
+        let expires = |v: &Versioned, ttl: Duration| {
+            let at = v.state.expires_at.expect("expiry set");
+            let want = now + ttl.as_secs() as i64;
+            assert!(
+                (want - 5..=want + 5).contains(&at),
+                "{strategy:?}: expires at {at}, want ~{want}"
+            );
+        };
+        match strategy {
+            CacheStrategy::StoreOnly => {
+                expires(stored.as_ref().expect("in the store"), STORE_TTL);
+                assert!(cached.is_none(), "store-only never caches");
+            }
+            CacheStrategy::WriteThrough => {
+                let stored = stored.expect("in the store");
+                expires(&stored, STORE_TTL);
+                assert_eq!(cached.as_ref(), Some(&stored), "cached as stored");
+            }
+            CacheStrategy::WriteAround => {
+                let stored = stored.expect("in the store");
+                assert!(
+                    cached.is_none(),
+                    "write-around leaves an invalidation marker"
+                );
+                let read = b.writer.get(&s, "e").await.unwrap();
+                assert_eq!(read.as_ref(), Some(&stored), "read through the store");
+                let filled = Cache::get(&*b.cache, &key).await.unwrap();
+                assert_eq!(filled.as_ref(), Some(&stored), "the read filled the cache");
+            }
+            CacheStrategy::CacheOnly => {
+                assert!(stored.is_none(), "cache-only never touches the store");
+                expires(cached.as_ref().expect("in the cache"), CACHE_TTL);
+            }
+        }
+        assert_eq!(
+            b.writer
+                .get(&s, "e")
+                .await
+                .unwrap()
+                .and_then(|v| value(&v, "count").cloned()),
+            Some(Value::Int(2)),
+            "{strategy:?}: the read path"
+        );
+    }
+}
+
+async fn suite(b: &Backends) {
+    let id = unique();
+    out_of_order_and_replayed(b, &format!("ooo-{id}")).await;
+    stale_sets_and_overwrite(b, &format!("stale-{id}")).await;
+    strategies(b, &format!("strategy-{id}")).await;
+}
+
+#[tokio::test]
+async fn embedded_store_and_memory_cache() {
+    let dir = std::env::temp_dir().join(format!("fh-suite-{}", unique()));
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("store.redb")).unwrap());
+    let cache: Arc<dyn CacheStore> = Arc::new(MemoryCache::new());
+    let b = Backends {
+        writer: FeatureWriter::new(store.clone(), cache.clone()),
+        store,
+        cache,
+        table: "features".into(),
+    };
+    suite(&b).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_and_redis() {
+    let stack = Stack::from_env();
+    let table = format!("suite-{}", unique());
+    let dynamo = DynamoStore::connect(Some(&stack.dynamodb)).await;
+    let client = dynamo.client().clone();
+    dynamo.ensure_table(&table).await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(dynamo);
+    let cache: Arc<dyn CacheStore> = Arc::new(RedisCache::connect(&stack.redis).await.unwrap());
+    let b = Backends {
+        writer: FeatureWriter::new(store.clone(), cache.clone()),
+        store,
+        cache,
+        table: table.clone(),
+    };
+    suite(&b).await;
+
+    // Native TTLs: DynamoDB's TTL attribute is enabled on `ttl` and set on the item; Redis
+    // keys expire after the group's cache TTL.
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+    let desc = ttl.time_to_live_description().unwrap();
+    assert_eq!(desc.attribute_name(), Some("ttl"));
+    let s = sink(&b, "ttl-check", CacheStrategy::WriteThrough);
+    b.writer.apply(&s, vec![event(0)]).await;
+    let item = client
+        .get_item()
+        .table_name(&table)
+        .key("pk", AttributeValue::S(s.target.key("e")))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let at: i64 = item["ttl"].as_n().unwrap().parse().unwrap();
+    assert!(
+        (at - unix_now() - STORE_TTL.as_secs() as i64).abs() < 5,
+        "ttl {at}"
+    );
+    let mut redis = stack.redis().await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(RedisCache::redis_key(&s.target.key("e")))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl <= CACHE_TTL.as_millis() as i64,
+        "Redis expiry {pttl} ms"
+    );
+}
