@@ -82,10 +82,16 @@ fn event(i: usize) -> (String, Mutation) {
             t,
         )
     });
+    // Floor 0: nothing was committed yet when these events were processed, so every
+    // offset may still arrive (as out of order as it likes).
+    let position = Position {
+        floor: 0,
+        ..Position::sequential("src", 0, i as i64)
+    };
     (
         "e".to_owned(),
         Mutation {
-            position: Some(Position::sequential("src", 0, i as i64)),
+            position: Some(position),
             ops,
             overwrite: false,
         },
