@@ -597,3 +597,22 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Click event `i` of a stream spread over `users` users: (key, payload) for the
+/// user-activity plugin.
+pub fn click(i: usize, users: usize) -> (String, String) {
+    let user = format!("u{}", i % users);
+    (
+        user.clone(),
+        format!(r#"{{"type":"click","user_id":"{user}","item_id":"i{i}"}}"#),
+    )
+}
+
+/// Clicks per user after clicks `0..n` over `users` users.
+pub fn expected_clicks(n: usize, users: usize) -> std::collections::BTreeMap<String, i64> {
+    let mut m = std::collections::BTreeMap::new();
+    for i in 0..n {
+        *m.entry(click(i, users).0).or_insert(0) += 1;
+    }
+    m
+}

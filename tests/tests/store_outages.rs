@@ -12,28 +12,16 @@ const USERS: usize = 20;
 /// One host at a time: both tests run a host and a consumer group on two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn click(i: usize) -> (String, String) {
-    let user = format!("u{}", i % USERS);
-    (
-        user.clone(),
-        format!(r#"{{"type":"click","user_id":"{user}","item_id":"i{i}"}}"#),
-    )
-}
-
 async fn produce_clicks(stack: &Stack, topic: &str, range: std::ops::Range<usize>) {
     let p = stack.producer();
     for i in range {
-        let (user, payload) = click(i);
+        let (user, payload) = click(i, USERS);
         produce(&p, topic, &user, 1_000 + i as i64, &payload, &[]).await;
     }
 }
 
 fn expected(n: usize) -> BTreeMap<String, i64> {
-    let mut m = BTreeMap::new();
-    for i in 0..n {
-        *m.entry(click(i).0).or_insert(0) += 1;
-    }
-    m
+    expected_clicks(n, USERS)
 }
 
 /// A group counting clicks with the user-activity plugin, with the given cache strategy.
@@ -112,14 +100,19 @@ async fn versions(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart_loses_no_store_write_and_serves_no_stale_value() {
-    let _serial = SERIAL.lock().await;
-    let stack = Stack::from_env();
+/// The stack, a unique id, and a fresh temporary directory with an empty spec directory.
+fn start() -> (Stack, String, std::path::PathBuf, std::path::PathBuf) {
     let id = unique();
     let tmp = std::env::temp_dir().join(format!("fh-e2e-{id}"));
     let spec_dir = tmp.join("specs");
     std::fs::create_dir_all(&spec_dir).unwrap();
+    (Stack::from_env(), id, tmp, spec_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_loses_no_store_write_and_serves_no_stale_value() {
+    let _serial = SERIAL.lock().await;
+    let (stack, id, tmp, spec_dir) = start();
     let (topic, table) = (format!("outage-{id}"), format!("features-{id}"));
     let (through, around) = (format!("through-{id}"), format!("around-{id}"));
     for (group, strategy) in [(&through, "write-through"), (&around, "write-around")] {
@@ -256,11 +249,7 @@ async fn redis_restart_loses_no_store_write_and_serves_no_stale_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_outage_sends_events_to_retry_and_they_land_once_it_is_back() {
     let _serial = SERIAL.lock().await;
-    let stack = Stack::from_env();
-    let id = unique();
-    let tmp = std::env::temp_dir().join(format!("fh-e2e-{id}"));
-    let spec_dir = tmp.join("specs");
-    std::fs::create_dir_all(&spec_dir).unwrap();
+    let (stack, id, tmp, spec_dir) = start();
     let (topic, table, group) = (
         format!("ddb-outage-{id}"),
         format!("features-{id}"),

@@ -13,20 +13,11 @@ const USERS: usize = 40;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn click(i: usize) -> (String, String) {
-    let user = format!("u{}", i % USERS);
-    (
-        user.clone(),
-        format!(r#"{{"type":"click","user_id":"{user}","item_id":"i{i}"}}"#),
-    )
+    feature_host_e2e::click(i, USERS)
 }
 
-/// Clicks per user after producing events `0..n`.
 fn expected_clicks(n: usize) -> BTreeMap<String, i64> {
-    let mut m = BTreeMap::new();
-    for i in 0..n {
-        *m.entry(click(i).0).or_insert(0) += 1;
-    }
-    m
+    feature_host_e2e::expected_clicks(n, USERS)
 }
 
 struct Setup {

@@ -303,6 +303,18 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// Run `requests` with at most `concurrency` in flight; the first error, if any.
+async fn all_ok<F>(requests: impl Iterator<Item = F>, concurrency: usize) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let results: Vec<anyhow::Result<()>> = stream::iter(requests)
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
 /// What the writer sends DynamoDB per batch, minus its work: `BatchGetItem` per 100 keys
 /// (concurrently), then one unconditional `PutItem` per entity at the writer's concurrency.
 async fn raw_dynamodb(
@@ -330,13 +342,7 @@ async fn raw_dynamodb(
             anyhow::Ok(())
         }
     });
-    for r in stream::iter(gets)
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await
-    {
-        r?;
-    }
+    all_ok(gets, 8).await?;
     let puts = items.iter().map(|item| async move {
         client
             .put_item()
@@ -346,14 +352,7 @@ async fn raw_dynamodb(
             .await?;
         anyhow::Ok(())
     });
-    for r in stream::iter(puts)
-        .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await
-    {
-        r?;
-    }
-    Ok(())
+    all_ok(puts, CONCURRENCY).await
 }
 
 /// One pipeline per batch: per entity an `HSET` of its fields as the cache holds them
@@ -418,12 +417,5 @@ async fn raw_redis_cache_only(
         pipe.query_async::<()>(&mut conn.clone()).await?;
         anyhow::Ok(())
     });
-    for r in stream::iter(writes)
-        .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await
-    {
-        r?;
-    }
-    Ok(())
+    all_ok(writes, CONCURRENCY).await
 }
