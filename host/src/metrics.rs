@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 use std::sync::Arc;
 
 /// Labels of per-partition series.
@@ -54,6 +54,13 @@ pub struct ReloadLabels {
     pub group: String,
     /// `applied`, `rejected` or `rolled_back`.
     pub result: String,
+}
+
+/// Register a new metric of the type the caller needs and return a handle to it.
+fn register<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let m = M::default();
+    registry.register(name, help, m.clone());
+    m
 }
 
 fn call_histogram() -> Histogram {
@@ -113,11 +120,10 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("fh");
         macro_rules! reg {
-            ($name:literal, $help:literal) => {{
-                let m = Family::default();
-                registry.register($name, $help, m.clone());
-                m
-            }};
+            // Any metric type with a default (families, gauges, counters): the field decides.
+            ($name:literal, $help:literal) => {
+                register(&mut registry, $name, $help)
+            };
         }
         Arc::new(Metrics {
             consumer_lag: reg!("consumer_lag", "Messages behind the end of the partition"),
@@ -176,24 +182,11 @@ impl Metrics {
                 "cache_repairs_queued",
                 "Cache updates that failed after the store write (or queued behind such a failure)"
             ),
-            cache_repairs_pending: {
-                let g = Gauge::default();
-                registry.register(
-                    "cache_repairs_pending",
-                    "Keys whose cache entry may be stale, waiting for their invalidation",
-                    g.clone(),
-                );
-                g
-            },
-            cache_repairs: {
-                let c = Counter::default();
-                registry.register(
-                    "cache_repairs",
-                    "Cache repairs (invalidations) that landed",
-                    c.clone(),
-                );
-                c
-            },
+            cache_repairs_pending: reg!(
+                "cache_repairs_pending",
+                "Keys whose cache entry may be stale, waiting for their invalidation"
+            ),
+            cache_repairs: reg!("cache_repairs", "Cache repairs (invalidations) that landed"),
             registry,
         })
     }

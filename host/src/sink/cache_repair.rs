@@ -336,9 +336,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_newer_version_queued_meanwhile_is_kept() {
-        let r = CacheRepairs::new(10);
+        let r = Arc::new(CacheRepairs::new(10));
         let cache: Arc<dyn Cache> = Arc::new(Flaky::default());
-        let r = Arc::new(r);
         r.state.lock().unwrap().pending.insert(
             "k".into(),
             Pending {

@@ -78,18 +78,10 @@ pub struct FeatureWriter {
 
 impl FeatureWriter {
     pub fn new(store: Arc<dyn Store>, cache: Arc<dyn CacheStore>) -> FeatureWriter {
-        FeatureWriter::with_repairs(store, cache, Arc::default())
-    }
-
-    pub fn with_repairs(
-        store: Arc<dyn Store>,
-        cache: Arc<dyn CacheStore>,
-        repairs: Arc<CacheRepairs>,
-    ) -> FeatureWriter {
         FeatureWriter {
             store,
             cache,
-            repairs,
+            repairs: Arc::default(),
         }
     }
 
@@ -230,38 +222,36 @@ impl FeatureWriter {
         if !cached || written.is_empty() {
             return report;
         }
-        let versions = |w: &[(String, Versioned)]| -> Vec<(String, u64)> {
-            w.iter().map(|(k, v)| (k.clone(), v.version)).collect()
-        };
+        // Kept for the repair queue, should the cache not take the update.
+        let versions: Vec<(String, u64)> = written
+            .iter()
+            .map(|(k, v)| (k.clone(), v.version))
+            .collect();
         if !self.repairs.idle() {
             // The cache failed recently and repairs are still queued: queue these too
             // rather than make every batch wait on a cache that is down.
-            report.cache_queued = self.queue_repairs(sink, versions(&written));
+            report.cache_queued = self.queue_repairs(sink, versions);
             return report;
         }
         let result = match sink.strategy {
             CacheStrategy::WriteThrough => {
                 let fills: Vec<CacheFill> = written
-                    .iter()
+                    .into_iter()
                     .map(|(key, entry)| CacheFill {
-                        key: key.clone(),
-                        entry: entry.clone(),
+                        key,
+                        entry,
                         ttl: sink.cache_ttl,
                     })
                     .collect();
                 self.cache.put_if_newer(&fills).await
             }
-            _ => {
-                self.cache
-                    .invalidate(&versions(&written), sink.cache_ttl)
-                    .await
-            }
+            _ => self.cache.invalidate(&versions, sink.cache_ttl).await,
         };
         if let Err(e) = result {
             // The store has the write; the cache may still hold the previous value. The
             // repair queue invalidates it once the cache answers, and readers skip it till
             // then.
-            report.cache_queued = self.queue_repairs(sink, versions(&written));
+            report.cache_queued = self.queue_repairs(sink, versions);
             report.cache_error = Some(e);
         }
         report

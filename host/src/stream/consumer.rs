@@ -570,13 +570,8 @@ async fn hand_off(
         .retry
         .map_or((0, now), |r| (r.attempts, r.first_failure_ms));
     let attempts = before + 1;
-    // A store outage is not the event's fault: it cycles through the retry topic (at the
-    // capped backoff) until the store is back, instead of running out of attempts.
-    let max_attempts = if failure.store && failure.kind == FailureKind::Retryable {
-        u32::MAX
-    } else {
-        def.spec.retry.max_attempts
-    };
+    let max_attempts =
+        envelope::attempt_limit(failure.kind, failure.store, def.spec.retry.max_attempts);
     let step = envelope::next_step(failure.kind, attempts, max_attempts, def.retry_backoff, now);
     let mut env = Envelope {
         group: def.name.clone(),

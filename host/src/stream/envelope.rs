@@ -70,6 +70,17 @@ pub fn next_step(
     }
 }
 
+/// Attempts an event gets for one group. A store outage (`store`: the plugin succeeded and
+/// the store write failed transiently) is not the event's fault: it cycles through the retry
+/// topic at the capped backoff until the store is back, instead of running out of attempts.
+pub fn attempt_limit(kind: FailureKind, store: bool, max_attempts: u32) -> u32 {
+    if store && kind == FailureKind::Retryable {
+        u32::MAX
+    } else {
+        max_attempts
+    }
+}
+
 /// The headers of the republished message.
 pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
     let mut h: Vec<(String, Vec<u8>)> = event
@@ -234,6 +245,33 @@ mod tests {
             unwrap(&msg)
                 .unwrap_err()
                 .contains("fh-source-offset is not a number")
+        );
+    }
+
+    #[test]
+    fn store_outages_never_run_out_of_attempts() {
+        let limit = attempt_limit(FailureKind::Retryable, true, 2);
+        assert!(matches!(
+            next_step(
+                FailureKind::Retryable,
+                1_000,
+                limit,
+                Duration::from_secs(1),
+                0
+            ),
+            NextStep::Retry { due_ms: 64_000 }
+        ));
+        assert_eq!(attempt_limit(FailureKind::Retryable, false, 2), 2);
+        assert_eq!(
+            next_step(
+                FailureKind::Invalid,
+                1,
+                attempt_limit(FailureKind::Invalid, true, 2),
+                Duration::from_secs(1),
+                0
+            ),
+            NextStep::DeadLetter,
+            "a rejected store write is dead-lettered at once"
         );
     }
 
