@@ -1,5 +1,6 @@
 //! The admin HTTP API: health, readiness, feature lookup, plugin versions and reload status,
-//! plugin rollback (bearer token), and (without Kafka) the event push endpoint.
+//! batch runs, plugin rollback and backfills (bearer token), and (without Kafka) the event
+//! push endpoint.
 
 use crate::pipeline::Pipeline;
 use crate::plugin::reload::Reloader;
@@ -21,6 +22,8 @@ pub struct AdminState {
     pub reloader: Option<Arc<Reloader>>,
     /// Required (as `Authorization: Bearer …`) by mutating calls; `None` refuses them.
     pub token: Option<String>,
+    /// Batch job state and submission.
+    pub batch: Option<crate::batch::BatchContext>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -30,7 +33,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/{group}/rollback", post(rollback))
-        .route("/v1/features/{group}/{entity}", get(features));
+        .route("/v1/features/{group}/{entity}", get(features))
+        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs/{run}", get(job))
+        .route("/v1/backfills", post(backfill));
     if state.push.is_some() {
         r = r.route("/v1/events", post(push));
     }
@@ -178,5 +184,98 @@ async fn push(State(s): State<AdminState>, body: String) -> Response {
     match ingest(&s.pipeline, events, unparsed, dead_letters).await {
         Ok(summary) => Json::<IngestSummary>(summary).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn jobs(State(s): State<AdminState>) -> Response {
+    let Some(b) = &s.batch else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "batch ingestion is not set up".into(),
+        );
+    };
+    match crate::batch::commands::runs_json(&b.jobs).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+async fn job(State(s): State<AdminState>, Path(run): Path<String>) -> Response {
+    let Some(b) = &s.batch else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "batch ingestion is not set up".into(),
+        );
+    };
+    match crate::batch::run::load_run(&b.jobs, &run).await {
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {run:?}")),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+        Ok(Some(_)) => {}
+    }
+    match crate::batch::commands::run_detail(&b.jobs, &run).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackfillBody {
+    ingestion: Option<String>,
+    #[serde(default)]
+    from: Option<chrono::NaiveDate>,
+    #[serde(default)]
+    to: Option<chrono::NaiveDate>,
+    #[serde(default)]
+    overwrite: bool,
+    #[serde(default)]
+    engine: Option<crate::spec::Engine>,
+    /// Continue this unfinished run (its owner must have gone quiet).
+    #[serde(default)]
+    resume: Option<String>,
+}
+
+/// Create a backfill run; the scheduling replica executes it. Answers with the run.
+async fn backfill(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = refusal(&s, &headers) {
+        return r;
+    }
+    let Some(b) = &s.batch else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "batch ingestion is not set up".into(),
+        );
+    };
+    let req: BackfillBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("backfill request: {e}")),
+    };
+    if let Some(id) = req.resume {
+        return match crate::batch::run::load_run(&b.jobs, &id).await {
+            Ok(Some(r)) => Json(serde_json::json!({ "run": r.value })).into_response(),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+        };
+    }
+    let Some(ingestion) = req.ingestion else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "backfill request: `ingestion` is required".into(),
+        );
+    };
+    let request = crate::batch::executor::Request {
+        ingestion,
+        from: req.from,
+        to: req.to,
+        overwrite: req.overwrite,
+        engine: req.engine,
+    };
+    match crate::batch::executor::submit_backfill(&b.jobs, &b.specs, &request).await {
+        Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     }
 }

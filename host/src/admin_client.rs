@@ -11,15 +11,33 @@ pub async fn request(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
+    send(addr, method, path, token, None).await
+}
+
+/// As [`request`], with a JSON body.
+pub async fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let addr = addr.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach the host's admin API at {addr} (is it running? set --admin / FH_ADMIN_ADDR)"))?;
     let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let body = json.unwrap_or("");
+    let kind = if json.is_some() {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
     stream
         .write_all(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
             )
             .as_bytes(),
         )

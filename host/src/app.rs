@@ -1,5 +1,6 @@
 //! Wiring: specs + plugins + stores → a ready [`Pipeline`].
 
+use crate::batch::jobs::{DynamoJobs, EmbeddedJobs, Jobs};
 use crate::config::{CacheKind, StoreKind, StoreSettings};
 use crate::dispatch::Router;
 use crate::pipeline::Pipeline;
@@ -23,11 +24,38 @@ pub fn load_specs(settings: &StoreSettings) -> anyhow::Result<SpecSet> {
 
 /// Connect the configured store and cache.
 pub async fn connect_writer(settings: &StoreSettings) -> anyhow::Result<FeatureWriter> {
-    let store: Arc<dyn Store> = match settings.store_kind() {
+    Ok(connect(settings, None).await?.0)
+}
+
+/// Connect the configured store and cache, and (given its table) the batch job state, which
+/// lives in the same backend: a DynamoDB table, or the embedded store's file.
+pub async fn connect(
+    settings: &StoreSettings,
+    jobs_table: Option<&str>,
+) -> anyhow::Result<(FeatureWriter, Option<Jobs>)> {
+    let (store, jobs): (Arc<dyn Store>, Option<Jobs>) = match settings.store_kind() {
         StoreKind::Dynamodb => {
-            Arc::new(DynamoStore::connect(settings.dynamodb_endpoint.as_deref()).await)
+            let store = DynamoStore::connect(settings.dynamodb_endpoint.as_deref()).await;
+            let jobs = match jobs_table {
+                Some(t) => {
+                    let jobs = DynamoJobs::new(store.client().clone(), t);
+                    if settings.create_tables {
+                        jobs.ensure_table().await?;
+                    }
+                    Some(Jobs::new(Arc::new(jobs)))
+                }
+                None => None,
+            };
+            (Arc::new(store), jobs)
         }
-        _ => Arc::new(EmbeddedStore::open(&settings.embedded_path())?),
+        _ => {
+            let store = EmbeddedStore::open(&settings.embedded_path())?;
+            let jobs = match jobs_table {
+                Some(_) => Some(Jobs::new(Arc::new(EmbeddedJobs::new(store.database())?))),
+                None => None,
+            };
+            (Arc::new(store), jobs)
+        }
     };
     let cache: Arc<dyn CacheStore> = match settings.cache_kind() {
         CacheKind::Redis => {
@@ -44,7 +72,7 @@ pub async fn connect_writer(settings: &StoreSettings) -> anyhow::Result<FeatureW
         cache = crate::sink::Cache::backend(&*cache),
         "stores connected"
     );
-    Ok(FeatureWriter::new(store, cache))
+    Ok((FeatureWriter::new(store, cache), jobs))
 }
 
 /// Create the store tables the groups use (idempotent).

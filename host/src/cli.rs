@@ -1,7 +1,7 @@
 //! The `feature-host` command line.
 
 use crate::app;
-use crate::config::{LogFormat, RunSettings, StoreKind, StoreSettings};
+use crate::config::{BatchSettings, LogFormat, RunSettings, StoreKind, StoreSettings};
 use crate::stream::dead_letter::DeadLetterFile;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -27,7 +27,10 @@ const EXAMPLES: &str = "Examples:
   FH_KAFKA_BROKERS=127.0.0.1:9092 FH_DYNAMODB_ENDPOINT=http://127.0.0.1:8000 \\
     FH_REDIS_URL=redis://127.0.0.1:6379 feature-host run
   feature-host plugin test plugins/dist/user_activity.wasm --spec specs/user-activity.yaml \\
-    --events specs/examples/events.jsonl";
+    --events specs/examples/events.jsonl
+  feature-host backfill user-activity-history --from 2026-11-01 --to 2026-11-24
+  feature-host jobs
+  feature-host jobs user-activity-history-20261125T101500Z-3fa2c1";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -37,7 +40,20 @@ pub enum Command {
         stores: StoreSettings,
         #[command(flatten)]
         run: RunSettings,
+        #[command(flatten)]
+        batch: BatchSettings,
     },
+    /// Run an Ingestion now (in this process, with a progress line), or continue one.
+    ///
+    /// Example: `feature-host backfill user-activity-history --from 2026-11-01 --to 2026-11-07`
+    Backfill(crate::batch::commands::BackfillArgs),
+    /// List batch runs, or show one (shards, checkpoints, status history, alerts).
+    ///
+    /// Example: `feature-host jobs` / `feature-host jobs <run>`
+    Jobs(crate::batch::commands::JobsArgs),
+    /// Run one shard of a run: the entrypoint of AWS Batch jobs (the shard is the array
+    /// index, AWS_BATCH_JOB_ARRAY_INDEX).
+    RunShard(crate::batch::commands::RunShardArgs),
     /// Validate a spec directory: every problem, with file and field. Exit 1 on any.
     Validate {
         /// The spec directory.
@@ -132,7 +148,7 @@ pub enum PluginCommand {
 /// Logs go to stderr (stdout carries command output). `RUST_LOG` overrides the level: the
 /// default is `info` for `run` and `warn` for one-shot commands.
 pub fn init_logging(format: LogFormat, command: &Command) {
-    let level = if matches!(command, Command::Run { .. }) {
+    let level = if matches!(command, Command::Run { .. } | Command::RunShard(_)) {
         "info"
     } else {
         "warn"
@@ -153,7 +169,12 @@ pub fn init_logging(format: LogFormat, command: &Command) {
 
 pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { stores, run } => run_host(stores, run).await.map(|_| ExitCode::SUCCESS),
+        Command::Run { stores, run, batch } => run_host(stores, run, batch)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Backfill(args) => crate::batch::commands::backfill(args).await,
+        Command::Jobs(args) => crate::batch::commands::jobs(args).await,
+        Command::RunShard(args) => crate::batch::commands::run_shard(args).await,
         Command::Validate { dir, plugin_dir } => Ok(validate(&dir, &plugin_dir)),
         Command::Get {
             group,
@@ -288,9 +309,13 @@ async fn get(
     }
 }
 
-async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()> {
+async fn run_host(
+    stores: StoreSettings,
+    run: RunSettings,
+    batch: BatchSettings,
+) -> anyhow::Result<()> {
     let specs = app::load_specs(&stores)?;
-    let writer = app::connect_writer(&stores).await?;
+    let (writer, jobs) = app::connect(&stores, Some(&batch.jobs_table)).await?;
     if stores.create_tables && stores.store_kind() == StoreKind::Dynamodb {
         app::ensure_tables(&writer, &specs).await?;
     }
@@ -311,11 +336,28 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
 
     let dead_letters = DeadLetterFile::new(stores.data_dir.join("dead-letters.jsonl"));
     let push = run.kafka_brokers.is_none().then(|| dead_letters.clone());
+    let batch_ctx = crate::batch::BatchContext::new(
+        pipeline.clone(),
+        Arc::new(specs.clone()),
+        jobs.expect("asked for job state"),
+        batch.clone(),
+        dead_letters.clone(),
+        shutdown_rx.clone(),
+        &run.admin_addr,
+        crate::batch::owner_id(),
+    );
     let admin = crate::admin::router(crate::admin::AdminState {
         pipeline: pipeline.clone(),
         push,
         reloader: Some(reloader.clone()),
         token: run.admin_token.clone(),
+        batch: Some(batch_ctx.clone()),
+    });
+    let batch_service = (batch.scheduler && !run.once).then(|| {
+        tokio::spawn(crate::batch::service::serve(
+            batch_ctx,
+            Arc::new(crate::batch::scheduler::SystemClock),
+        ))
     });
     if run.plugins.reload && !run.once {
         let (rx, p) = (shutdown_rx.clone(), run.plugins.clone());
@@ -365,11 +407,14 @@ async fn run_host(stores: StoreSettings, run: RunSettings) -> anyhow::Result<()>
             let _ = rx.wait_for(|s| *s).await;
         }
     }
+    if let Some(b) = batch_service {
+        b.await?;
+    }
     server.await??;
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     tokio::select! {

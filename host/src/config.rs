@@ -192,3 +192,98 @@ impl PluginSettings {
         }
     }
 }
+
+/// Batch ingestion: job state, workers, write rate, alerts, AWS Batch and S3.
+#[derive(Debug, Clone, Args)]
+pub struct BatchSettings {
+    /// DynamoDB table of job state (runs, shards, checkpoints, the scheduler lease).
+    #[arg(long, env = "FH_JOBS_TABLE", default_value = "feature-host-jobs")]
+    pub jobs_table: String,
+
+    /// Shards one process runs at once (local engine).
+    #[arg(long, env = "FH_BATCH_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+
+    /// Rows per plugin call and store batch.
+    #[arg(long, env = "FH_BATCH_ROWS", default_value_t = 1000)]
+    pub rows_per_batch: usize,
+
+    /// Rows per second one process may write from backfills (0: no limit). Keeps a backfill
+    /// from starving the stream's writes to the same tables.
+    #[arg(long, env = "FH_BATCH_MAX_ROWS_PER_SEC", default_value_t = 0)]
+    pub max_rows_per_sec: u64,
+
+    /// `parallelism: auto`: one shard per this many rows (when the source says its row
+    /// count, as Parquet does)...
+    #[arg(long, env = "FH_BATCH_SHARD_ROWS", default_value_t = 1_000_000)]
+    pub shard_rows: u64,
+
+    /// ...or per this many bytes, whichever gives more shards.
+    #[arg(long, env = "FH_BATCH_SHARD_BYTES", default_value_t = 256 << 20)]
+    pub shard_bytes: u64,
+
+    /// Starts of a failing shard (each from its checkpoint) before its run fails.
+    #[arg(long, env = "FH_BATCH_SHARD_ATTEMPTS", default_value_t = 3)]
+    pub shard_attempts: u32,
+
+    /// A run whose owner has not written a heartbeat for this long is taken over (resumed
+    /// from its checkpoints) by the scheduling replica.
+    #[arg(long, env = "FH_BATCH_RUN_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub run_lease: Duration,
+
+    /// Run cron schedules and pick up submitted runs in this process.
+    #[arg(long, env = "FH_SCHEDULER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub scheduler: bool,
+
+    /// The scheduler lease: only its holder schedules; a holder silent for this long is
+    /// replaced.
+    #[arg(long, env = "FH_SCHEDULER_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub scheduler_lease: Duration,
+
+    /// Alert when a run or shard waits (SUBMITTED, PENDING, RUNNABLE) longer than this.
+    #[arg(long, env = "FH_BATCH_STUCK_AFTER", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub stuck_after: Duration,
+
+    /// How often the monitor looks at runs.
+    #[arg(long, env = "FH_BATCH_MONITOR_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub monitor_interval: Duration,
+
+    /// POST alerts as JSON (`{"text": …}`, Slack-compatible) to this http:// URL.
+    #[arg(long, env = "FH_ALERT_WEBHOOK")]
+    pub alert_webhook: Option<String>,
+
+    /// Base URL of this host's admin API, for links in local jobs' alerts (default:
+    /// `http://<FH_ADMIN_ADDR>`).
+    #[arg(long, env = "FH_ADMIN_URL")]
+    pub admin_url: Option<String>,
+
+    /// S3 endpoint override (moto, MinIO): path-style addressing.
+    #[arg(long, env = "FH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// AWS Batch endpoint override (moto).
+    #[arg(long, env = "FH_AWS_BATCH_ENDPOINT")]
+    pub aws_batch_endpoint: Option<String>,
+
+    /// AWS Batch job queue for `engine: aws-batch`.
+    #[arg(long, env = "FH_AWS_BATCH_JOB_QUEUE")]
+    pub aws_batch_job_queue: Option<String>,
+
+    /// AWS Batch job definition (its image's entrypoint is this `feature-host` binary).
+    #[arg(long, env = "FH_AWS_BATCH_JOB_DEFINITION")]
+    pub aws_batch_job_definition: Option<String>,
+
+    /// How often an aws-batch run's job status is polled (DescribeJobs).
+    #[arg(long, env = "FH_AWS_BATCH_POLL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub aws_batch_poll: Duration,
+}
+
+impl BatchSettings {
+    pub fn shard_target(&self) -> crate::batch::plan::ShardTarget {
+        crate::batch::plan::ShardTarget {
+            rows: self.shard_rows.max(1),
+            bytes: self.shard_bytes.max(1),
+            ..Default::default()
+        }
+    }
+}

@@ -8,12 +8,15 @@
 //! - [`plugin`]: the WASM runtime that turns events into feature writes;
 //! - [`feature`]: values, operations, and the merge rules (event time, exactly-once);
 //! - [`sink`]: DynamoDB / Redis / embedded stores and the cache strategies;
-//! - [`pipeline`]: the batch path through all of the above;
+//! - [`pipeline`]: a batch of events through all of the above;
+//! - [`batch`]: bulk sources (local, S3; JSON lines, CSV, Parquet), sharded resumable runs on
+//!   the local or AWS Batch engine, the cron scheduler and its alerts;
 //! - [`admin`], [`metrics`], [`cli`], [`config`], [`app`]: operating it; [`bench`]: measuring it.
 
 pub mod admin;
 pub mod admin_client;
 pub mod app;
+pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod config;

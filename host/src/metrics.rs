@@ -33,6 +33,14 @@ pub struct GroupLabels {
     pub group: String,
 }
 
+impl IngestionLabels {
+    pub fn new(ingestion: &str) -> IngestionLabels {
+        IngestionLabels {
+            ingestion: ingestion.to_owned(),
+        }
+    }
+}
+
 impl GroupLabels {
     pub fn new(group: &str) -> GroupLabels {
         GroupLabels {
@@ -54,6 +62,27 @@ pub struct ReloadLabels {
     pub group: String,
     /// `applied`, `rejected` or `rolled_back`.
     pub result: String,
+}
+
+/// Labels of batch series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestionLabels {
+    pub ingestion: String,
+}
+
+/// Labels of batch alerts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub ingestion: String,
+    /// `stuck` or `failed`.
+    pub kind: String,
+}
+
+/// Labels of batch run states.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunStateLabels {
+    pub ingestion: String,
+    pub status: String,
 }
 
 /// Register a new metric of the type the caller needs and return a handle to it.
@@ -114,6 +143,16 @@ pub struct Metrics {
     pub cache_repairs_pending: Gauge,
     /// Repairs that landed.
     pub cache_repairs: Counter,
+    /// Batch rows finished (written or dead-lettered) by this process.
+    pub batch_rows: Family<IngestionLabels, Counter>,
+    /// Batch rows dead-lettered.
+    pub batch_dead_letters: Family<IngestionLabels, Counter>,
+    /// Runs per ingestion and status, as of the monitor's last look.
+    pub batch_runs: Family<RunStateLabels, Gauge>,
+    /// Alerts raised (each run and kind once).
+    pub batch_alerts: Family<AlertLabels, Counter>,
+    /// Scheduled ticks skipped by the missed-run policy (only the latest missed tick runs).
+    pub batch_missed_ticks: Family<IngestionLabels, Counter>,
 }
 
 impl Metrics {
@@ -187,6 +226,17 @@ impl Metrics {
                 "Keys whose cache entry may be stale, waiting for their invalidation"
             ),
             cache_repairs: reg!("cache_repairs", "Cache repairs (invalidations) that landed"),
+            batch_rows: reg!(
+                "batch_rows",
+                "Batch rows finished (written or dead-lettered)"
+            ),
+            batch_dead_letters: reg!("batch_dead_letters", "Batch rows dead-lettered"),
+            batch_runs: reg!("batch_runs", "Batch runs per ingestion and status"),
+            batch_alerts: reg!("batch_alerts", "Batch alerts raised (stuck or failed runs)"),
+            batch_missed_ticks: reg!(
+                "batch_missed_ticks",
+                "Scheduled ticks skipped after downtime (only the latest missed tick runs)"
+            ),
             registry,
         })
     }

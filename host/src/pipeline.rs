@@ -183,10 +183,12 @@ impl Pipeline {
     }
 
     /// Process the given (event, group) pairs; return the failures.
+    /// `overwrite` lets the writes replace newer values (a backfill's explicit override).
     pub async fn process(
         &self,
         events: &Arc<Vec<Event>>,
         pairs: &[(usize, usize)],
+        overwrite: bool,
     ) -> (Vec<Failure>, BatchStats) {
         let mut per_group: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for &(e, g) in pairs {
@@ -194,7 +196,7 @@ impl Pipeline {
         }
         let runs = per_group
             .into_iter()
-            .map(|(g, idx)| self.process_group(events, g, idx));
+            .map(|(g, idx)| self.process_group(events, g, idx, overwrite));
         let mut failures = Vec::new();
         let mut stats = BatchStats {
             routed: pairs.len(),
@@ -218,8 +220,9 @@ impl Pipeline {
         events: &Arc<Vec<Event>>,
         pairs: &[(usize, usize)],
         in_place: InPlace,
+        overwrite: bool,
     ) -> (Vec<Failure>, BatchStats) {
-        let (mut failures, mut stats) = self.process(events, pairs).await;
+        let (mut failures, mut stats) = self.process(events, pairs, overwrite).await;
         let mut attempts: HashMap<(usize, usize), u32> = HashMap::new();
         loop {
             for f in &failures {
@@ -254,7 +257,7 @@ impl Pipeline {
             tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events in place");
             tokio::time::sleep(backoff).await;
             let pairs: Vec<(usize, usize)> = retry.iter().map(|f| (f.event, f.group)).collect();
-            let (again, more) = self.process(events, &pairs).await;
+            let (again, more) = self.process(events, &pairs, overwrite).await;
             stats.writes += more.writes;
             stats.replayed += more.replayed;
             stats.stale_skips += more.stale_skips;
@@ -269,6 +272,7 @@ impl Pipeline {
         events: &Arc<Vec<Event>>,
         g: usize,
         mut idx: Vec<usize>,
+        overwrite: bool,
     ) -> (Vec<Failure>, Option<WriteReport>) {
         idx.sort_unstable();
         idx.dedup();
@@ -319,7 +323,7 @@ impl Pipeline {
         for (&i, result) in idx.iter().zip(results) {
             let event = &events[i];
             match result {
-                Ok(writes) => match to_mutations(&group.def, event, writes) {
+                Ok(writes) => match to_mutations(&group.def, event, writes, overwrite) {
                     Ok(ms) => {
                         for (entity, m) in ms {
                             writers
@@ -396,6 +400,7 @@ fn to_mutations(
     def: &GroupDef,
     event: &Event,
     writes: Vec<Write>,
+    overwrite: bool,
 ) -> Result<Vec<(String, Mutation)>, String> {
     let mut by_entity: BTreeMap<String, Mutation> = BTreeMap::new();
     for w in writes {
@@ -406,7 +411,7 @@ fn to_mutations(
             .or_insert_with(|| Mutation {
                 position: event.position.clone(),
                 ops: Vec::new(),
-                overwrite: false,
+                overwrite,
             })
             .ops
             .push((w.feature, w.op, w.event_time_ms));

@@ -280,7 +280,7 @@ async fn reload_latency(wasm: &Path, reloads: usize, report: &mut Report) -> any
         std::fs::rename(&tmp, &live)?;
         loop {
             let serving = pipeline.runtime(0).plugin.version().to_owned();
-            pipeline.process(&batch, &pairs).await;
+            pipeline.process(&batch, &pairs, false).await;
             if serving == version {
                 break;
             }

@@ -194,7 +194,7 @@ async fn sequential(
         let events = Arc::new(vec![event]);
         let pairs = pipeline.route(&events);
         let (failures, _) = pipeline
-            .process_with_retries(&events, &pairs, InPlace::StoreOnly(1))
+            .process_with_retries(&events, &pairs, InPlace::StoreOnly(1), false)
             .await;
         anyhow::ensure!(failures.is_empty(), "bench event failed: {failures:?}");
         if sync_commit {

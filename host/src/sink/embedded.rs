@@ -41,6 +41,11 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
 
+    /// The redb database, for other tables in the same file (batch job state).
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     fn item_key(table: &str, key: &str) -> String {
         format!("{table}\u{0}{key}")
     }

@@ -504,6 +504,7 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
                 &events,
                 &pairs,
                 InPlace::StoreOnly(shared.settings.store_attempts),
+                false,
             )
             .await;
         failures.extend(f);

@@ -111,7 +111,7 @@ pub async fn ingest(
     let pairs = pipeline.route(&events);
     let routed_events: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.0).collect();
     let (failures, stats) = pipeline
-        .process_with_retries(&events, &pairs, InPlace::All)
+        .process_with_retries(&events, &pairs, InPlace::All, false)
         .await;
     let mut lines: Vec<String> = failures
         .iter()

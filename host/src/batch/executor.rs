@@ -1,0 +1,311 @@
+//! A run from creation to its end: submit (create the record), claim, wait for parents,
+//! plan shards, hand to the engine, record the outcome.
+
+use super::BatchContext;
+use super::format::units;
+use super::plan::{assign, shard_count};
+use super::run::{
+    Checkpoint, RUN_PK, RunRecord, ShardRecord, Status, Trigger, load_run, now_ms, run_id,
+    shard_pk, shard_sk, update_run,
+};
+use super::source::expand_dates;
+use crate::spec::{Engine, SpecSet};
+use anyhow::Context as _;
+use chrono::NaiveDate;
+use std::time::Duration;
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub ingestion: String,
+    /// `{date}` range (inclusive).
+    pub from: Option<NaiveDate>,
+    pub to: Option<NaiveDate>,
+    /// Force overwrite (else the spec's `overwrite`).
+    pub overwrite: bool,
+    /// Override the spec's engine.
+    pub engine: Option<Engine>,
+}
+
+/// Create a backfill run (SUBMITTED). It runs where it is executed: the CLI runs it itself;
+/// through the admin API the scheduling replica picks it up.
+pub async fn submit_backfill(
+    jobs: &super::jobs::Jobs,
+    specs: &SpecSet,
+    req: &Request,
+) -> anyhow::Result<RunRecord> {
+    let now = now_ms();
+    let suffix = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let run = new_run(
+        specs,
+        req,
+        Trigger::Backfill,
+        run_id(&req.ingestion, now, Some(&suffix)),
+        now,
+        Vec::new(),
+    )?;
+    anyhow::ensure!(
+        jobs.put(RUN_PK, &run.id, &run, 0).await?.is_some(),
+        "run {} already exists",
+        run.id
+    );
+    Ok(run)
+}
+
+/// The record of a new run (not stored).
+pub fn new_run(
+    specs: &SpecSet,
+    req: &Request,
+    trigger: Trigger,
+    id: String,
+    now: i64,
+    parents: Vec<String>,
+) -> anyhow::Result<RunRecord> {
+    let def = specs.ingestions.get(&req.ingestion).with_context(|| {
+        format!(
+            "unknown ingestion {:?}; known: {}",
+            req.ingestion,
+            specs
+                .ingestions
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let uris = expand_dates(&def.spec.source.uri, req.from, req.to)
+        .with_context(|| format!("ingestion {} ({})", def.name, def.file.display()))?;
+    let mut run = RunRecord {
+        id,
+        ingestion: def.name.clone(),
+        group: def.spec.feature_group.clone(),
+        trigger,
+        uris,
+        format: def.spec.source.format,
+        overwrite: req.overwrite || def.spec.overwrite,
+        engine: req.engine.unwrap_or(def.spec.engine),
+        status: Status::Submitted,
+        reason: None,
+        shards: 0,
+        rows_total: None,
+        bytes_total: 0,
+        created_ms: now,
+        updated_ms: now,
+        history: Vec::new(),
+        parents,
+        aws_job_id: None,
+        owner: None,
+        heartbeat_ms: 0,
+    };
+    run.set_status(Status::Submitted, now, None);
+    Ok(run)
+}
+
+/// Whether `run` may be claimed by an executor now: not finished, and nobody (alive) owns it.
+pub fn claimable(run: &RunRecord, now: i64, lease: Duration) -> bool {
+    !run.status.is_terminal()
+        && (run.owner.is_none() || now - run.heartbeat_ms > lease.as_millis() as i64)
+}
+
+/// Claim a run for this process. `Ok(false)` if it is finished or owned by a live process.
+pub async fn claim(ctx: &BatchContext, id: &str) -> anyhow::Result<bool> {
+    let Some(stored) = load_run(&ctx.jobs, id).await? else {
+        anyhow::bail!("run {id} does not exist");
+    };
+    let now = now_ms();
+    let mut run = stored.value;
+    if !claimable(&run, now, ctx.settings.run_lease) && run.owner.as_deref() != Some(&ctx.owner) {
+        return Ok(false);
+    }
+    if let Some(previous) = run.owner.replace(ctx.owner.clone())
+        && previous != ctx.owner
+    {
+        tracing::warn!(
+            run = id,
+            previous,
+            "taking over a run whose owner went quiet; shards resume from their checkpoints"
+        );
+    }
+    run.heartbeat_ms = now;
+    Ok(ctx
+        .jobs
+        .put(RUN_PK, id, &run, stored.version)
+        .await?
+        .is_some())
+}
+
+/// Execute a claimed run to its end (or to shutdown). Returns the final record.
+pub async fn execute(ctx: &BatchContext, id: &str) -> anyhow::Result<RunRecord> {
+    let heartbeat = tokio::spawn(heartbeat(ctx.clone(), id.to_owned()));
+    let result = execute_inner(ctx, id).await;
+    heartbeat.abort();
+    let (status, reason) = match &result {
+        Ok(Outcome::Done) => (Some(Status::Succeeded), None),
+        Ok(Outcome::Failed(reason)) => (Some(Status::Failed), Some(reason.clone())),
+        Ok(Outcome::Blocked(reason)) => (Some(Status::Blocked), Some(reason.clone())),
+        // Shutdown: release the run so the next process resumes it at once.
+        Ok(Outcome::Interrupted) => (None, None),
+        Err(e) => (Some(Status::Failed), Some(format!("{e:#}"))),
+    };
+    let owner = ctx.owner.clone();
+    let run = update_run(&ctx.jobs, id, |r| {
+        if r.owner.as_deref() != Some(&owner) {
+            return;
+        }
+        match status {
+            Some(s) => r.set_status(s, now_ms(), reason.clone()),
+            None => {
+                r.owner = None;
+                r.set_status(
+                    Status::Runnable,
+                    now_ms(),
+                    Some("interrupted by shutdown".into()),
+                );
+            }
+        }
+    })
+    .await?;
+    match run.status {
+        Status::Succeeded => tracing::info!(run = id, "run succeeded"),
+        s if s.is_terminal() => {
+            tracing::error!(run = id, status = %s, reason = run.reason.as_deref().unwrap_or(""), "run did not succeed")
+        }
+        _ => tracing::info!(run = id, "run released at shutdown"),
+    }
+    Ok(run)
+}
+
+/// How an engine's work ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Done,
+    Failed(String),
+    Blocked(String),
+    Interrupted,
+}
+
+async fn execute_inner(ctx: &BatchContext, id: &str) -> anyhow::Result<Outcome> {
+    let run = load_run(&ctx.jobs, id)
+        .await?
+        .with_context(|| format!("run {id} does not exist"))?
+        .value;
+    if let Some(blocked) = wait_for_parents(ctx, &run).await? {
+        return Ok(blocked);
+    }
+    let run = if run.shards == 0 {
+        plan(ctx, &run).await?
+    } else {
+        run
+    };
+    match run.engine {
+        Engine::Local => super::local::run(ctx, &run).await,
+        Engine::AwsBatch => super::aws_batch::supervise(ctx, &run).await,
+    }
+}
+
+/// Wait (PENDING) until every parent run succeeded. `Some(outcome)` if one failed or the
+/// process is stopping.
+async fn wait_for_parents(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result<Option<Outcome>> {
+    if run.parents.is_empty() {
+        return Ok(None);
+    }
+    let mut stop = ctx.stop.clone();
+    let mut marked = false;
+    loop {
+        let mut waiting = Vec::new();
+        for p in &run.parents {
+            let parent = load_run(&ctx.jobs, p)
+                .await?
+                .with_context(|| format!("parent run {p} does not exist"))?
+                .value;
+            match parent.status {
+                Status::Succeeded => {}
+                Status::Failed | Status::Blocked => {
+                    return Ok(Some(Outcome::Blocked(format!(
+                        "parent run {p} {}: {}",
+                        parent.status,
+                        parent.reason.as_deref().unwrap_or("no reason recorded")
+                    ))));
+                }
+                _ => waiting.push(p.clone()),
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(None);
+        }
+        if !marked {
+            let note = format!("waiting for {}", waiting.join(", "));
+            update_run(&ctx.jobs, &run.id, |r| {
+                r.set_status(Status::Pending, now_ms(), Some(note.clone()))
+            })
+            .await?;
+            marked = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(Some(Outcome::Interrupted)),
+        }
+    }
+}
+
+/// List the source, cut it into shards, and store the shard records.
+pub async fn plan(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result<RunRecord> {
+    let files = ctx.sources.list(&run.uris).await?;
+    let mut all = Vec::new();
+    for f in &files {
+        all.extend(units(&ctx.sources, f, run.format).await?);
+    }
+    let def = ctx
+        .specs
+        .ingestions
+        .get(&run.ingestion)
+        .with_context(|| format!("ingestion {} is no longer in the specs", run.ingestion))?;
+    let n = shard_count(&all, def.spec.parallelism, ctx.settings.shard_target());
+    let rows_total = all.iter().map(|u| u.rows).sum::<Option<u64>>();
+    let bytes_total = all.iter().map(|u| u.bytes).sum();
+    let now = now_ms();
+    for (i, units) in assign(all, n).into_iter().enumerate() {
+        let shard = ShardRecord {
+            run: run.id.clone(),
+            index: i as u32,
+            units,
+            status: Status::Runnable,
+            checkpoint: Checkpoint::default(),
+            rows_failed: 0,
+            errors: Vec::new(),
+            starts: Vec::new(),
+            attempts: 0,
+            updated_ms: now,
+            reason: None,
+        };
+        // Already there: planned by an earlier attempt of this run (the plan is the same).
+        ctx.jobs
+            .put(&shard_pk(&run.id), &shard_sk(i as u32), &shard, 0)
+            .await?;
+    }
+    tracing::info!(run = %run.id, files = files.len(), shards = n, rows = ?rows_total, bytes = bytes_total, "run planned");
+    update_run(&ctx.jobs, &run.id, |r| {
+        r.shards = n;
+        r.rows_total = rows_total;
+        r.bytes_total = bytes_total;
+    })
+    .await
+}
+
+/// Keep the run's heartbeat fresh while this process owns it.
+async fn heartbeat(ctx: BatchContext, id: String) {
+    let every = (ctx.settings.run_lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let owner = ctx.owner.clone();
+        if let Err(e) = update_run(&ctx.jobs, &id, |r| {
+            if r.owner.as_deref() == Some(&owner) {
+                r.heartbeat_ms = now_ms();
+            }
+        })
+        .await
+        {
+            tracing::warn!(run = %id, error = %e, "cannot write the run heartbeat");
+        }
+    }
+}
