@@ -101,6 +101,12 @@ pub enum BenchCommand {
     ///
     /// Example: `eval "$(scripts/stack env)"; feature-host bench sinks --entities 256 --features 8`
     Sinks(crate::bench::sinks::SinksBenchArgs),
+    /// Backfill rows/s (local engine, generated Parquet source, 1/2/4 shards) next to the
+    /// sink ceiling: the same entity writes sent by plain clients (or, on the embedded
+    /// store, by the writer alone).
+    ///
+    /// Example: `eval "$(scripts/stack env)"; feature-host bench backfill`
+    Backfill(crate::bench::backfill::BackfillBenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +195,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Plugin(args)) => {
             let report = crate::bench::plugin::run(args).await?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Backfill(args)) => {
+            let report = crate::bench::backfill::run(args).await?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }

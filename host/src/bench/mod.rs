@@ -2,6 +2,7 @@
 //! on stderr and ends with one `name=value` line per figure on stdout, so runs can be
 //! compared by a script. Every ratio is against a baseline measured in the same run.
 
+pub mod backfill;
 pub mod plugin;
 pub mod sinks;
 pub mod stream;

@@ -333,7 +333,7 @@ where
 
 /// What the writer sends DynamoDB per batch, minus its work: `BatchGetItem` per 100 keys
 /// (concurrently), then one unconditional `PutItem` per entity at the writer's concurrency.
-async fn raw_dynamodb(
+pub(super) async fn raw_dynamodb(
     client: &aws_sdk_dynamodb::Client,
     table: &str,
     keys: &[String],
@@ -373,7 +373,7 @@ async fn raw_dynamodb(
 
 /// One pipeline per batch: per entity an `HSET` of its fields as the cache holds them
 /// (write-through) or of an invalidation marker (write-around), and a `PEXPIRE`.
-async fn raw_redis_pipeline(
+pub(super) async fn raw_redis_pipeline(
     conn: &redis::aio::ConnectionManager,
     entries: &[(String, Vec<String>)],
     marker: bool,
