@@ -73,7 +73,17 @@ pub fn new_run(
                 .join(", ")
         )
     })?;
-    let uris = expand_dates(&def.spec.source.uri, req.from, req.to)
+    // A relative local path is relative to the spec file, like the plugin's golden file.
+    let uri = match super::source::Location::parse(&def.spec.source.uri)? {
+        super::source::Location::Local(p) if p.is_relative() => def
+            .file
+            .parent()
+            .map_or(p.clone(), |d| d.join(&p))
+            .to_string_lossy()
+            .into_owned(),
+        _ => def.spec.source.uri.clone(),
+    };
+    let uris = expand_dates(&uri, req.from, req.to)
         .with_context(|| format!("ingestion {} ({})", def.name, def.file.display()))?;
     let mut run = RunRecord {
         id,
@@ -307,5 +317,59 @@ async fn heartbeat(ctx: BatchContext, id: String) {
         {
             tracing::warn!(run = %id, error = %e, "cannot write the run heartbeat");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_claimable_when_unowned_or_its_owner_went_quiet() {
+        let specs = SpecSet::default();
+        assert!(
+            new_run(
+                &specs,
+                &Request {
+                    ingestion: "x".into(),
+                    ..Default::default()
+                },
+                Trigger::Backfill,
+                "r".into(),
+                0,
+                vec![]
+            )
+            .is_err()
+        );
+        let mut run = RunRecord {
+            id: "r".into(),
+            ingestion: "i".into(),
+            group: "g".into(),
+            trigger: Trigger::Backfill,
+            uris: vec![],
+            format: crate::spec::BatchFormat::Csv,
+            overwrite: false,
+            engine: Engine::Local,
+            status: Status::Submitted,
+            reason: None,
+            shards: 0,
+            rows_total: None,
+            bytes_total: 0,
+            created_ms: 0,
+            updated_ms: 0,
+            history: vec![],
+            parents: vec![],
+            aws_job_id: None,
+            owner: None,
+            heartbeat_ms: 0,
+        };
+        let lease = Duration::from_secs(30);
+        assert!(claimable(&run, 1_000, lease), "nobody owns it");
+        run.owner = Some("a".into());
+        run.heartbeat_ms = 1_000;
+        assert!(!claimable(&run, 20_000, lease), "its owner is alive");
+        assert!(claimable(&run, 40_000, lease), "its owner went quiet");
+        run.status = Status::Succeeded;
+        assert!(!claimable(&run, 40_000, lease), "finished");
     }
 }

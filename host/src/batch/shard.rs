@@ -92,6 +92,7 @@ pub async fn run_shard(
         Trigger::Schedule { tick_ms } => tick_ms,
         Trigger::Backfill => run.created_ms,
     };
+    let labels = crate::metrics::IngestionLabels::new(&run.ingestion);
     let mut saved_at = Instant::now();
     let result: Result<(), ShardError> = async {
         while let Some(piece) = rx.recv().await {
@@ -178,6 +179,11 @@ pub async fn run_shard(
                         .push(format!("row {}: {}", base + f.event as u64, f.reason));
                 }
                 ctx.progress.failed(failures.len() as u64);
+                ctx.pipeline
+                    .metrics()
+                    .batch_dead_letters
+                    .get_or_create(&labels)
+                    .inc_by(failures.len() as u64);
             }
             shard.checkpoint = Checkpoint {
                 unit,
@@ -185,6 +191,11 @@ pub async fn run_shard(
                 rows_done: base + n,
             };
             ctx.progress.rows(n);
+            ctx.pipeline
+                .metrics()
+                .batch_rows
+                .get_or_create(&labels)
+                .inc_by(n);
             if saved_at.elapsed() >= CHECKPOINT_EVERY {
                 shard.updated_ms = now_ms();
                 version = save(ctx, &pk, &sk, &shard, version, index).await?;

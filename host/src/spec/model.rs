@@ -325,7 +325,9 @@ pub struct IngestionSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BatchSourceSpec {
-    /// A local path or `s3://bucket/prefix`, with globs and `{date}` placeholders.
+    /// A local path (relative to this spec file) or `s3://bucket/key`, with globs (`*`, `**`,
+    /// `?`, `[…]`) and a `{date}` placeholder (`dt={date}`: each day of a backfill's range, or
+    /// the day before a scheduled tick).
     #[schemars(length(min = 1))]
     pub uri: String,
     pub format: BatchFormat,
