@@ -255,8 +255,12 @@ async fn backfill(
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("backfill request: {e}")),
     };
     if let Some(id) = req.resume {
+        // Reopened runs are picked up by the scheduling replica (once their owner is gone).
         return match crate::batch::run::load_run(&b.jobs, &id).await {
-            Ok(Some(r)) => Json(serde_json::json!({ "run": r.value })).into_response(),
+            Ok(Some(_)) => match crate::batch::executor::reopen(&b.jobs, &id).await {
+                Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
+                Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
+            },
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
         };
@@ -274,7 +278,7 @@ async fn backfill(
         overwrite: req.overwrite,
         engine: req.engine,
     };
-    match crate::batch::executor::submit_backfill(&b.jobs, &b.specs, &request).await {
+    match crate::batch::executor::submit_backfill(&b.jobs, &b.specs, &request, None).await {
         Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     }

@@ -106,7 +106,7 @@ pub enum BenchCommand {
     /// store, by the writer alone).
     ///
     /// Example: `eval "$(scripts/stack env)"; feature-host bench backfill`
-    Backfill(crate::bench::backfill::BackfillBenchArgs),
+    Backfill(Box<crate::bench::backfill::BackfillBenchArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,7 +199,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Backfill(args)) => {
-            let report = crate::bench::backfill::run(args).await?;
+            let report = crate::bench::backfill::run(*args).await?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }

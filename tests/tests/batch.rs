@@ -18,7 +18,7 @@ fn row(i: usize, users: usize) -> (String, String, &'static str, i64) {
     (
         format!("u{}", i % users),
         format!("i{i}"),
-        if i % 3 == 0 { "view" } else { "click" },
+        if i.is_multiple_of(3) { "view" } else { "click" },
         BASE_TS + i as i64,
     )
 }
@@ -822,7 +822,7 @@ async fn a_stuck_run_raises_exactly_one_alert_with_its_link() {
         ingestion: ingestion.clone(),
         ..Default::default()
     };
-    let run = feature_host::batch::executor::submit_backfill(&ctx.jobs, &ctx.specs, &req)
+    let run = feature_host::batch::executor::submit_backfill(&ctx.jobs, &ctx.specs, &req, None)
         .await
         .unwrap();
     assert!(

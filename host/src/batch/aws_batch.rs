@@ -8,7 +8,9 @@ use super::BatchContext;
 use super::executor::Outcome;
 use super::run::{RunRecord, Status, load_run, now_ms, update_run};
 use anyhow::Context as _;
-use aws_sdk_batch::types::{ArrayProperties, ContainerOverrides, JobDependency, KeyValuePair};
+use aws_sdk_batch::types::{
+    ArrayProperties, ContainerOverrides, JobDependency, KeyValuePair, RetryStrategy,
+};
 use std::time::Duration;
 
 /// A client for the configured endpoint (moto in tests) and region.
@@ -87,6 +89,13 @@ pub async fn supervise(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result<Ou
                         )
                         .build(),
                 );
+            // A lost container (spot reclaim, host failure) restarts its shard from the
+            // checkpoint instead of failing the run.
+            req = req.retry_strategy(
+                RetryStrategy::builder()
+                    .attempts(s.shard_attempts.clamp(1, 10) as i32)
+                    .build(),
+            );
             if run.shards > 1 {
                 req = req
                     .array_properties(ArrayProperties::builder().size(run.shards as i32).build());
@@ -151,13 +160,18 @@ pub async fn supervise(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result<Ou
                         parts.join(" ")
                     });
                 let note = reason.clone().or(summary);
-                update_run(&ctx.jobs, &run.id, |r| {
+                // Job state unreachable: the job runs on regardless; record it next poll.
+                let recorded = update_run(&ctx.jobs, &run.id, |r| {
                     if r.status != status {
                         r.set_status(status, now_ms(), note.clone());
                     }
                 })
-                .await?;
+                .await;
+                if let Err(e) = &recorded {
+                    tracing::warn!(run = %run.id, error = %format!("{e:#}"), "cannot record the AWS Batch job status");
+                }
                 match status {
+                    _ if recorded.is_err() => {}
                     Status::Succeeded => return Ok(Outcome::Done),
                     Status::Failed => {
                         return Ok(Outcome::Failed(format!(

@@ -1,6 +1,6 @@
 //! The operator commands of batch ingestion: `backfill`, `run-shard`, `jobs`.
 
-use super::executor::{Request, claim, execute, submit_backfill};
+use super::executor::{Request, claim, execute, reopen, submit_backfill};
 use super::run::{RunRecord, ShardRecord, Status, list_runs, list_shards, load_run};
 use super::{BatchContext, owner_id};
 use crate::app;
@@ -147,14 +147,10 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
     let ctx = context(&args.stores, &args.batch, stop_on_signal()).await?;
     let id = match &args.resume {
         Some(id) => {
-            let run = load_run(&ctx.jobs, id)
+            load_run(&ctx.jobs, id)
                 .await?
-                .with_context(|| format!("no run {id:?} (see `feature-host jobs`)"))?
-                .value;
-            anyhow::ensure!(
-                run.status != Status::Succeeded,
-                "run {id} already succeeded; nothing to resume"
-            );
+                .with_context(|| format!("no run {id:?} (see `feature-host jobs`)"))?;
+            reopen(&ctx.jobs, id).await?;
             id.clone()
         }
         None => {
@@ -165,7 +161,9 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
                 overwrite: args.overwrite,
                 engine: args.engine,
             };
-            submit_backfill(&ctx.jobs, &ctx.specs, &req).await?.id
+            submit_backfill(&ctx.jobs, &ctx.specs, &req, Some(&ctx.owner))
+                .await?
+                .id
         }
     };
     if !claim(&ctx, &id).await? {

@@ -29,14 +29,18 @@ pub struct Request {
 
 /// Create a backfill run (SUBMITTED). It runs where it is executed: the CLI runs it itself;
 /// through the admin API the scheduling replica picks it up.
+///
+/// `owner`: created already claimed by this process (the CLI runs it itself, and no scheduler
+/// may pick it up meanwhile).
 pub async fn submit_backfill(
     jobs: &super::jobs::Jobs,
     specs: &SpecSet,
     req: &Request,
+    owner: Option<&str>,
 ) -> anyhow::Result<RunRecord> {
     let now = now_ms();
     let suffix = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let run = new_run(
+    let mut run = new_run(
         specs,
         req,
         Trigger::Backfill,
@@ -44,6 +48,10 @@ pub async fn submit_backfill(
         now,
         Vec::new(),
     )?;
+    if let Some(owner) = owner {
+        run.owner = Some(owner.to_owned());
+        run.heartbeat_ms = now;
+    }
     anyhow::ensure!(
         jobs.put(RUN_PK, &run.id, &run, 0).await?.is_some(),
         "run {} already exists",
@@ -111,6 +119,28 @@ pub fn new_run(
     Ok(run)
 }
 
+/// Make a run that ended without succeeding (FAILED, BLOCKED) runnable again, for an explicit
+/// resume: its shards continue from their checkpoints, with the same positions, so what the
+/// failed attempt applied is not applied twice. A run that is still going is left alone.
+pub async fn reopen(jobs: &super::jobs::Jobs, id: &str) -> anyhow::Result<RunRecord> {
+    let run = update_run(jobs, id, |r| {
+        if matches!(r.status, Status::Failed | Status::Blocked) {
+            r.owner = None;
+            r.set_status(
+                Status::Runnable,
+                now_ms(),
+                Some("resumed by the operator".into()),
+            );
+        }
+    })
+    .await?;
+    anyhow::ensure!(
+        run.status != Status::Succeeded,
+        "run {id} already succeeded; nothing to resume"
+    );
+    Ok(run)
+}
+
 /// Whether `run` may be claimed by an executor now: not finished, and nobody (alive) owns it.
 pub fn claimable(run: &RunRecord, now: i64, lease: Duration) -> bool {
     !run.status.is_terminal()
@@ -146,9 +176,26 @@ pub async fn claim(ctx: &BatchContext, id: &str) -> anyhow::Result<bool> {
 
 /// Execute a claimed run to its end (or to shutdown). Returns the final record.
 pub async fn execute(ctx: &BatchContext, id: &str) -> anyhow::Result<RunRecord> {
-    let heartbeat = tokio::spawn(heartbeat(ctx.clone(), id.to_owned()));
-    let result = execute_inner(ctx, id).await;
+    // This run stops on shutdown and when another process took it over (our heartbeat
+    // found a different owner): its shards save their checkpoints and stop.
+    let (cancel, stop) = tokio::sync::watch::channel(false);
+    let cancel = std::sync::Arc::new(cancel);
+    let mut global = ctx.stop.clone();
+    let forward = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let _ = global.wait_for(|s| *s).await;
+            let _ = cancel.send(true);
+        })
+    };
+    let run_ctx = BatchContext {
+        stop,
+        ..ctx.clone()
+    };
+    let heartbeat = tokio::spawn(heartbeat(run_ctx.clone(), id.to_owned(), cancel));
+    let result = execute_inner(&run_ctx, id).await;
     heartbeat.abort();
+    forward.abort();
     let (status, reason) = match &result {
         Ok(Outcome::Done) => (Some(Status::Succeeded), None),
         Ok(Outcome::Failed(reason)) => (Some(Status::Failed), Some(reason.clone())),
@@ -228,8 +275,14 @@ async fn wait_for_parents(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result
                 .await?
                 .with_context(|| format!("parent run {p} does not exist"))?
                 .value;
+            // On AWS Batch a submitted parent is enough: its job is a `dependsOn` edge of
+            // this run's job, and AWS Batch holds the child until the parent succeeds.
+            let edge = run.engine == Engine::AwsBatch
+                && parent.engine == Engine::AwsBatch
+                && parent.aws_job_id.is_some();
             match parent.status {
                 Status::Succeeded => {}
+                _ if edge && !parent.status.is_terminal() => {}
                 Status::Failed | Status::Blocked => {
                     return Ok(Some(Outcome::Blocked(format!(
                         "parent run {p} {}: {}",
@@ -288,11 +341,32 @@ pub async fn plan(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result<RunReco
             updated_ms: now,
             reason: None,
         };
-        // Already there: planned by an earlier attempt of this run (the plan is the same).
-        ctx.jobs
+        // Already there: planned by an earlier attempt of this run that stopped before
+        // recording it. It must be the same plan, or rows would be read twice or never.
+        if ctx
+            .jobs
             .put(&shard_pk(&run.id), &shard_sk(i as u32), &shard, 0)
-            .await?;
+            .await?
+            .is_none()
+        {
+            let existing = ctx
+                .jobs
+                .get::<ShardRecord>(&shard_pk(&run.id), &shard_sk(i as u32))
+                .await?
+                .context("shard record vanished")?;
+            anyhow::ensure!(
+                existing.value.units == shard.units,
+                "run {}: the source changed since shard {i} was planned; start a new run",
+                run.id
+            );
+        }
     }
+    let planned = super::run::list_shards(&ctx.jobs, &run.id).await?.len();
+    anyhow::ensure!(
+        planned == n as usize,
+        "run {}: an earlier attempt planned {planned} shards, now {n}: the source or the spec changed; start a new run",
+        run.id
+    );
     tracing::info!(run = %run.id, files = files.len(), shards = n, rows = ?rows_total, bytes = bytes_total, "run planned");
     update_run(&ctx.jobs, &run.id, |r| {
         r.shards = n;
@@ -302,20 +376,34 @@ pub async fn plan(ctx: &BatchContext, run: &RunRecord) -> anyhow::Result<RunReco
     .await
 }
 
-/// Keep the run's heartbeat fresh while this process owns it.
-async fn heartbeat(ctx: BatchContext, id: String) {
+/// Keep the run's heartbeat fresh while this process owns it; cancel the execution when
+/// another process has taken the run over.
+async fn heartbeat(
+    ctx: BatchContext,
+    id: String,
+    cancel: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+) {
     let every = (ctx.settings.run_lease / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
         let owner = ctx.owner.clone();
-        if let Err(e) = update_run(&ctx.jobs, &id, |r| {
+        let mut lost = false;
+        match update_run(&ctx.jobs, &id, |r| {
             if r.owner.as_deref() == Some(&owner) {
                 r.heartbeat_ms = now_ms();
+            } else {
+                lost = true;
             }
         })
         .await
         {
-            tracing::warn!(run = %id, error = %e, "cannot write the run heartbeat");
+            Ok(_) if lost => {
+                tracing::warn!(run = %id, "another process took this run over; stopping here");
+                let _ = cancel.send(true);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(run = %id, error = %e, "cannot write the run heartbeat"),
         }
     }
 }

@@ -280,19 +280,44 @@ impl DynamoJobs {
             .send()
             .await;
         match created {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(e)
                 if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_in_use_exception()) =>
-            {
-                Ok(())
+                    .is_some_and(|s| s.is_resource_in_use_exception()) => {}
+            Err(e) => {
+                anyhow::bail!(
+                    "cannot create the job state table {}: {}",
+                    self.table,
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                )
             }
-            Err(e) => Err(anyhow::anyhow!(
-                "cannot create the job state table {}: {}",
-                self.table,
-                aws_sdk_dynamodb::error::DisplayErrorContext(e)
-            )),
         }
+        // A new table takes a while to become usable on DynamoDB (not on DynamoDB Local).
+        for _ in 0..240 {
+            let d = self
+                .client
+                .describe_table()
+                .table_name(&self.table)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "describe table {}: {}",
+                        self.table,
+                        aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                    )
+                })?;
+            if d.table().and_then(|t| t.table_status())
+                == Some(&aws_sdk_dynamodb::types::TableStatus::Active)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        anyhow::bail!(
+            "job state table {} did not become ACTIVE within a minute",
+            self.table
+        )
     }
 
     fn decode(

@@ -153,8 +153,12 @@ async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<()> {
     let (addr, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let (status, answer) =
-        crate::admin_client::send(addr, "POST", &path, None, Some(&body.to_string())).await?;
+    let (status, answer) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::admin_client::send(addr, "POST", &path, None, Some(&body.to_string())),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
     anyhow::ensure!(
         (200..300).contains(&status),
         "webhook answered {status}: {answer}"

@@ -116,55 +116,69 @@ impl Scheduler {
         let now = self.clock.now_ms();
         let mut created = Vec::new();
         for def in self.specs.ingestions.values() {
-            let Some(expr) = &def.spec.schedule else {
-                continue;
-            };
-            let cron: croner::Cron = expr
-                .parse()
-                .with_context(|| format!("ingestion {}: schedule {expr:?}", def.name))?;
-            let state = self
-                .jobs
-                .get::<ScheduleState>(SCHEDULE_PK, &def.name)
-                .await?;
-            let (last, version) = match &state {
-                Some(s) => (s.value.last_tick_ms, s.version),
-                None => {
-                    // First sight: start at the next tick.
-                    self.jobs
-                        .put(
-                            SCHEDULE_PK,
-                            &def.name,
-                            &ScheduleState { last_tick_ms: now },
-                            0,
-                        )
-                        .await?;
-                    continue;
-                }
-            };
-            let due = due_ticks(&cron, last, now);
-            let Some(&latest) = due.last() else { continue };
-            if due.len() > 1 {
-                tracing::warn!(ingestion = %def.name, skipped = due.len() - 1, "missed schedule ticks: running only the latest");
-                if let Some(m) = &self.metrics {
-                    m.batch_missed_ticks
-                        .get_or_create(&crate::metrics::IngestionLabels::new(&def.name))
-                        .inc_by(due.len() as u64 - 1);
+            // One ingestion's problem (its source, job state) must not stop the others.
+            match self.tick_one(def, now).await {
+                Ok(ids) => created.extend(ids),
+                Err(e) => {
+                    tracing::error!(ingestion = %def.name, error = %format!("{e:#}"), "cannot schedule ingestion")
                 }
             }
-            // Runs first (put-if-absent, so a retry after a crash here is harmless), then the
-            // tick: a tick is never marked handled without its run.
-            created.extend(self.create_tick_runs(&def.name, latest).await?);
+        }
+        Ok(created)
+    }
+
+    async fn tick_one(
+        &self,
+        def: &crate::spec::IngestionDef,
+        now: i64,
+    ) -> anyhow::Result<Vec<String>> {
+        let Some(expr) = &def.spec.schedule else {
+            return Ok(Vec::new());
+        };
+        let cron: croner::Cron = expr
+            .parse()
+            .with_context(|| format!("ingestion {}: schedule {expr:?}", def.name))?;
+        let state = self
+            .jobs
+            .get::<ScheduleState>(SCHEDULE_PK, &def.name)
+            .await?;
+        let Some(state) = state else {
+            // First sight: start at the next tick.
             self.jobs
                 .put(
                     SCHEDULE_PK,
                     &def.name,
-                    &ScheduleState {
-                        last_tick_ms: latest,
-                    },
-                    version,
+                    &ScheduleState { last_tick_ms: now },
+                    0,
                 )
                 .await?;
+            return Ok(Vec::new());
+        };
+        let due = due_ticks(&cron, state.value.last_tick_ms, now);
+        let Some(&latest) = due.last() else {
+            return Ok(Vec::new());
+        };
+        if due.len() > 1 {
+            tracing::warn!(ingestion = %def.name, skipped = due.len() - 1, "missed schedule ticks: running only the latest");
+            if let Some(m) = &self.metrics {
+                m.batch_missed_ticks
+                    .get_or_create(&crate::metrics::IngestionLabels::new(&def.name))
+                    .inc_by(due.len() as u64 - 1);
+            }
         }
+        // Runs first (put-if-absent, so a retry after a crash here is harmless), then the
+        // tick: a tick is never marked handled without its run.
+        let created = self.create_tick_runs(&def.name, latest).await?;
+        self.jobs
+            .put(
+                SCHEDULE_PK,
+                &def.name,
+                &ScheduleState {
+                    last_tick_ms: latest,
+                },
+                state.version,
+            )
+            .await?;
         Ok(created)
     }
 

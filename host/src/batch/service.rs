@@ -41,9 +41,8 @@ pub async fn serve(ctx: BatchContext, clock: Arc<dyn Clock>) {
     let mut stop = ctx.stop.clone();
     let mut last_monitor = i64::MIN;
     loop {
-        match scheduler.tick().await {
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "scheduler pass failed"),
-            Ok(_) => {}
+        if let Err(e) = scheduler.tick().await {
+            tracing::warn!(error = %format!("{e:#}"), "scheduler pass failed");
         }
         let leader = scheduler.hold_lease().await.unwrap_or(false);
         if leader {

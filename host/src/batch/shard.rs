@@ -2,9 +2,10 @@
 //! them through the group's pipeline (the stream's plugin and writer), and move the
 //! checkpoint forward.
 //!
-//! Exactly-once effect: row `n` of shard `s` carries the position `(batch:<run>, s, n)`, and a
-//! shard runs its rows in order, so a resumed shard's rows between the checkpoint and the
-//! crash are recognised as applied by each entity's watermark and skipped. A re-run of the
+//! Exactly-once effect: row `n` of shard `s` carries the position `(batch:<run>, s, n)` with
+//! the batch's first row as floor, and a shard runs its batches in order, so a resumed shard's
+//! rows between the checkpoint and the crash are recognised as applied by each entity's
+//! watermark and skipped, and a row retried within its batch is not. A re-run of the
 //! same run id changes nothing; a new run of the same source is new data.
 
 use super::BatchContext;
@@ -133,7 +134,7 @@ pub async fn run_shard(
                         timestamp_ms,
                         headers: vec![("fh-source".into(), uri.as_bytes().to_vec())],
                         payload,
-                        position: Some(Position::sequential(&source, index as i32, offset)),
+                        position: Some(row_position(&source, index, base, offset)),
                     }
                 })
                 .collect();
@@ -228,6 +229,16 @@ pub async fn run_shard(
     }
 }
 
+/// The position of row `offset` of a shard in the batch starting at row `base`. The floor is
+/// the batch's first row: everything before it is finished, while rows of this batch may
+/// still be retried after later ones succeeded (in-place retries), so no floor may cover them.
+fn row_position(source: &str, shard: u32, base: u64, offset: i64) -> Position {
+    Position {
+        floor: base as i64,
+        ..Position::sequential(source, shard as i32, offset)
+    }
+}
+
 async fn save(
     ctx: &BatchContext,
     pk: &str,
@@ -236,10 +247,21 @@ async fn save(
     version: u64,
     index: u32,
 ) -> Result<u64, ShardError> {
-    ctx.jobs
-        .put(pk, sk, shard, version)
-        .await?
-        .ok_or(ShardError::Fenced(index))
+    // Job state unreachable: wait for it (the checkpoint must land before more rows count
+    // as done); a lost compare-and-swap means another process owns the shard.
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match ctx.jobs.put(pk, sk, shard, version).await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => return Err(ShardError::Fenced(index)),
+            Err(e) if wait < Duration::from_secs(60) && !*ctx.stop.borrow() => {
+                tracing::warn!(shard = index, error = %format!("{e:#}"), retry_in = ?wait, "cannot save the shard checkpoint; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => return Err(ShardError::Failed(e)),
+        }
+    }
 }
 
 /// Process a batch. Store failures are retried until the store answers (an outage pauses
@@ -342,5 +364,57 @@ async fn read_units(
         if tx.send(Ok(Piece::UnitDone(i))).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feature::{EntityState, Mutation, Op, Value};
+
+    fn incr(pos: Position) -> Mutation {
+        Mutation {
+            position: Some(pos),
+            ops: vec![("n".into(), Op::Incr(Value::Int(1)), 1)],
+            overwrite: false,
+        }
+    }
+
+    #[test]
+    fn a_row_retried_after_a_later_row_of_its_batch_still_applies() {
+        let mut e = EntityState::default();
+        // Batch from row 100: row 107 lands first, row 105 comes back from an in-place retry.
+        assert!(
+            !e.apply(&incr(row_position("batch:r", 0, 100, 107)))
+                .replayed
+        );
+        assert!(
+            !e.apply(&incr(row_position("batch:r", 0, 100, 105)))
+                .replayed
+        );
+        // A resume from the checkpoint (row 100) replays both: no-ops.
+        assert!(
+            e.apply(&incr(row_position("batch:r", 0, 100, 105)))
+                .replayed
+        );
+        assert!(
+            e.apply(&incr(row_position("batch:r", 0, 100, 107)))
+                .replayed
+        );
+        // The next batch raises the floor and trims the list.
+        assert!(
+            !e.apply(&incr(row_position("batch:r", 0, 200, 201)))
+                .replayed
+        );
+        assert!(
+            e.apply(&incr(row_position("batch:r", 0, 200, 150)))
+                .replayed
+        );
+        let wm = &e.positions["batch:r#0"];
+        assert_eq!((wm.floor, wm.applied.clone()), (200, vec![201]));
+        assert_eq!(
+            e.values().find(|(n, _)| *n == "n").map(|(_, v)| v.clone()),
+            Some(Value::Int(3))
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use chrono::NaiveDate;
-use globset::{Glob, GlobMatcher};
+use globset::{GlobBuilder, GlobMatcher};
 use std::path::{Path, PathBuf};
 
 /// One file of a source.
@@ -75,7 +75,10 @@ fn split_glob(pattern: &str) -> anyhow::Result<(String, Option<GlobMatcher>)> {
             let base = pattern[..i]
                 .rfind('/')
                 .map_or(String::new(), |j| pattern[..=j].to_owned());
-            let glob = Glob::new(pattern)
+            // `*` stays within one path segment; `**` crosses them.
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
                 .with_context(|| format!("source pattern {pattern:?} is not a valid glob"))?;
             Ok((base, Some(glob.compile_matcher())))
         }
@@ -162,7 +165,11 @@ impl Sources {
                 let Some(key) = o.key() else { continue };
                 let keep = match &matcher {
                     Some(m) => m.is_match(key),
-                    None => key == pattern || pattern.ends_with('/'),
+                    // A key, or a "directory" (with or without its trailing slash).
+                    None => {
+                        key == pattern
+                            || key.starts_with(&format!("{}/", pattern.trim_end_matches('/')))
+                    }
                 };
                 if keep && !key.ends_with('/') {
                     out.push(SourceFile {

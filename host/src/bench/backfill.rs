@@ -49,7 +49,7 @@ fn row(i: usize, users: usize) -> (String, String, &'static str, i64) {
     (
         format!("u{}", (i * 7919) % users),
         format!("i{i}"),
-        if i % 3 == 0 { "view" } else { "click" },
+        if i.is_multiple_of(3) { "view" } else { "click" },
         1_764_000_000_000 + i as i64,
     )
 }
@@ -170,6 +170,7 @@ spec:
                 ingestion: name.clone(),
                 ..Default::default()
             },
+            None,
         )
         .await?;
         anyhow::ensure!(claim(&ctx, &run.id).await?, "cannot claim the bench run");

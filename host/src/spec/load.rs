@@ -369,6 +369,9 @@ fn check_semantics(
                         format!("invalid cron expression {schedule:?}: {e}"),
                     ));
                 }
+                if let Err(e) = crate::batch::source::Location::parse(&d.spec.source.uri) {
+                    problems.push(err("spec.source.uri", format!("{e:#}")));
+                }
                 ingestion_docs.push((label.clone(), file, name, d.spec, problems.is_empty()));
             }
         }
