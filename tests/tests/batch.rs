@@ -733,6 +733,26 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
     assert_eq!(child_run.status, Status::Blocked);
     let why = child_run.reason.unwrap();
     assert!(why.contains(&latest) && why.contains("FAILED"), "{why}");
+
+    // The operator fixes the source and resumes both: the parent runs, then the child.
+    let (clicks, _) = write_export(&tmp.join("none"), 1, 500, 250, 20);
+    let mut tasks = Vec::new();
+    for id in [latest.clone(), child.clone()] {
+        feature_host::batch::executor::reopen(&ctx.jobs, &id).await.unwrap();
+        assert!(feature_host::batch::executor::claim(&ctx, &id).await.unwrap());
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            feature_host::batch::executor::execute(&ctx, &id).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        let run = t.await.unwrap();
+        assert_eq!(run.status, Status::Succeeded, "{}: {:?}", run.id, run.reason);
+    }
+    // Both loaded the same rows into the group (two runs: two sets of positions).
+    let client = stack.dynamodb().await;
+    let doubled: BTreeMap<String, i64> = clicks.iter().map(|(k, v)| (k.clone(), v * 2)).collect();
+    assert_eq!(counts(&client, &table, &group, "clicks").await, doubled);
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
