@@ -233,6 +233,9 @@ struct BackfillBody {
     /// Continue this unfinished run (its owner must have gone quiet).
     #[serde(default)]
     resume: Option<String>,
+    /// Run this finished run again from its first row (idempotent).
+    #[serde(default)]
+    rerun: Option<String>,
 }
 
 /// Create a backfill run; the scheduling replica executes it. Answers with the run.
@@ -254,10 +257,16 @@ async fn backfill(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("backfill request: {e}")),
     };
+    if let Some(id) = req.rerun {
+        return match crate::batch::executor::rerun(&b.jobs, &id, None).await {
+            Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
+            Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
+        };
+    }
     if let Some(id) = req.resume {
         // Reopened runs are picked up by the scheduling replica (once their owner is gone).
         return match crate::batch::run::load_run(&b.jobs, &id).await {
-            Ok(Some(_)) => match crate::batch::executor::reopen(&b.jobs, &id).await {
+            Ok(Some(_)) => match crate::batch::executor::reopen(&b.jobs, &id, None).await {
                 Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
                 Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
             },

@@ -236,7 +236,7 @@ async fn parquet_backfill_survives_a_kill_and_resumes_from_checkpoints() {
     assert_eq!(shown["run"]["status"], "SUCCEEDED");
     assert_eq!(shown["rows_done"], 120_000);
 
-    // A finished run is not run again.
+    // A finished run is not resumed; re-running it from row 0 changes nothing.
     let again = std::process::Command::new(host_binary())
         .args(["backfill", "--resume", &run.id])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -244,6 +244,24 @@ async fn parquet_backfill_survives_a_kill_and_resumes_from_checkpoints() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already succeeded"));
+    let rerun = std::process::Command::new(host_binary())
+        .args(["backfill", "--rerun", &run.id])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    let rerun_summary: serde_json::Value = serde_json::from_slice(&rerun.stdout).unwrap();
+    assert_eq!(rerun_summary["rows_done"], 120_000);
+    assert_eq!(
+        counts(&client, &table, &group, "clicks").await,
+        clicks,
+        "re-run counted rows twice"
+    );
+    assert_eq!(counts(&client, &table, &group, "views").await, views);
     assert!(host.terminate().success());
     let _ = std::fs::remove_dir_all(&tmp);
 }
@@ -738,16 +756,30 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
     let (clicks, _) = write_export(&tmp.join("none"), 1, 500, 250, 20);
     let mut tasks = Vec::new();
     for id in [latest.clone(), child.clone()] {
-        feature_host::batch::executor::reopen(&ctx.jobs, &id).await.unwrap();
-        assert!(feature_host::batch::executor::claim(&ctx, &id).await.unwrap());
+        feature_host::batch::executor::reopen(&ctx.jobs, &id, None)
+            .await
+            .unwrap();
+        assert!(
+            feature_host::batch::executor::claim(&ctx, &id)
+                .await
+                .unwrap()
+        );
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(async move {
-            feature_host::batch::executor::execute(&ctx, &id).await.unwrap()
+            feature_host::batch::executor::execute(&ctx, &id)
+                .await
+                .unwrap()
         }));
     }
     for t in tasks {
         let run = t.await.unwrap();
-        assert_eq!(run.status, Status::Succeeded, "{}: {:?}", run.id, run.reason);
+        assert_eq!(
+            run.status,
+            Status::Succeeded,
+            "{}: {:?}",
+            run.id,
+            run.reason
+        );
     }
     // Both loaded the same rows into the group (two runs: two sets of positions).
     let client = stack.dynamodb().await;

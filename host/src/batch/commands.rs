@@ -1,6 +1,6 @@
 //! The operator commands of batch ingestion: `backfill`, `run-shard`, `jobs`.
 
-use super::executor::{Request, claim, execute, reopen, submit_backfill};
+use super::executor::{Request, claim, execute, reopen, rerun, submit_backfill};
 use super::run::{RunRecord, ShardRecord, Status, list_runs, list_shards, load_run};
 use super::{BatchContext, owner_id};
 use crate::app;
@@ -18,7 +18,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
     /// The Ingestion to run (ignored with --resume).
-    #[arg(required_unless_present = "resume")]
+    #[arg(required_unless_present_any = ["resume", "rerun"])]
     pub ingestion: Option<String>,
     /// First day filled into the source's `{date}` (YYYY-MM-DD).
     #[arg(long)]
@@ -32,9 +32,14 @@ pub struct BackfillArgs {
     /// Override the spec's engine.
     #[arg(long, value_parser = parse_engine)]
     pub engine: Option<Engine>,
-    /// Continue an unfinished run from its checkpoints instead of starting a new one.
-    #[arg(long, value_name = "RUN")]
+    /// Continue an unfinished (or failed) run from its checkpoints instead of starting a new
+    /// one.
+    #[arg(long, value_name = "RUN", conflicts_with = "rerun")]
     pub resume: Option<String>,
+    /// Run a finished run again from its first row with the same positions: rows it applied
+    /// are skipped, so the result does not change (idempotent re-run).
+    #[arg(long, value_name = "RUN")]
+    pub rerun: Option<String>,
     /// Submit to a running host's admin API instead of running here (needs its token).
     #[arg(long)]
     pub admin: Option<String>,
@@ -128,6 +133,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
             "overwrite": args.overwrite,
             "engine": args.engine,
             "resume": args.resume,
+            "rerun": args.rerun,
         });
         let (status, answer) = crate::admin_client::send(
             admin,
@@ -145,12 +151,16 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let ctx = context(&args.stores, &args.batch, stop_on_signal()).await?;
-    let id = match &args.resume {
+    let id = match args.resume.as_ref().or(args.rerun.as_ref()) {
+        Some(id) if args.rerun.is_some() => {
+            rerun(&ctx.jobs, id, Some(&ctx.owner)).await?;
+            id.clone()
+        }
         Some(id) => {
             load_run(&ctx.jobs, id)
                 .await?
                 .with_context(|| format!("no run {id:?} (see `feature-host jobs`)"))?;
-            reopen(&ctx.jobs, id).await?;
+            reopen(&ctx.jobs, id, Some(&ctx.owner)).await?;
             id.clone()
         }
         None => {

@@ -122,10 +122,18 @@ pub fn new_run(
 /// Make a run that ended without succeeding (FAILED, BLOCKED) runnable again, for an explicit
 /// resume: its shards continue from their checkpoints, with the same positions, so what the
 /// failed attempt applied is not applied twice. A run that is still going is left alone.
-pub async fn reopen(jobs: &super::jobs::Jobs, id: &str) -> anyhow::Result<RunRecord> {
+///
+/// `owner`: reopened already claimed by this process (the CLI runs it itself); `None` leaves
+/// it to the scheduling replica.
+pub async fn reopen(
+    jobs: &super::jobs::Jobs,
+    id: &str,
+    owner: Option<&str>,
+) -> anyhow::Result<RunRecord> {
     let run = update_run(jobs, id, |r| {
         if matches!(r.status, Status::Failed | Status::Blocked) {
-            r.owner = None;
+            r.owner = owner.map(str::to_owned);
+            r.heartbeat_ms = now_ms();
             r.set_status(
                 Status::Runnable,
                 now_ms(),
@@ -139,6 +147,51 @@ pub async fn reopen(jobs: &super::jobs::Jobs, id: &str) -> anyhow::Result<RunRec
         "run {id} already succeeded; nothing to resume"
     );
     Ok(run)
+}
+
+/// Run a run again from its first row, with the same positions: every row it already
+/// applied is recognised and skipped, so a finished run re-runs idempotently (for checking,
+/// or after restoring a table from a backup taken before the run).
+pub async fn rerun(
+    jobs: &super::jobs::Jobs,
+    id: &str,
+    owner: Option<&str>,
+) -> anyhow::Result<RunRecord> {
+    let run = super::run::load_run(jobs, id)
+        .await?
+        .with_context(|| format!("no run {id:?}"))?
+        .value;
+    anyhow::ensure!(
+        run.status.is_terminal(),
+        "run {id} is {}; resume it instead of re-running it",
+        run.status
+    );
+    for shard in super::run::list_shards(jobs, id).await? {
+        let mut s = shard.value;
+        s.status = Status::Runnable;
+        s.checkpoint = Checkpoint::default();
+        s.rows_failed = 0;
+        s.errors.clear();
+        s.reason = None;
+        anyhow::ensure!(
+            jobs.put(&shard_pk(id), &shard_sk(s.index), &s, shard.version)
+                .await?
+                .is_some(),
+            "shard {} of run {id} changed meanwhile; try again",
+            s.index
+        );
+    }
+    update_run(jobs, id, |r| {
+        r.owner = owner.map(str::to_owned);
+        r.heartbeat_ms = now_ms();
+        r.aws_job_id = None;
+        r.set_status(
+            Status::Runnable,
+            now_ms(),
+            Some("re-run by the operator".into()),
+        );
+    })
+    .await
 }
 
 /// Whether `run` may be claimed by an executor now: not finished, and nobody (alive) owns it.

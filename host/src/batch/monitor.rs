@@ -16,7 +16,7 @@ use std::time::Duration;
 pub struct Alert {
     pub run: String,
     pub ingestion: String,
-    /// `stuck` or `failed`.
+    /// `stuck`, `stuck-shards` or `failed`.
     pub kind: String,
     pub text: String,
     pub link: String,
@@ -84,6 +84,8 @@ impl Monitor {
                         ))
                     ),
                 )
+            } else if let Some(text) = self.stuck_shards(run, now_ms).await? {
+                ("stuck-shards", text)
             } else if matches!(run.status, Status::Failed | Status::Blocked) {
                 (
                     "failed",
@@ -132,6 +134,29 @@ impl Monitor {
             raised.push(alert);
         }
         Ok(raised)
+    }
+
+    /// Shards of a running run that have waited for a worker past the threshold.
+    async fn stuck_shards(&self, run: &RunRecord, now_ms: i64) -> anyhow::Result<Option<String>> {
+        if run.status != Status::Running || run.aws_job_id.is_some() {
+            return Ok(None);
+        }
+        let limit = self.stuck_after.as_millis() as i64;
+        let waiting: Vec<String> = super::run::list_shards(&self.jobs, &run.id)
+            .await?
+            .into_iter()
+            .filter(|s| s.value.status.is_waiting() && now_ms - s.value.updated_ms > limit)
+            .map(|s| s.value.index.to_string())
+            .collect();
+        Ok((!waiting.is_empty()).then(|| {
+            format!(
+                "batch run {} ({}) is RUNNING but shards {} have waited for a worker for over {} (FH_BATCH_WORKERS)",
+                run.id,
+                run.ingestion,
+                waiting.join(", "),
+                humantime::format_duration(self.stuck_after)
+            )
+        }))
     }
 
     /// Every alert raised so far.
