@@ -17,6 +17,17 @@ use anyhow::Context as _;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+/// The AWS SDK configuration every client shares: the default chain (env, profile, IRSA),
+/// with `us-east-1` when no region is configured.
+pub async fn aws_config() -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
+        loader = loader.region(aws_config::Region::new("us-east-1"));
+    }
+    loader.load().await
+}
+
 /// Load and validate the spec directory, or fail listing every problem.
 pub fn load_specs(settings: &StoreSettings) -> anyhow::Result<SpecSet> {
     load_dir(&settings.spec_dir, &settings.plugin_dir).map_err(|e| anyhow::anyhow!("{e}"))

@@ -319,6 +319,34 @@ async fn context(
     )
 }
 
+/// Claim and execute `ids` concurrently in this process, as the scheduling replica would;
+/// their final records, in order.
+async fn execute_all(ctx: &feature_host::batch::BatchContext, ids: &[String]) -> Vec<RunRecord> {
+    let mut tasks = Vec::new();
+    for id in ids {
+        assert!(
+            feature_host::batch::executor::claim(ctx, id).await.unwrap(),
+            "claim {id}"
+        );
+        let (ctx, id) = (ctx.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            feature_host::batch::executor::execute(&ctx, &id)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut runs = Vec::new();
+    for t in tasks {
+        runs.push(
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    runs
+}
+
 /// A moto call by its query API (IAM has no client in this workspace).
 async fn moto_query(endpoint: &str, service: &str, body: &str) -> String {
     moto_post(
@@ -518,26 +546,8 @@ async fn aws_batch_engine_submits_a_dag_of_array_jobs_and_follows_them() {
     let mut created = scheduler.tick().await.unwrap();
     created.sort();
     assert_eq!(created.len(), 3, "{created:?}");
-    let mut tasks = Vec::new();
-    for id in &created {
-        assert!(
-            feature_host::batch::executor::claim(&ctx, id)
-                .await
-                .unwrap()
-        );
-        let (ctx, id) = (ctx.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            feature_host::batch::executor::execute(&ctx, &id)
-                .await
-                .unwrap()
-        }));
-    }
     let mut runs = BTreeMap::new();
-    for t in tasks {
-        let run = tokio::time::timeout(Duration::from_secs(120), t)
-            .await
-            .unwrap()
-            .unwrap();
+    for run in execute_all(&ctx, &created).await {
         assert_eq!(
             run.status,
             Status::Succeeded,
@@ -722,22 +732,11 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
     // The latest tick's DAG: p finds no files and fails; q is blocked and says why.
     let ctx = context(&stack, &tmp, &specs, &jobs_table, &[]).await;
     let child = feature_host::batch::run::run_id(&q, (clock.now_ms() / 60_000) * 60_000, None);
-    let mut tasks = Vec::new();
-    for id in [latest.clone(), child.clone()] {
-        assert!(
-            feature_host::batch::executor::claim(&ctx, &id)
-                .await
-                .unwrap()
-        );
-        let ctx = ctx.clone();
-        tasks.push(tokio::spawn(async move {
-            feature_host::batch::executor::execute(&ctx, &id)
-                .await
-                .unwrap()
-        }));
-    }
-    let parent_run = tasks.remove(0).await.unwrap();
-    let child_run = tasks.remove(0).await.unwrap();
+    let [parent_run, child_run]: [RunRecord; 2] =
+        execute_all(&ctx, &[latest.clone(), child.clone()])
+            .await
+            .try_into()
+            .unwrap();
     assert_eq!(parent_run.status, Status::Failed);
     assert!(
         parent_run
@@ -754,25 +753,12 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
 
     // The operator fixes the source and resumes both: the parent runs, then the child.
     let (clicks, _) = write_export(&tmp.join("none"), 1, 500, 250, 20);
-    let mut tasks = Vec::new();
-    for id in [latest.clone(), child.clone()] {
-        feature_host::batch::executor::reopen(&ctx.jobs, &id, None)
+    for id in [&latest, &child] {
+        feature_host::batch::executor::reopen(&ctx.jobs, id, None)
             .await
             .unwrap();
-        assert!(
-            feature_host::batch::executor::claim(&ctx, &id)
-                .await
-                .unwrap()
-        );
-        let ctx = ctx.clone();
-        tasks.push(tokio::spawn(async move {
-            feature_host::batch::executor::execute(&ctx, &id)
-                .await
-                .unwrap()
-        }));
     }
-    for t in tasks {
-        let run = t.await.unwrap();
+    for run in execute_all(&ctx, &[latest.clone(), child.clone()]).await {
         assert_eq!(
             run.status,
             Status::Succeeded,

@@ -15,12 +15,7 @@ use std::time::Duration;
 
 /// A client for the configured endpoint (moto in tests) and region.
 pub async fn client(endpoint: Option<&str>) -> aws_sdk_batch::Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-    {
-        loader = loader.region(aws_config::Region::new("us-east-1"));
-    }
-    let shared = loader.load().await;
+    let shared = crate::app::aws_config().await;
     let mut config = aws_sdk_batch::config::Builder::from(&shared);
     if let Some(url) = endpoint {
         config = config.endpoint_url(url);

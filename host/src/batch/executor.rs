@@ -482,28 +482,7 @@ mod tests {
             )
             .is_err()
         );
-        let mut run = RunRecord {
-            id: "r".into(),
-            ingestion: "i".into(),
-            group: "g".into(),
-            trigger: Trigger::Backfill,
-            uris: vec![],
-            format: crate::spec::BatchFormat::Csv,
-            overwrite: false,
-            engine: Engine::Local,
-            status: Status::Submitted,
-            reason: None,
-            shards: 0,
-            rows_total: None,
-            bytes_total: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            history: vec![],
-            parents: vec![],
-            aws_job_id: None,
-            owner: None,
-            heartbeat_ms: 0,
-        };
+        let mut run = super::super::run::sample();
         let lease = Duration::from_secs(30);
         assert!(claimable(&run, 1_000, lease), "nobody owns it");
         run.owner = Some("a".into());

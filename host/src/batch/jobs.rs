@@ -292,27 +292,17 @@ impl DynamoJobs {
                 )
             }
         }
-        // A new table takes a while to become usable on DynamoDB (not on DynamoDB Local).
-        for _ in 0..240 {
-            let d = self
-                .client
-                .describe_table()
-                .table_name(&self.table)
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "describe table {}: {}",
-                        self.table,
-                        aws_sdk_dynamodb::error::DisplayErrorContext(e)
-                    )
-                })?;
-            if d.table().and_then(|t| t.table_status())
-                == Some(&aws_sdk_dynamodb::types::TableStatus::Active)
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let active = crate::sink::dynamo::wait_active(&self.client, &self.table)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "describe table {}: {}",
+                    self.table,
+                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
+                )
+            })?;
+        if active {
+            return Ok(());
         }
         anyhow::bail!(
             "job state table {} did not become ACTIVE within a minute",

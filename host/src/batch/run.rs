@@ -258,6 +258,33 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// A run record for unit tests.
+#[cfg(test)]
+pub(crate) fn sample() -> RunRecord {
+    RunRecord {
+        id: "r".into(),
+        ingestion: "i".into(),
+        group: "g".into(),
+        trigger: Trigger::Backfill,
+        uris: vec![],
+        format: crate::spec::BatchFormat::Jsonl,
+        overwrite: false,
+        engine: Engine::Local,
+        status: Status::Submitted,
+        reason: None,
+        shards: 0,
+        rows_total: None,
+        bytes_total: 0,
+        created_ms: 0,
+        updated_ms: 0,
+        history: vec![],
+        parents: vec![],
+        aws_job_id: None,
+        owner: None,
+        heartbeat_ms: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,28 +303,7 @@ mod tests {
 
     #[test]
     fn status_history_records_changes_only() {
-        let mut r = RunRecord {
-            id: "r".into(),
-            ingestion: "i".into(),
-            group: "g".into(),
-            trigger: Trigger::Backfill,
-            uris: vec![],
-            format: crate::spec::BatchFormat::Jsonl,
-            overwrite: false,
-            engine: Engine::Local,
-            status: Status::Submitted,
-            reason: None,
-            shards: 0,
-            rows_total: None,
-            bytes_total: 0,
-            created_ms: 5,
-            updated_ms: 5,
-            history: vec![],
-            parents: vec![],
-            aws_job_id: None,
-            owner: None,
-            heartbeat_ms: 0,
-        };
+        let mut r = sample();
         r.set_status(Status::Submitted, 5, None);
         r.set_status(Status::Runnable, 10, None);
         r.set_status(Status::Runnable, 20, None);

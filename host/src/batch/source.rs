@@ -104,13 +104,7 @@ impl Sources {
     async fn s3(&self) -> &aws_sdk_s3::Client {
         self.s3
             .get_or_init(|| async {
-                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-                if std::env::var_os("AWS_REGION").is_none()
-                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-                {
-                    loader = loader.region(aws_config::Region::new("us-east-1"));
-                }
-                let shared = loader.load().await;
+                let shared = crate::app::aws_config().await;
                 let mut config = aws_sdk_s3::config::Builder::from(&shared);
                 if let Some(url) = &self.s3_endpoint {
                     config = config.endpoint_url(url).force_path_style(true);

@@ -64,17 +64,32 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// Wait (up to a minute) until a new table is ACTIVE: DynamoDB takes a while, DynamoDB Local
+/// does not.
+pub async fn wait_active(
+    client: &Client,
+    table: &str,
+) -> Result<
+    bool,
+    aws_sdk_dynamodb::error::SdkError<
+        aws_sdk_dynamodb::operation::describe_table::DescribeTableError,
+    >,
+> {
+    for _ in 0..240 {
+        let d = client.describe_table().table_name(table).send().await?;
+        if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(false)
+}
+
 impl DynamoStore {
     /// A client from the AWS default chain (env, profile, IRSA web identity, instance role);
     /// `endpoint` overrides the service URL (DynamoDB Local).
     pub async fn connect(endpoint: Option<&str>) -> DynamoStore {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
-            loader = loader.region(aws_config::Region::new("us-east-1"));
-        }
-        let shared = loader.load().await;
+        let shared = crate::app::aws_config().await;
         let mut config = aws_sdk_dynamodb::config::Builder::from(&shared);
         if let Some(url) = endpoint {
             config = config.endpoint_url(url);
@@ -170,19 +185,9 @@ impl Store for DynamoStore {
                     .is_some_and(|s| s.is_resource_in_use_exception()) => {}
             Err(e) => return Err(classify(&format!("create table {table}"), e)),
         }
-        for _ in 0..120 {
-            let d = self
-                .client
-                .describe_table()
-                .table_name(table)
-                .send()
-                .await
-                .map_err(|e| classify("describe table", e))?;
-            if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        wait_active(&self.client, table)
+            .await
+            .map_err(|e| classify("describe table", e))?;
         let ttl = self
             .client
             .update_time_to_live()
