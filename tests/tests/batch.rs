@@ -74,6 +74,34 @@ fn tmpdir(tag: &str) -> std::path::PathBuf {
     d
 }
 
+/// A test's names and directories: a user-activity group `<tag><u>` writing table `f-<u>`,
+/// its spec in `<tmp>/specs`, job state in table `jobs-<u>`.
+struct Fixture {
+    u: String,
+    tmp: std::path::PathBuf,
+    group: String,
+    table: String,
+    jobs_table: String,
+    specs: std::path::PathBuf,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let u = unique();
+    let tmp = tmpdir(tag);
+    let (group, table, jobs_table) = (format!("{tag}{u}"), format!("f-{u}"), format!("jobs-{u}"));
+    let specs = tmp.join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    std::fs::write(specs.join("group.yaml"), group_yaml(&group, &table)).unwrap();
+    Fixture {
+        u,
+        tmp,
+        group,
+        table,
+        jobs_table,
+        specs,
+    }
+}
+
 async fn jobs(stack: &Stack, table: &str) -> Jobs {
     let j = DynamoJobs::new(stack.dynamodb().await, table);
     j.ensure_table().await.unwrap();
@@ -123,21 +151,19 @@ async fn only_run(jobs: &Jobs, ingestion: &str) -> Option<RunRecord> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_backfill_survives_a_kill_and_resumes_from_checkpoints() {
     let stack = Stack::from_env();
-    let u = unique();
-    let tmp = tmpdir("resume");
-    let (group, ingestion, table, jobs_table) = (
-        format!("hist{u}"),
-        format!("hist{u}-load"),
-        format!("f-{u}"),
-        format!("jobs-{u}"),
-    );
+    let Fixture {
+        tmp,
+        group,
+        table,
+        jobs_table,
+        specs,
+        ..
+    } = fixture("hist");
+    let ingestion = format!("{group}-load");
     // Many rows per user and batch: the writer merges an entity's rows of a batch into one
     // conditional write, as it would for a real export.
     let users = 100;
     let (clicks, views) = write_export(&tmp.join("export"), 6, 20_000, 5_000, users);
-    let specs = tmp.join("specs");
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("group.yaml"), group_yaml(&group, &table)).unwrap();
     std::fs::write(
         specs.join("ingestion.yaml"),
         ingestion_yaml(
@@ -390,8 +416,14 @@ async fn moto_post(endpoint: &str, path: &str, kind: &str, extra: &str, body: &s
 async fn aws_batch_engine_submits_a_dag_of_array_jobs_and_follows_them() {
     let stack = Stack::from_env();
     let moto = std::env::var("FH_MOTO_ENDPOINT").expect("FH_MOTO_ENDPOINT (scripts/stack env)");
-    let u = unique();
-    let tmp = tmpdir("aws");
+    let Fixture {
+        u,
+        tmp,
+        group,
+        table,
+        jobs_table,
+        specs,
+    } = fixture("aws");
     // moto cannot start containers here: let its jobs succeed at once (moto's batch_simple).
     moto_post(
         &moto,
@@ -496,10 +528,6 @@ async fn aws_batch_engine_submits_a_dag_of_array_jobs_and_follows_them() {
             .unwrap();
     }
 
-    let (group, table, jobs_table) = (format!("aws{u}"), format!("f-{u}"), format!("jobs-{u}"));
-    let specs = tmp.join("specs");
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("group.yaml"), group_yaml(&group, &table)).unwrap();
     let uri = format!("s3://{bucket}/clicks/dt=*/*.parquet");
     let node = |name: &str, parent: Option<&str>| {
         let deps = parent.map_or(String::new(), |p| format!("  dependsOn: [{p}{u}]\n"));
@@ -652,12 +680,14 @@ async fn batch_queue_arn(batch: &aws_sdk_batch::Client, queue: &str) -> String {
 async fn cron_ticks_run_once_between_racing_schedulers() {
     use feature_host::batch::scheduler::{ManualClock, Scheduler};
     let stack = Stack::from_env();
-    let u = unique();
-    let tmp = tmpdir("cron");
-    let (group, table, jobs_table) = (format!("cron{u}"), format!("f-{u}"), format!("jobs-{u}"));
-    let specs = tmp.join("specs");
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("group.yaml"), group_yaml(&group, &table)).unwrap();
+    let Fixture {
+        u,
+        tmp,
+        group,
+        table,
+        jobs_table,
+        specs,
+    } = fixture("cron");
     let missing = format!("{}/none/*.parquet", tmp.display());
     let (p, q) = (format!("p{u}"), format!("q{u}"));
     std::fs::write(
@@ -779,12 +809,14 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_run_raises_exactly_one_alert_with_its_link() {
     let stack = Stack::from_env();
-    let u = unique();
-    let tmp = tmpdir("stuck");
-    let (group, table, jobs_table) = (format!("stuck{u}"), format!("f-{u}"), format!("jobs-{u}"));
-    let specs = tmp.join("specs");
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("group.yaml"), group_yaml(&group, &table)).unwrap();
+    let Fixture {
+        u,
+        tmp,
+        group,
+        table,
+        jobs_table,
+        specs,
+    } = fixture("stuck");
     let (clicks, _) = write_export(&tmp.join("export"), 1, 300, 100, 10);
     let ingestion = format!("s{u}");
     std::fs::write(

@@ -356,7 +356,7 @@ impl JobTable for DynamoJobs {
         value: String,
         expected: u64,
     ) -> Result<bool, JobStoreError> {
-        let mut req = self
+        let req = self
             .client
             .put_item()
             .table_name(&self.table)
@@ -364,22 +364,9 @@ impl JobTable for DynamoJobs {
             .item("sk", AttributeValue::S(sk.into()))
             .item("v", AttributeValue::N((expected + 1).to_string()))
             .item("body", AttributeValue::S(value));
-        req = if expected == 0 {
-            req.condition_expression("attribute_not_exists(pk)")
-        } else {
-            req.condition_expression("v = :v")
-                .expression_attribute_values(":v", AttributeValue::N(expected.to_string()))
-        };
-        match req.send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(ddb_err(aws_sdk_dynamodb::error::DisplayErrorContext(e))),
-        }
+        crate::sink::dynamo::conditional_put(req, expected)
+            .await
+            .map_err(|e| ddb_err(aws_sdk_dynamodb::error::DisplayErrorContext(e)))
     }
 
     async fn list(&self, pk: &str) -> Result<Vec<(String, u64, String)>, JobStoreError> {

@@ -85,6 +85,32 @@ pub async fn wait_active(
     Ok(false)
 }
 
+/// Send a put that succeeds only if the item's version attribute `v` is `expected` (0: the
+/// item is absent). `Ok(false)` when the condition failed: another writer got there first.
+pub async fn conditional_put(
+    request: aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder,
+    expected: u64,
+) -> Result<bool, SdkError<aws_sdk_dynamodb::operation::put_item::PutItemError>> {
+    let request = if expected == 0 {
+        request.condition_expression("attribute_not_exists(pk)")
+    } else {
+        request
+            .condition_expression("#v = :v")
+            .expression_attribute_names("#v", "v")
+            .expression_attribute_values(":v", AttributeValue::N(expected.to_string()))
+    };
+    match request.send().await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl DynamoStore {
     /// A client from the AWS default chain (env, profile, IRSA web identity, instance role);
     /// `endpoint` overrides the service URL (DynamoDB Local).
@@ -254,27 +280,13 @@ impl Store for DynamoStore {
         expected: u64,
         next: &Versioned,
     ) -> Result<bool, SinkError> {
-        let mut request = self
+        let request = self
             .client
             .put_item()
             .table_name(&target.table)
             .set_item(Some(encode_item(key, next)));
-        request = if expected == 0 {
-            request.condition_expression("attribute_not_exists(pk)")
-        } else {
-            request
-                .condition_expression("#v = :v")
-                .expression_attribute_names("#v", "v")
-                .expression_attribute_values(":v", AttributeValue::N(expected.to_string()))
-        };
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
+        match conditional_put(request, expected).await {
+            Ok(swapped) => Ok(swapped),
             Err(e) => Err(classify(&format!("conditional put to {}", target.table), e)),
         }
     }
