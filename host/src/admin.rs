@@ -24,19 +24,30 @@ pub struct AdminState {
     pub token: Option<String>,
     /// Batch job state and submission.
     pub batch: Option<crate::batch::BatchContext>,
+    /// The Kafka client settings when a consumer runs (readiness waits for it to join its
+    /// group; dead-letter replay uses them).
+    pub kafka: Option<rdkafka::ClientConfig>,
 }
+
+/// Liveness: the process is up.
+pub const HEALTH_PATH: &str = "/healthz";
+/// Readiness: see [`ready`].
+pub const READY_PATH: &str = "/readyz";
+/// Prometheus text.
+pub const METRICS_PATH: &str = "/metrics";
 
 pub fn router(state: AdminState) -> Router {
     let mut r = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
+        .route(HEALTH_PATH, get(|| async { "ok" }))
+        .route(READY_PATH, get(ready))
+        .route(METRICS_PATH, get(metrics))
         .route("/v1/plugins", get(plugins))
         .route("/v1/plugins/{group}/rollback", post(rollback))
         .route("/v1/features/{group}/{entity}", get(features))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{run}", get(job))
-        .route("/v1/backfills", post(backfill));
+        .route("/v1/backfills", post(backfill))
+        .route("/v1/dlq/{group}/replay", post(dlq_replay));
     if state.push.is_some() {
         r = r.route("/v1/events", post(push));
     }
@@ -47,8 +58,37 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
+/// Ready = plugins loaded (the pipeline exists only once every group's plugin passed its
+/// gate), the store and the cache answer, and — with Kafka — the consumer has joined its
+/// group. 503 with the problems otherwise, so Kubernetes routes nothing to a host that cannot
+/// work and a rolling update waits for it.
 async fn ready(State(s): State<AdminState>) -> Response {
-    Json(serde_json::json!({ "ready": true, "groups": s.pipeline.group_count() })).into_response()
+    let runtimes = s.pipeline.runtimes();
+    let table = runtimes
+        .iter()
+        .find(|g| g.def.spec.cache.strategy != crate::spec::CacheStrategy::CacheOnly)
+        .map(|g| g.sink.target.clone());
+    let mut problems = s
+        .pipeline
+        .writer()
+        .check(table.as_ref(), std::time::Duration::from_secs(2))
+        .await;
+    if s.kafka.is_some() && s.pipeline.metrics().consumer_joined.get() == 0 {
+        problems.push("kafka: the consumer has not joined its group yet".into());
+    }
+    let plugins: Vec<_> = runtimes
+        .iter()
+        .map(|g| serde_json::json!({ "group": g.def.name, "version": g.plugin.version() }))
+        .collect();
+    if problems.is_empty() {
+        Json(serde_json::json!({ "ready": true, "plugins": plugins })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "ready": false, "problems": problems, "plugins": plugins })),
+        )
+            .into_response()
+    }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -290,5 +330,68 @@ async fn backfill(
     match crate::batch::executor::submit_backfill(&b.jobs, &b.specs, &request, None).await {
         Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    #[serde(default)]
+    reason_contains: Option<String>,
+    #[serde(default)]
+    source_topic: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Re-inject a group's dead letters into its retry topic (see `stream::replay`).
+async fn dlq_replay(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = refusal(&s, &headers) {
+        return r;
+    }
+    let Some(cfg) = &s.kafka else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no Kafka: dead letters are in the local dead-letter file".into(),
+        );
+    };
+    let Some(g) = s.pipeline.group(&group) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown feature group {group:?}"),
+        );
+    };
+    let req: ReplayBody = if body.is_empty() {
+        ReplayBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("replay request: {e}")),
+        }
+    };
+    let filter = crate::stream::replay::ReplayFilter {
+        reason_contains: req.reason_contains,
+        source_topic: req.source_topic,
+        limit: req.limit,
+    };
+    match crate::stream::replay::replay(
+        cfg,
+        &g.def.name,
+        &g.def.dead_letter_topic,
+        &g.def.retry_topic,
+        &filter,
+        req.dry_run,
+    )
+    .await
+    {
+        Ok(summary) => Json(summary).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }

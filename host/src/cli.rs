@@ -83,6 +83,41 @@ pub enum Command {
     /// Benchmarks; each ends with `name=value` lines (see README "Measurements").
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Re-inject a group's dead letters (after a fix) into its retry topic, so that only that
+    /// group processes them again; each dead letter applies at most once however often it is
+    /// replayed.
+    ///
+    /// Example: `feature-host dlq replay user-activity --reason-contains "unknown field" --dry-run`
+    Replay(Box<DlqReplayArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DlqReplayArgs {
+    /// The feature group.
+    pub group: String,
+    /// Only dead letters whose reason contains this text.
+    #[arg(long)]
+    pub reason_contains: Option<String>,
+    /// Only dead letters from this original topic.
+    #[arg(long)]
+    pub source_topic: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// List what would be replayed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub stores: StoreSettings,
+    #[command(flatten)]
+    pub run: RunSettings,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +214,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map(|_| ExitCode::SUCCESS),
         Command::Backfill(args) => crate::batch::commands::backfill(args).await,
+        Command::Dlq(DlqCommand::Replay(args)) => dlq_replay(*args).await,
         Command::Jobs(args) => crate::batch::commands::jobs(args).await,
         Command::RunShard(args) => crate::batch::commands::run_shard(args).await,
         Command::Validate { dir, plugin_dir } => Ok(validate(&dir, &plugin_dir)),
@@ -242,6 +278,51 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+async fn dlq_replay(args: DlqReplayArgs) -> anyhow::Result<ExitCode> {
+    let specs = app::load_specs(&args.stores)?;
+    let def = specs.groups.get(&args.group).with_context(|| {
+        format!(
+            "unknown feature group {:?}; known: {}",
+            args.group,
+            specs.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let brokers = args.run.kafka_brokers.as_deref().context(
+        "dlq replay reads the group's dead-letter topic: set FH_KAFKA_BROKERS \
+         (without Kafka, dead letters are in <FH_DATA_DIR>/dead-letters.jsonl: fix, then \
+         ingest the lines again with `feature-host run --events`)",
+    )?;
+    let cfg = crate::stream::kafka::client_config(&args.run, brokers)?;
+    let filter = crate::stream::replay::ReplayFilter {
+        reason_contains: args.reason_contains,
+        source_topic: args.source_topic,
+        limit: args.limit,
+    };
+    let summary = crate::stream::replay::replay(
+        &cfg,
+        &def.name,
+        &def.dead_letter_topic,
+        &def.retry_topic,
+        &filter,
+        args.dry_run,
+    )
+    .await?;
+    for d in &summary.dead_letters {
+        eprintln!(
+            "{}/{}@{}  from {}  {} after {} attempt(s): {}",
+            summary.dead_letter_topic,
+            d.partition,
+            d.offset,
+            d.source,
+            d.kind,
+            d.attempts,
+            d.reason
+        );
+    }
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn plugin_status(admin: &str, json: bool) -> anyhow::Result<ExitCode> {
@@ -363,6 +444,10 @@ async fn run_host(
         reloader: Some(reloader.clone()),
         token: run.admin_token.clone(),
         batch: Some(batch_ctx.clone()),
+        kafka: match &run.kafka_brokers {
+            Some(brokers) if !run.once => Some(crate::stream::kafka::client_config(&run, brokers)?),
+            _ => None,
+        },
     });
     let batch_service = (batch.scheduler && !run.once).then(|| {
         tokio::spawn(crate::batch::service::serve(

@@ -9,7 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 /// Labels of per-partition series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +94,13 @@ fn register<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, he
     m
 }
 
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~16 s: a store batch or an offset commit, up to a throttled or failing one.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 15,
+    ))
+}
+
 fn call_histogram() -> Histogram {
     // 50 µs .. ~3.3 s: a one-event call up to a large batch near its deadline.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -153,6 +162,21 @@ pub struct Metrics {
     pub batch_alerts: Family<AlertLabels, Counter>,
     /// Scheduled ticks skipped by the missed-run policy (only the latest missed tick runs).
     pub batch_missed_ticks: Family<IngestionLabels, Counter>,
+    /// Time from issuing an offset commit to the broker's answer.
+    pub commit_seconds: Histogram,
+    /// 1 once the consumer has joined its group (received its first assignment, possibly
+    /// empty); readiness waits for it.
+    pub consumer_joined: Gauge,
+    /// Duration of a batch's store (and cache) write per group: load, merge, conditional
+    /// writes, cache update.
+    pub store_write_seconds: Family<GroupLabels, Histogram, fn() -> Histogram>,
+    /// Entities whose store write failed (unavailable, throttled, rejected).
+    pub store_write_errors: Family<GroupLabels, Counter>,
+    /// Batches whose cache update failed after the store write (then repaired).
+    pub cache_errors: Family<GroupLabels, Counter>,
+    /// Now minus the newest event time written, per group (updated on every scrape).
+    pub freshness_seconds: Family<GroupLabels, Gauge<f64, AtomicU64>>,
+    newest_event_ms: Mutex<HashMap<String, i64>>,
 }
 
 impl Metrics {
@@ -237,12 +261,60 @@ impl Metrics {
                 "batch_missed_ticks",
                 "Scheduled ticks skipped after downtime (only the latest missed tick runs)"
             ),
+            commit_seconds: {
+                let h = latency_histogram();
+                registry.register(
+                    "consumer_commit_seconds",
+                    "Time from issuing an offset commit to the broker's answer",
+                    h.clone(),
+                );
+                h
+            },
+            consumer_joined: reg!(
+                "consumer_joined",
+                "1 once the consumer has joined its group and received an assignment"
+            ),
+            store_write_seconds: {
+                let m = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+                registry.register(
+                    "store_write_seconds",
+                    "Duration of a batch's store and cache write per group",
+                    m.clone(),
+                );
+                m
+            },
+            store_write_errors: reg!(
+                "store_write_errors",
+                "Entity writes that failed in the store (unavailable, throttled, rejected)"
+            ),
+            cache_errors: reg!(
+                "cache_errors",
+                "Cache updates that failed after the store write (queued for repair)"
+            ),
+            freshness_seconds: reg!(
+                "feature_freshness_seconds",
+                "Now minus the newest event time written, per group"
+            ),
+            newest_event_ms: Mutex::default(),
             registry,
         })
     }
 
+    /// Note that `group` wrote an event with event time `ms` (freshness).
+    pub fn wrote_event_time(&self, group: &str, ms: i64) {
+        let mut newest = self.newest_event_ms.lock().expect("not poisoned");
+        let slot = newest.entry(group.to_owned()).or_insert(ms);
+        *slot = (*slot).max(ms);
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
+        let now = crate::batch::run::now_ms();
+        for (group, ms) in self.newest_event_ms.lock().expect("not poisoned").iter() {
+            self.freshness_seconds
+                .get_or_create(&GroupLabels::new(group))
+                .set((now - ms) as f64 / 1000.0);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -260,6 +332,12 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn metric_value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    }
 
     #[test]
     fn renders_prometheus_text() {
@@ -279,5 +357,12 @@ mod tests {
             text.contains(r#"fh_retries_total{group="users"} 2"#),
             "{text}"
         );
+        m.wrote_event_time("users", crate::batch::run::now_ms() - 5_000);
+        m.wrote_event_time("users", 0); // older: does not move freshness back
+        let fresh = metric_value(
+            &m.render(),
+            r#"fh_feature_freshness_seconds{group="users"}"#,
+        );
+        assert!((5.0..60.0).contains(&fresh), "freshness {fresh}");
     }
 }

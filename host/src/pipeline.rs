@@ -350,7 +350,26 @@ impl Pipeline {
         if mutations.is_empty() {
             return (failures, None);
         }
+        let newest = mutations
+            .iter()
+            .flat_map(|(_, m)| m.ops.iter().map(|(_, _, t)| *t))
+            .max();
+        let started = std::time::Instant::now();
         let report = self.writer.apply(&group.sink, mutations).await;
+        m.store_write_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if !report.failed.is_empty() {
+            m.store_write_errors
+                .get_or_create(&labels)
+                .inc_by(report.failed.len() as u64);
+        }
+        if report.cache_error.is_some() {
+            m.cache_errors.get_or_create(&labels).inc();
+        }
+        if let Some(t) = newest.filter(|_| report.outcome.applied_ops > 0) {
+            m.wrote_event_time(&group.def.name, t);
+        }
         m.writes
             .get_or_create(&labels)
             .inc_by(report.outcome.applied_ops.into());

@@ -89,6 +89,26 @@ impl FeatureWriter {
         &self.store
     }
 
+    /// Whether the store and the cache answer (for readiness): a read of a key that does not
+    /// exist, in `table`, bounded by `timeout`. The problems, if any.
+    pub async fn check(&self, table: Option<&Target>, timeout: std::time::Duration) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(t) = table {
+            match tokio::time::timeout(timeout, self.store.load(t, &["__readyz".to_owned()])).await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => problems.push(format!("store: {e}")),
+                Err(_) => problems.push(format!("store: no answer within {timeout:?}")),
+            }
+        }
+        match tokio::time::timeout(timeout, Cache::get(&*self.cache, "fh:__readyz")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("cache: {e}")),
+            Err(_) => problems.push(format!("cache: no answer within {timeout:?}")),
+        }
+        problems
+    }
+
     /// Cache updates that failed after their store write, waiting to be repaired.
     pub fn repairs(&self) -> &Arc<CacheRepairs> {
         &self.repairs

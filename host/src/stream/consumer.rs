@@ -201,6 +201,8 @@ pub struct Shared {
     /// Retry topic → the groups that retry through it.
     retry_topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
+    /// When the oldest unanswered async commit was issued (commit latency).
+    commit_issued: Mutex<Option<Instant>>,
 }
 
 /// The librdkafka context: rebalance and statistics callbacks.
@@ -236,6 +238,18 @@ impl ConsumerContext for Ctx {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Some(issued) = self
+            .shared
+            .commit_issued
+            .lock()
+            .expect("not poisoned")
+            .take()
+        {
+            self.shared
+                .metrics
+                .commit_seconds
+                .observe(issued.elapsed().as_secs_f64());
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
             let slots = self.shared.slots();
@@ -256,6 +270,7 @@ impl Shared {
     /// New partitions get their state and their own queue, split off before librdkafka
     /// starts fetching them (so no message of theirs reaches the main queue).
     fn assign(&self, tpl: &TopicPartitionList) {
+        self.metrics.consumer_joined.set(1);
         let consumer = self.consumer.get().and_then(Weak::upgrade);
         let mut slots = self.slots();
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -348,8 +363,21 @@ impl Shared {
         if moved.is_empty() {
             return;
         }
+        let issued = Instant::now();
         match consumer.commit(&tpl, mode) {
             Ok(()) => {
+                match mode {
+                    CommitMode::Sync => self
+                        .metrics
+                        .commit_seconds
+                        .observe(issued.elapsed().as_secs_f64()),
+                    CommitMode::Async => {
+                        self.commit_issued
+                            .lock()
+                            .expect("not poisoned")
+                            .get_or_insert(issued);
+                    }
+                }
                 for (slot, next) in moved {
                     self.metrics
                         .committed_offset
@@ -394,7 +422,8 @@ impl Shared {
     }
 
     /// A message of a retry topic: the original event, for the group it failed for only,
-    /// with the retry topic's position (so replays of the retry topic are no-ops too).
+    /// with the retry topic's position (so replays of the retry topic are no-ops too), or
+    /// for a replayed dead letter, the dead letter's.
     fn retry_unit(&self, message: &Arc<Event>, groups: &[usize]) -> Unit {
         let poison = |reason: String| Unit {
             offset: message.offset,
@@ -417,7 +446,11 @@ impl Shared {
                 env.group, message.topic
             ));
         };
-        original.position = message.position.clone();
+        // A replayed dead letter keeps one identity however often it is replayed or retried.
+        original.position = original
+            .header(envelope::headers::REPLAY_OF)
+            .and_then(super::replay::replay_position)
+            .or_else(|| message.position.clone());
         Unit {
             offset: message.offset,
             event: Arc::new(original),
@@ -658,6 +691,7 @@ pub async fn consume(
         queues: Mutex::new(HashMap::new()),
         wake: Arc::new(Wake::default()),
         retry_topics,
+        commit_issued: Mutex::new(None),
         metrics,
     });
     let mut consumer_cfg = cfg.clone();

@@ -23,10 +23,18 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fh-source-topic";
     pub const SOURCE_PARTITION: &str = "fh-source-partition";
     pub const SOURCE_OFFSET: &str = "fh-source-offset";
+    /// A dead letter re-injected by `dlq replay`: `<topic>/<partition>/<offset>` of the dead
+    /// letter. Kept through later retries; the event's position for exactly-once effect.
+    pub const REPLAY_OF: &str = "fh-replay-of";
 }
 
-/// Headers the host owns; stripped from an event before it is wrapped again.
+/// Headers the host owns; stripped from an event before it is wrapped again (except the
+/// replay identity, which stays with the event).
 const PREFIX: &str = "fh-";
+
+fn host_owned(name: &str) -> bool {
+    name.starts_with(PREFIX) && name != headers::REPLAY_OF
+}
 
 /// Why and how often an event failed for one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +94,7 @@ pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
     let mut h: Vec<(String, Vec<u8>)> = event
         .headers
         .iter()
-        .filter(|(k, _)| !k.starts_with(PREFIX))
+        .filter(|(k, _)| !host_owned(k))
         .cloned()
         .collect();
     let mut put = |k: &str, v: String| h.push((k.to_owned(), v.into_bytes()));
@@ -144,7 +152,7 @@ pub fn unwrap(message: &Event) -> Result<(Event, Envelope), String> {
     let mut original_headers: Vec<(String, Vec<u8>)> = message
         .headers
         .iter()
-        .filter(|(k, _)| !k.starts_with(PREFIX))
+        .filter(|(k, _)| !host_owned(k))
         .cloned()
         .collect();
     original_headers.push((

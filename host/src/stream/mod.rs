@@ -3,7 +3,7 @@
 //!
 //! Offsets are committed in [`consumer`] (the low watermark from [`offsets`]); ordering
 //! inside a partition is [`lanes`]; failed events travel in an [`envelope`] to the retry
-//! and dead-letter topics.
+//! and dead-letter topics, and [`replay`] brings dead letters back after a fix.
 
 pub mod consumer;
 pub mod dead_letter;
@@ -13,3 +13,4 @@ pub mod lanes;
 pub mod local;
 pub mod offsets;
 pub mod partition;
+pub mod replay;
