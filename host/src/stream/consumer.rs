@@ -201,8 +201,6 @@ pub struct Shared {
     /// Retry topic → the groups that retry through it.
     retry_topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
-    /// When the oldest unanswered async commit was issued (commit latency).
-    commit_issued: Mutex<Option<Instant>>,
 }
 
 /// The librdkafka context: rebalance and statistics callbacks.
@@ -238,18 +236,6 @@ impl ConsumerContext for Ctx {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Some(issued) = self
-            .shared
-            .commit_issued
-            .lock()
-            .expect("not poisoned")
-            .take()
-        {
-            self.shared
-                .metrics
-                .commit_seconds
-                .observe(issued.elapsed().as_secs_f64());
-        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
             let slots = self.shared.slots();
@@ -326,7 +312,7 @@ impl Shared {
             }
         }
         if !lost {
-            self.commit(consumer, &revoked, CommitMode::Sync);
+            self.commit(consumer, &revoked);
         }
         for slot in &revoked {
             slot.activity().closed = true;
@@ -339,7 +325,7 @@ impl Shared {
     }
 
     /// Commit the low watermark of each given partition that moved.
-    fn commit(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>], mode: CommitMode) {
+    fn commit(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>]) {
         let mut tpl = TopicPartitionList::new();
         let mut moved = Vec::new();
         for slot in slots {
@@ -364,20 +350,11 @@ impl Shared {
             return;
         }
         let issued = Instant::now();
-        match consumer.commit(&tpl, mode) {
+        match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
-                match mode {
-                    CommitMode::Sync => self
-                        .metrics
-                        .commit_seconds
-                        .observe(issued.elapsed().as_secs_f64()),
-                    CommitMode::Async => {
-                        self.commit_issued
-                            .lock()
-                            .expect("not poisoned")
-                            .get_or_insert(issued);
-                    }
-                }
+                self.metrics
+                    .commit_seconds
+                    .observe(issued.elapsed().as_secs_f64());
                 for (slot, next) in moved {
                     self.metrics
                         .committed_offset
@@ -386,7 +363,7 @@ impl Shared {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, ?mode, "offset commit failed; the next commit retries it");
+                tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
                 for (slot, _) in moved {
                     slot.lock().committed = None;
                 }
@@ -691,7 +668,6 @@ pub async fn consume(
         queues: Mutex::new(HashMap::new()),
         wake: Arc::new(Wake::default()),
         retry_topics,
-        commit_issued: Mutex::new(None),
         metrics,
     });
     let mut consumer_cfg = cfg.clone();
@@ -816,7 +792,11 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
         }
         if last_commit.elapsed() >= shared.settings.commit_interval {
             let slots: Vec<_> = shared.slots().values().cloned().collect();
-            shared.commit(&consumer, &slots, CommitMode::Async);
+            // Synchronous: one broker round trip per interval on this thread (fetching goes on
+            // in librdkafka's threads meanwhile), and a failed commit is known here and
+            // retried by the next one. (Async commit results never reach this consumer: its
+            // partition queues are split off the main queue.)
+            shared.commit(&consumer, &slots);
             last_commit = Instant::now();
         }
     }

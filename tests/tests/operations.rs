@@ -1,0 +1,200 @@
+//! Operating a host on the real stack: readiness, the admin API's token, and dead-letter
+//! replay after a fix — counted once however often it is replayed.
+
+use feature_host_e2e::*;
+use std::time::Duration;
+
+const TOKEN: &str = "ops-token";
+
+fn group_yaml(name: &str, topic: &str, table: &str, with_list: bool) -> String {
+    let list = if with_list {
+        "    - {name: last_viewed, type: string-list}\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata:\n  name: {name}\nspec:\n  entity: user\n  features:\n    - {{name: clicks, type: int}}\n    - {{name: views, type: int}}\n{list}  plugin:\n    wasm: user_activity.wasm\n    config: {{entity_field: user_id, list_field: item_id, list_feature: last_viewed, last_k: 5}}\n  sources:\n    - topic: {topic}\n  store: {{table: {table}, ttl: 1d}}\n  cache: {{strategy: write-through, ttl: 10m}}\n  retry: {{maxAttempts: 1, backoff: 100ms}}\n"
+    )
+}
+
+/// Views write `last_viewed`, which the first spec does not declare: every view is
+/// dead-lettered ("bad write"), clicks land. The spec is fixed (hot reload), the dead letters
+/// are replayed through the admin API, and views land; a second replay (CLI) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_replayed_after_a_fix_count_once() {
+    let stack = Stack::from_env();
+    let u = unique();
+    let tmp = std::env::temp_dir().join(format!("fh-ops-{u}"));
+    let specs = tmp.join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    let (group, topic, table) = (format!("ops{u}"), format!("ops-{u}"), format!("f-{u}"));
+    std::fs::write(
+        specs.join("group.yaml"),
+        group_yaml(&group, &topic, &table, false),
+    )
+    .unwrap();
+    stack.create_topics(&[&topic], 1).await;
+    let port = free_port();
+    let mut env = stack.host_env(&tmp, &specs, &format!("ops-{u}"));
+    env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
+    env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+    env.push(("FH_ADMIN_TOKEN", TOKEN.into()));
+    env.push(("FH_JOBS_TABLE", format!("jobs-{u}")));
+    let mut host = Host::spawn(&["run"], &env);
+
+    // Ready once the stores answer and the consumer has joined its group.
+    let ready = eventually(Duration::from_secs(60), "readiness", || async {
+        let (code, body) = http(port, "GET", "/readyz", &[]).await?;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert!(ready.contains(&group), "{ready}");
+
+    let producer = stack.producer();
+    let users = 5;
+    let (mut clicks, mut views) = (
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    );
+    for i in 0..30 {
+        let user = format!("u{}", i % users);
+        let kind = if i % 3 == 0 { "view" } else { "click" };
+        let m = if kind == "view" {
+            &mut views
+        } else {
+            &mut clicks
+        };
+        *m.entry(user.clone()).or_insert(0i64) += 1;
+        let payload = format!(r#"{{"type":"{kind}","user_id":"{user}","item_id":"i{i}"}}"#);
+        produce(
+            &producer,
+            &topic,
+            &user,
+            1_764_000_000_000 + i,
+            &payload,
+            &[],
+        )
+        .await;
+    }
+    eventually(Duration::from_secs(60), "30 events committed", || async {
+        (stack.committed(&format!("ops-{u}"), &topic, 1) == vec![30]).then_some(())
+    })
+    .await;
+    let dlq = format!("{group}.dlq");
+    let dead = eventually(Duration::from_secs(30), "10 dead letters", || async {
+        let all = stack.read_all(&dlq);
+        (all.len() == 10).then_some(all)
+    })
+    .await;
+    assert!(
+        dead[0]
+            .1
+            .iter()
+            .any(|(k, v)| k == "fh-error" && v.contains("last_viewed")),
+        "{:?}",
+        dead[0].1
+    );
+    let client = stack.dynamodb().await;
+    assert_eq!(counts(&client, &table, &group, "clicks").await, clicks);
+    assert!(counts(&client, &table, &group, "views").await.is_empty());
+
+    // A dry run lists them and changes nothing.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(host_binary())
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let dry = cli(&[
+        "dlq",
+        "replay",
+        &group,
+        "--dry-run",
+        "--reason-contains",
+        "last_viewed",
+    ]);
+    assert_eq!(
+        (dry["matched"].as_u64(), dry["replayed"].as_u64()),
+        (Some(10), Some(0))
+    );
+
+    // The fix: declare the feature; hot reload applies it.
+    std::fs::write(
+        specs.join("group.yaml.tmp"),
+        group_yaml(&group, &topic, &table, true),
+    )
+    .unwrap();
+    std::fs::rename(specs.join("group.yaml.tmp"), specs.join("group.yaml")).unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the fixed spec to be applied",
+        || async {
+            let text = http_get(port, "/metrics").await?;
+            (metric(
+                &text,
+                &format!("fh_plugin_reloads_total{{group=\"{group}\",result=\"applied\"}}"),
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Mutations need the token.
+    let path = format!("/v1/dlq/{group}/replay");
+    let (code, _) = http(port, "POST", &path, &[]).await.unwrap();
+    assert_eq!(code, 401, "replay without a token must be refused");
+    let (code, _) = http(port, "POST", &path, &[("Authorization", "Bearer wrong")])
+        .await
+        .unwrap();
+    assert_eq!(code, 401);
+    let bearer = format!("Bearer {TOKEN}");
+    let (code, body) = http(port, "POST", &path, &[("Authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let replayed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(replayed["replayed"], 10, "{body}");
+    let retry = format!("{group}.retry");
+    eventually(Duration::from_secs(60), "the views to land", || async {
+        (counts(&client, &table, &group, "views").await == views).then_some(())
+    })
+    .await;
+
+    // A second replay of the same dead letters applies nothing.
+    let again = cli(&["dlq", "replay", &group]);
+    assert_eq!(again["replayed"], 10);
+    eventually(
+        Duration::from_secs(60),
+        "the second replay to be consumed",
+        || async { (stack.committed(&format!("ops-{u}"), &retry, 1) == vec![20]).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        counts(&client, &table, &group, "views").await,
+        views,
+        "a replay counted twice"
+    );
+    assert_eq!(counts(&client, &table, &group, "clicks").await, clicks);
+    assert_eq!(stack.read_all(&dlq).len(), 10, "nothing failed again");
+
+    let text = http_get(port, "/metrics").await.unwrap();
+    for series in [
+        format!("fh_feature_freshness_seconds{{group=\"{group}\"}}"),
+        "fh_consumer_commit_seconds_count".to_owned(),
+        format!("fh_store_write_seconds_count{{group=\"{group}\"}}"),
+    ] {
+        assert!(
+            metric(&text, &series) > 0.0,
+            "{series} missing or zero:\n{text}"
+        );
+    }
+    assert!(host.terminate().success());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
