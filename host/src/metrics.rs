@@ -87,9 +87,26 @@ pub struct RunStateLabels {
     pub status: String,
 }
 
-/// Register a new metric of the type the caller needs and return a handle to it.
-fn register<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
-    let m = M::default();
+/// Register `m` under `name`, remembering the sample names it exports (for
+/// [`Metrics::series_names`]), and return it.
+fn register_metric<M: Metric + Clone>(
+    registry: &mut Registry,
+    series: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    m: M,
+) -> M {
+    use prometheus_client::metrics::MetricType;
+    let full = format!("fh_{name}");
+    match m.metric_type() {
+        MetricType::Counter => series.push(format!("{full}_total")),
+        MetricType::Histogram => {
+            for suffix in ["_bucket", "_count", "_sum"] {
+                series.push(format!("{full}{suffix}"));
+            }
+        }
+        _ => series.push(full),
+    }
     registry.register(name, help, m.clone());
     m
 }
@@ -177,15 +194,22 @@ pub struct Metrics {
     /// Now minus the newest event time written, per group (updated on every scrape).
     pub freshness_seconds: Family<GroupLabels, Gauge<f64, AtomicU64>>,
     newest_event_ms: Mutex<HashMap<String, i64>>,
+    /// Every sample name exported (`fh_x_total`, `fh_y_bucket`, …), series or not.
+    series: Vec<String>,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("fh");
+        let mut series = Vec::new();
         macro_rules! reg {
             // Any metric type with a default (families, gauges, counters): the field decides.
             ($name:literal, $help:literal) => {
-                register(&mut registry, $name, $help)
+                register_metric(&mut registry, &mut series, $name, $help, Default::default())
+            };
+            // A metric built by the caller (histograms with their buckets).
+            ($name:literal, $help:literal, $m:expr) => {
+                register_metric(&mut registry, &mut series, $name, $help, $m)
             };
         }
         Arc::new(Metrics {
@@ -216,15 +240,11 @@ impl Metrics {
                 "consumer_fenced_results",
                 "Late results of revoked partitions dropped, not committed"
             ),
-            plugin_call_seconds: {
-                let m = Family::new_with_constructor(call_histogram as fn() -> Histogram);
-                registry.register(
-                    "plugin_call_seconds",
-                    "Duration of plugin batch calls",
-                    m.clone(),
-                );
-                m
-            },
+            plugin_call_seconds: reg!(
+                "plugin_call_seconds",
+                "Duration of plugin batch calls",
+                Family::new_with_constructor(call_histogram as fn() -> Histogram)
+            ),
             plugin_call_failures: reg!(
                 "plugin_call_failures",
                 "Plugin batch calls that trapped, timed out or hit the memory cap"
@@ -261,28 +281,20 @@ impl Metrics {
                 "batch_missed_ticks",
                 "Scheduled ticks skipped after downtime (only the latest missed tick runs)"
             ),
-            commit_seconds: {
-                let h = latency_histogram();
-                registry.register(
-                    "consumer_commit_seconds",
-                    "Time from issuing an offset commit to the broker's answer",
-                    h.clone(),
-                );
-                h
-            },
+            commit_seconds: reg!(
+                "consumer_commit_seconds",
+                "Time from issuing an offset commit to the broker's answer",
+                latency_histogram()
+            ),
             consumer_joined: reg!(
                 "consumer_joined",
                 "1 once the consumer has joined its group and received an assignment"
             ),
-            store_write_seconds: {
-                let m = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-                registry.register(
-                    "store_write_seconds",
-                    "Duration of a batch's store and cache write per group",
-                    m.clone(),
-                );
-                m
-            },
+            store_write_seconds: reg!(
+                "store_write_seconds",
+                "Duration of a batch's store and cache write per group",
+                Family::new_with_constructor(latency_histogram as fn() -> Histogram)
+            ),
             store_write_errors: reg!(
                 "store_write_errors",
                 "Entity writes that failed in the store (unavailable, throttled, rejected)"
@@ -296,8 +308,15 @@ impl Metrics {
                 "Now minus the newest event time written, per group"
             ),
             newest_event_ms: Mutex::default(),
+            series,
             registry,
         })
+    }
+
+    /// Every sample name this host exports, whether or not it has series yet (dashboards
+    /// and alert rules are checked against it).
+    pub fn series_names(&self) -> &[String] {
+        &self.series
     }
 
     /// Note that `group` wrote an event with event time `ms` (freshness).

@@ -272,3 +272,79 @@ fn the_image_runs_as_a_non_root_user() {
     assert_ne!(uid, 0);
     assert!(text.contains("ENTRYPOINT [\"feature-host\"]"));
 }
+
+/// Every sample name the host exports.
+fn exported() -> Vec<String> {
+    feature_host::metrics::Metrics::new()
+        .series_names()
+        .to_vec()
+}
+
+fn referenced(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("fh_") {
+        let start = i + at;
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(text.len() - start);
+        // Only whole identifiers (not e.g. `xfh_`).
+        if start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+            out.push(text[start..end].to_owned());
+        }
+        i = end;
+    }
+    out
+}
+
+#[test]
+fn dashboard_and_alerts_use_metrics_the_host_exports() {
+    let exported = exported();
+    assert!(exported.len() > 20, "{exported:?}");
+    let deploy = root().join("..");
+    for file in ["grafana/feature-host.json", "prometheus/alerts.yaml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let used = referenced(&text);
+        assert!(!used.is_empty(), "{file} uses no metric");
+        for m in used {
+            assert!(
+                exported.contains(&m),
+                "{file} uses {m}, which the host does not export"
+            );
+        }
+    }
+    // The dashboard is valid JSON with a query per panel.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy.join("grafana/feature-host.json")).unwrap(),
+    )
+    .unwrap();
+    for panel in dash["panels"].as_array().unwrap() {
+        assert!(
+            !panel["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            panel["title"]
+        );
+    }
+    // Every alert names a runbook section that exists.
+    let guide = std::fs::read_to_string(deploy.join("../docs/operations.md")).unwrap();
+    let rules: Value = yaml(&deploy.join("prometheus/alerts.yaml"));
+    for rule in rules["groups"][0]["rules"].as_array().unwrap() {
+        let runbook = rule["annotations"]["runbook"].as_str().unwrap();
+        let anchor = runbook.split_once('#').unwrap().1;
+        let has_section = guide.lines().any(|l| {
+            l.starts_with('#')
+                && l.trim_start_matches('#')
+                    .trim()
+                    .to_lowercase()
+                    .replace(' ', "-")
+                    == anchor
+        });
+        assert!(
+            has_section,
+            "{} points at a missing runbook section #{anchor}",
+            rule["alert"]
+        );
+    }
+}
