@@ -569,6 +569,24 @@ impl OwnRedis {
         }
     }
 
+    /// SIGSTOP: the process keeps its connections but answers nothing.
+    pub fn pause(&self) {
+        signal(self.child.as_ref().expect("running").id(), "-STOP");
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        signal(self.child.as_ref().expect("running").id(), "-CONT");
+    }
+
+    /// SIGKILL (a crash; the append-only file has every acknowledged write) and wait.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM (Redis flushes its append-only file and exits) and wait.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -587,6 +605,74 @@ impl Drop for OwnRedis {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// A DynamoDB Local of the test's own (it can be paused without disturbing other tests), from
+/// the install `scripts/stack` made (`FH_DYNAMODB_LOCAL_DIR`).
+pub struct OwnDynamo {
+    pub port: u16,
+    child: Child,
+}
+
+impl OwnDynamo {
+    pub fn start() -> OwnDynamo {
+        let dir = std::env::var("FH_DYNAMODB_LOCAL_DIR")
+            .expect("FH_DYNAMODB_LOCAL_DIR (eval \"$(scripts/stack env)\")");
+        let port = free_port();
+        let child = Command::new("java")
+            .current_dir(&dir)
+            .args([
+                "-Djava.library.path=./DynamoDBLocal_lib",
+                "-jar",
+                "DynamoDBLocal.jar",
+            ])
+            .args(["-inMemory", "-port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("java (scripts/stack install)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "DynamoDB Local did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        OwnDynamo { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+impl Drop for OwnDynamo {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -116,7 +116,16 @@ impl DynamoStore {
     /// `endpoint` overrides the service URL (DynamoDB Local).
     pub async fn connect(endpoint: Option<&str>) -> DynamoStore {
         let shared = crate::app::aws_config().await;
-        let mut config = aws_sdk_dynamodb::config::Builder::from(&shared);
+        // Bounded waits: a store that stops answering (a paused process, a black-holed
+        // connection) fails the attempt, and the write goes the retry way, instead of holding
+        // the batch forever.
+        let mut config = aws_sdk_dynamodb::config::Builder::from(&shared).timeout_config(
+            aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .operation_attempt_timeout(Duration::from_secs(5))
+                .operation_timeout(Duration::from_secs(15))
+                .build(),
+        );
         if let Some(url) = endpoint {
             config = config.endpoint_url(url);
         }
