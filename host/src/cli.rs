@@ -75,8 +75,12 @@ pub enum Command {
         #[command(flatten)]
         stores: StoreSettings,
     },
-    /// Print the JSON Schema of spec documents.
-    Schema,
+    /// Print the JSON Schema of spec documents (or, with --markdown, the spec reference).
+    Schema {
+        /// The Markdown reference (docs/spec-reference.md) instead of the JSON Schema.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -244,11 +248,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schema => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&crate::spec::json_schema())?
-            );
+        Command::Schema { markdown } => {
+            let schema = crate::spec::json_schema();
+            if markdown {
+                print!("{}", crate::spec::reference::markdown(&schema));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&schema)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(PluginCommand::Test {

@@ -229,6 +229,14 @@ fn published_json_schema_is_current() {
         committed.trim(),
         "specs/feature-host.schema.json is stale: run `feature-host schema > specs/feature-host.schema.json`"
     );
+    let out = host(&["schema", "--markdown"], None);
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(repo().join("docs/spec-reference.md")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        committed.trim(),
+        "docs/spec-reference.md is stale: run `feature-host schema --markdown > docs/spec-reference.md`"
+    );
 }
 
 /// Minimal HTTP/1.1 request over a plain socket: (status, body).

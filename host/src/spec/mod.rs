@@ -2,10 +2,12 @@
 //!
 //! - [`model`]: the typed documents (also the source of the published JSON Schema);
 //! - [`load`]: reading a directory, strict structural checks against the schema, then the
-//!   semantic checks across documents — every problem reported, with file and field path.
+//!   semantic checks across documents — every problem reported, with file and field path;
+//! - [`reference`]: the Markdown spec reference, rendered from the schema.
 
 pub mod load;
 pub mod model;
+pub mod reference;
 
 pub use load::{
     GroupDef, IngestionDef, SpecError, SpecErrors, SpecSet, json_schema, load_dir,

@@ -336,8 +336,11 @@ pub struct BatchSourceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BatchFormat {
+    /// One JSON object per line; each line is the plugin's payload.
     Jsonl,
+    /// A header row, then records; each becomes a JSON object keyed by the header.
     Csv,
+    /// Each row becomes a JSON object; row groups are the unit of sharding.
     Parquet,
 }
 
@@ -377,8 +380,10 @@ mod auto_literal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Engine {
+    /// Shards run on the host's worker pool.
     #[default]
     Local,
+    /// One AWS Batch array job per run (array index = shard).
     AwsBatch,
 }
 
