@@ -26,7 +26,7 @@ pub struct AdminState {
     pub batch: Option<crate::batch::BatchContext>,
     /// The Kafka client settings when a consumer runs (readiness waits for it to join its
     /// group; dead-letter replay uses them).
-    pub kafka: Option<rdkafka::ClientConfig>,
+    pub kafka: Option<crate::stream::kafka::KafkaClient>,
 }
 
 /// Liveness: the process is up.
@@ -356,7 +356,7 @@ async fn dlq_replay(
     if let Some(r) = refusal(&s, &headers) {
         return r;
     }
-    let Some(cfg) = &s.kafka else {
+    let Some(client) = &s.kafka else {
         return error(
             StatusCode::NOT_FOUND,
             "no Kafka: dead letters are in the local dead-letter file".into(),
@@ -382,7 +382,7 @@ async fn dlq_replay(
         limit: req.limit,
     };
     match crate::stream::replay::replay(
-        cfg,
+        client,
         &g.def.name,
         &g.def.dead_letter_topic,
         &g.def.retry_topic,

@@ -300,14 +300,14 @@ async fn dlq_replay(args: DlqReplayArgs) -> anyhow::Result<ExitCode> {
          (without Kafka, dead letters are in <FH_DATA_DIR>/dead-letters.jsonl: fix, then \
          ingest the lines again with `feature-host run --events`)",
     )?;
-    let cfg = crate::stream::kafka::client_config(&args.run, brokers)?;
+    let client = crate::stream::kafka::KafkaClient::from_settings(&args.run, brokers).await?;
     let filter = crate::stream::replay::ReplayFilter {
         reason_contains: args.reason_contains,
         source_topic: args.source_topic,
         limit: args.limit,
     };
     let summary = crate::stream::replay::replay(
-        &cfg,
+        &client,
         &def.name,
         &def.dead_letter_topic,
         &def.retry_topic,
@@ -451,7 +451,9 @@ async fn run_host(
         token: run.admin_token.clone(),
         batch: Some(batch_ctx.clone()),
         kafka: match &run.kafka_brokers {
-            Some(brokers) if !run.once => Some(crate::stream::kafka::client_config(&run, brokers)?),
+            Some(brokers) if !run.once => {
+                Some(crate::stream::kafka::KafkaClient::from_settings(&run, brokers).await?)
+            }
             _ => None,
         },
     });

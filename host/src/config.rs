@@ -25,6 +25,16 @@ pub enum CacheKind {
     Redis,
 }
 
+/// How the Kafka clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaAuth {
+    /// Whatever `FH_KAFKA_PROPERTIES` says (plaintext, TLS, SASL/SCRAM, mutual TLS).
+    Properties,
+    /// Amazon MSK IAM: SASL_SSL + OAUTHBEARER, tokens signed from the AWS default
+    /// credential chain (IRSA on EKS).
+    MskIam,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -103,6 +113,10 @@ pub struct RunSettings {
     /// Extra librdkafka properties, `key=value` separated by commas (e.g. TLS/SASL settings).
     #[arg(long, env = "FH_KAFKA_PROPERTIES", default_value = "")]
     pub kafka_properties: String,
+
+    /// Kafka authentication: `properties` (as FH_KAFKA_PROPERTIES says) or `msk-iam`.
+    #[arg(long, env = "FH_KAFKA_AUTH", value_enum, default_value_t = KafkaAuth::Properties)]
+    pub kafka_auth: KafkaAuth,
 
     /// Events per processing batch of a local events file.
     #[arg(long, env = "FH_BATCH_SIZE", default_value_t = 500)]

@@ -233,7 +233,7 @@ async fn parallel(
     let run = tokio::spawn({
         let (cfg, pipeline) = (cfg.clone(), pipeline.clone());
         let group = format!("bench-par-{}", super::unique());
-        async move { consume(&cfg, &group, settings, pipeline, rx).await }
+        async move { consume(&cfg.into(), &group, settings, pipeline, rx).await }
     });
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut start = None;
@@ -272,7 +272,7 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
     };
     let id = super::unique();
     let topic = format!("bench-stream-{id}");
-    ensure_topics(&cfg, &[topic.clone()].into()).await?;
+    ensure_topics(&cfg.clone().into(), &[topic.clone()].into()).await?;
     eprintln!("producing {} events to {topic} (1 partition)…", args.events);
     produce(&cfg, &topic, args.events).await?;
 

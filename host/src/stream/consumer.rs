@@ -31,7 +31,7 @@
 //! re-processes from the commit and never skips. SIGTERM revokes everything the same way.
 
 use super::envelope::{self, Envelope, NextStep};
-use super::kafka::{Republisher, client_config, ensure_topics, to_event};
+use super::kafka::{KafkaClient, Republisher, ensure_topics, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::partition::{Limits, PartitionState, RetryMeta, Unit};
 use crate::config::RunSettings;
@@ -206,9 +206,19 @@ pub struct Shared {
 /// The librdkafka context: rebalance and statistics callbacks.
 pub struct Ctx {
     shared: Arc<Shared>,
+    iam: Option<Arc<super::msk_iam::MskIam>>,
 }
 
 impl ClientContext for Ctx {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        _config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        super::kafka::oauth_token(self.iam.as_deref())
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
@@ -626,9 +636,9 @@ pub async fn run(
     pipeline: Arc<Pipeline>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let cfg = client_config(run, brokers)?;
+    let client = KafkaClient::from_settings(run, brokers).await?;
     consume(
-        &cfg,
+        &client,
         &run.kafka_group_id,
         StreamSettings::from_run(run),
         pipeline,
@@ -640,7 +650,7 @@ pub async fn run(
 /// Consume the pipeline's topics (and its groups' retry topics) as consumer group
 /// `group_id` until `shutdown` turns true; then drain, commit and leave the group.
 pub async fn consume(
-    cfg: &rdkafka::ClientConfig,
+    client: &KafkaClient,
     group_id: &str,
     settings: StreamSettings,
     pipeline: Arc<Pipeline>,
@@ -656,10 +666,10 @@ pub async fn consume(
         own_topics.insert(g.def.retry_topic.clone());
         own_topics.insert(g.def.dead_letter_topic.clone());
     }
-    ensure_topics(cfg, &own_topics).await?;
+    ensure_topics(client, &own_topics).await?;
     let metrics = pipeline.metrics().clone();
     let shared = Arc::new(Shared {
-        republisher: Republisher::new(cfg)?,
+        republisher: Republisher::new(client)?,
         pipeline: pipeline.clone(),
         settings,
         runtime: tokio::runtime::Handle::current(),
@@ -670,7 +680,7 @@ pub async fn consume(
         retry_topics,
         metrics,
     });
-    let mut consumer_cfg = cfg.clone();
+    let mut consumer_cfg = client.cfg.clone();
     consumer_cfg
         .set("group.id", group_id)
         .set("enable.auto.commit", "false")
@@ -689,6 +699,7 @@ pub async fn consume(
     let mut consumer: BaseConsumer<Ctx> = consumer_cfg
         .create_with_context(Ctx {
             shared: shared.clone(),
+            iam: client.iam.clone(),
         })
         .context("cannot create Kafka consumer")?;
     let wake = shared.wake.clone();

@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod kafka;
 pub mod lanes;
 pub mod local;
+pub mod msk_iam;
 pub mod offsets;
 pub mod partition;
 pub mod replay;

@@ -7,12 +7,12 @@
 //! same dead letter twice (a second replay, a crash mid-replay) applies it once.
 
 use super::envelope::{self, Envelope, headers};
-use super::kafka::{Republisher, to_event};
+use super::kafka::{KafkaClient, KafkaContext, Republisher, to_event};
 use crate::feature::Position;
 use crate::pipeline::FailureKind;
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,7 @@ pub fn replay_position(value: &[u8]) -> Option<Position> {
 /// `dry_run`, republish the matching dead letters to the group's retry topic, due now, with
 /// a fresh attempt count.
 pub async fn replay(
-    cfg: &ClientConfig,
+    client: &KafkaClient,
     group: &str,
     dead_letter_topic: &str,
     retry_topic: &str,
@@ -93,7 +93,8 @@ pub async fn replay(
         dry_run,
         ..Default::default()
     };
-    let consumer: BaseConsumer = cfg
+    let consumer: BaseConsumer<KafkaContext> = client
+        .cfg
         .clone()
         .set(
             "group.id",
@@ -101,7 +102,7 @@ pub async fn replay(
         )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .create()
+        .create_with_context(client.context())
         .context("cannot create the replay consumer")?;
     let (topic, consumer) = (dead_letter_topic.to_owned(), std::sync::Arc::new(consumer));
     // The end of each partition now: the replay stops there, even while new dead letters
@@ -139,7 +140,7 @@ pub async fn replay(
         return Ok(summary);
     }
     consumer.assign(&tpl)?;
-    let republisher = (!dry_run).then(|| Republisher::new(cfg)).transpose()?;
+    let republisher = (!dry_run).then(|| Republisher::new(client)).transpose()?;
     let mut remaining: std::collections::HashMap<i32, i64> =
         ends.into_iter().filter(|(_, h)| *h > 0).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
