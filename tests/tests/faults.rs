@@ -3,7 +3,8 @@
 //! paused and resumed; garbage on the topic. After each fault: exact totals (nothing lost,
 //! nothing counted twice), no stale value served by the read path, and the recovery time
 //! printed. (SIGKILL of the host during ingestion is in `stream_delivery`, during a backfill in
-//! `batch`; broken specs and plugins dropped into the watched directories in
+//! `batch`; a rolling restart of two replicas in `stream_delivery`; broken specs and plugins
+//! dropped into the watched directories in
 //! `plugin_lifecycle`; admin calls without the token in `operations` and `plugin_lifecycle`.)
 
 use feature_host_e2e::*;
