@@ -16,6 +16,11 @@ pub struct Cli {
     #[arg(long, env = "FH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// Export traces (spans of plugin batches and backfill shards) to this OpenTelemetry
+    /// collector, OTLP over HTTP/protobuf (e.g. `http://otel-collector:4318`); unset = off.
+    #[arg(long, env = "FH_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -191,8 +196,18 @@ pub enum PluginCommand {
 }
 
 /// Logs go to stderr (stdout carries command output). `RUST_LOG` overrides the level: the
-/// default is `info` for `run` and `warn` for one-shot commands.
-pub fn init_logging(format: LogFormat, command: &Command) {
+/// default is `info` for `run` and `warn` for one-shot commands. With `otlp_endpoint`, spans
+/// are also exported; the returned provider must be shut down (outside the async runtime:
+/// its HTTP client is a blocking one) to flush them.
+pub fn init_logging(
+    format: LogFormat,
+    command: &Command,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let level = if matches!(command, Command::Run { .. } | Command::RunShard(_)) {
         "info"
     } else {
@@ -203,13 +218,36 @@ pub fn init_logging(format: LogFormat, command: &Command) {
             "{level},aws_config=warn,aws_smithy_runtime=warn"
         ))
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let provider = otlp_endpoint
+        .map(|endpoint| -> anyhow::Result<_> {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build()
+                .with_context(|| {
+                    format!("FH_OTLP_ENDPOINT={endpoint}: cannot build the exporter")
+                })?;
+            Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("feature-host")
+                        .build(),
+                )
+                .build())
+        })
+        .transpose()?;
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("feature-host")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
+    Ok(provider)
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -2,15 +2,35 @@ use clap::Parser as _;
 use feature_host::cli::{Cli, init_logging, main as cli_main};
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.command);
-    match cli_main(cli).await {
-        Ok(code) => code,
+    // Set up outside the runtime: the trace exporter's HTTP client is a blocking one, which
+    // must neither be created nor dropped on an async worker.
+    let telemetry = match init_logging(cli.log_format, &cli.command, cli.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    let code = runtime.block_on(async {
+        match cli_main(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    drop(runtime);
+    if let Some(provider) = telemetry
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("warning: traces not flushed: {e}");
     }
+    code
 }

@@ -194,9 +194,14 @@ impl Pipeline {
         for &(e, g) in pairs {
             per_group.entry(g).or_default().push(e);
         }
-        let runs = per_group
-            .into_iter()
-            .map(|(g, idx)| self.process_group(events, g, idx, overwrite));
+        let runs = per_group.into_iter().map(|(g, idx)| {
+            let span = tracing::info_span!(
+                "process_group",
+                group = %self.router.groups()[g],
+                events = idx.len()
+            );
+            tracing::Instrument::instrument(self.process_group(events, g, idx, overwrite), span)
+        });
         let mut failures = Vec::new();
         let mut stats = BatchStats {
             routed: pairs.len(),

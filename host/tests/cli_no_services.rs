@@ -388,3 +388,93 @@ fn plugin_test_prints_checked_writes_per_event() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("undeclared feature \\\"clicks\\\""));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With FH_OTLP_ENDPOINT, the spans of plugin batches reach an OpenTelemetry collector (here a
+/// loopback listener that records what is POSTed) as OTLP/HTTP protobuf, flushed at exit.
+#[test]
+fn traces_are_exported_over_otlp_when_configured() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
+    let got = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            // Read the head, then Content-Length bytes of body.
+            let (head, body) = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..at]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < at + 4 + len {
+                        let n = s.read(&mut chunk).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    break (head, buf[at + 4..].to_vec());
+                }
+            };
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            got.lock().unwrap().push((head, body));
+        }
+    });
+    let data = std::env::temp_dir().join(format!("fh-otlp-{}", std::process::id()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_feature-host"));
+    cmd.current_dir(repo())
+        .args(["run", "--events", "specs/examples/events.jsonl", "--once"])
+        .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
+        .env("FH_ADMIN_ADDR", "127.0.0.1:0")
+        .env("FH_DATA_DIR", &data)
+        .env("FH_OTLP_ENDPOINT", &endpoint);
+    for k in [
+        "FH_KAFKA_BROKERS",
+        "FH_DYNAMODB_ENDPOINT",
+        "FH_REDIS_URL",
+        "FH_STORE",
+        "FH_CACHE",
+    ] {
+        cmd.env_remove(k);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let requests = received.lock().unwrap().clone();
+    let traces: Vec<_> = requests
+        .iter()
+        .filter(|(head, _)| head.starts_with("POST /v1/traces"))
+        .collect();
+    assert!(!traces.is_empty(), "no OTLP export received: {requests:?}");
+    let contains = |needle: &[u8]| {
+        traces
+            .iter()
+            .any(|(_, b)| b.windows(needle.len()).any(|w| w == needle))
+    };
+    assert!(
+        traces
+            .iter()
+            .all(|(h, _)| h.to_ascii_lowercase().contains("application/x-protobuf"))
+    );
+    assert!(contains(b"process_group"), "no plugin batch span exported");
+    assert!(contains(b"feature-host"), "no service name");
+    assert!(contains(b"user-activity"), "span attributes missing");
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -73,7 +73,8 @@ async fn shard_with_retries(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match run_shard(ctx, run, index).await {
+        let span = tracing::info_span!("backfill_shard", run = %run.id, shard = index, attempt);
+        match tracing::Instrument::instrument(run_shard(ctx, run, index), span).await {
             Ok(_) => return Ok(()),
             Err(ShardError::Failed(e)) if attempt < ctx.settings.shard_attempts => {
                 let wait = Duration::from_millis(500 * (1 << attempt.min(6)));
