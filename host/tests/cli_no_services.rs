@@ -12,6 +12,11 @@ fn repo() -> PathBuf {
 }
 
 fn host(args: &[&str], data_dir: Option<&Path>) -> Output {
+    host_with(args, data_dir, &[])
+}
+
+/// [`host`] with extra environment.
+fn host_with(args: &[&str], data_dir: Option<&Path>, env: &[(&str, &str)]) -> Output {
     let plugins = repo().join("plugins/dist");
     assert!(
         plugins.join("user_activity.wasm").is_file(),
@@ -33,6 +38,9 @@ fn host(args: &[&str], data_dir: Option<&Path>) -> Output {
     }
     if let Some(d) = data_dir {
         cmd.env("FH_DATA_DIR", d);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     cmd.output().unwrap()
 }
@@ -435,23 +443,12 @@ fn traces_are_exported_over_otlp_when_configured() {
         }
     });
     let data = std::env::temp_dir().join(format!("fh-otlp-{}", std::process::id()));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_feature-host"));
-    cmd.current_dir(repo())
-        .args(["run", "--events", "specs/examples/events.jsonl", "--once"])
-        .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
-        .env("FH_ADMIN_ADDR", "127.0.0.1:0")
-        .env("FH_DATA_DIR", &data)
-        .env("FH_OTLP_ENDPOINT", &endpoint);
-    for k in [
-        "FH_KAFKA_BROKERS",
-        "FH_DYNAMODB_ENDPOINT",
-        "FH_REDIS_URL",
-        "FH_STORE",
-        "FH_CACHE",
-    ] {
-        cmd.env_remove(k);
-    }
-    let out = cmd.output().unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let out = host_with(
+        &["run", "--events", "specs/examples/events.jsonl", "--once"],
+        Some(&data),
+        &[("FH_OTLP_ENDPOINT", endpoint.as_str())],
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -92,6 +92,20 @@ impl Stack {
         ]
     }
 
+    /// [`host_env`](Self::host_env) with the admin API on a known free port (returned).
+    pub fn host_env_on_port(
+        &self,
+        tmp: &Path,
+        spec_dir: &Path,
+        group_id: &str,
+    ) -> (Vec<(&'static str, String)>, u16) {
+        let port = free_port();
+        let mut env = self.host_env(tmp, spec_dir, group_id);
+        env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
+        env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+        (env, port)
+    }
+
     /// Offsets committed by consumer group `group_id` for partitions `0..partitions` of
     /// `topic` (-1 where nothing is committed).
     pub fn committed(&self, group_id: &str, topic: &str, partitions: i32) -> Vec<i64> {

@@ -65,6 +65,27 @@ async fn reads_match_store(
     metric(&text, "fh_cache_repairs_pending") == 0.0
 }
 
+/// How long until [`reads_match_store`] holds.
+async fn until_reads_match(
+    port: u16,
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    group: &str,
+) -> Duration {
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(60),
+        "reads to match the store",
+        || async {
+            reads_match_store(port, ddb, table, group)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    t.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_faults_and_garbage_lose_nothing_and_serve_nothing_stale() {
     let shared = Stack::from_env();
@@ -102,10 +123,7 @@ async fn store_faults_and_garbage_lose_nothing_and_serve_nothing_stale() {
     )
     .unwrap();
     stack.create_topics(&[&topic], 1).await;
-    let port = free_port();
-    let mut env = stack.host_env(&tmp, &specs, &format!("faults-{u}"));
-    env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
-    env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+    let (mut env, port) = stack.host_env_on_port(&tmp, &specs, &format!("faults-{u}"));
     env.push(("FH_JOBS_TABLE", format!("jobs-{u}")));
     let mut host = Host::spawn(&["run"], &env);
     eventually(Duration::from_secs(60), "readiness", || async {
@@ -125,20 +143,9 @@ async fn store_faults_and_garbage_lose_nothing_and_serve_nothing_stale() {
     produce_clicks(&stack, &topic, 200..400).await;
     exact(&ddb, &table, &group, 400).await;
     redis.resume();
-    let t = Instant::now();
-    eventually(
-        Duration::from_secs(60),
-        "reads to match after Redis resumed",
-        || async {
-            reads_match_store(port, &ddb, &table, &group)
-                .await
-                .then_some(())
-        },
-    )
-    .await;
     report.insert(
         "redis paused 400 events: reads consistent after resume",
-        t.elapsed(),
+        until_reads_match(port, &ddb, &table, &group).await,
     );
 
     // Redis killed and restarted with its (now stale) data.
@@ -146,20 +153,9 @@ async fn store_faults_and_garbage_lose_nothing_and_serve_nothing_stale() {
     produce_clicks(&stack, &topic, 400..500).await;
     exact(&ddb, &table, &group, 500).await;
     redis.restart();
-    let t = Instant::now();
-    eventually(
-        Duration::from_secs(60),
-        "reads to match after Redis restarted",
-        || async {
-            reads_match_store(port, &ddb, &table, &group)
-                .await
-                .then_some(())
-        },
-    )
-    .await;
     report.insert(
         "redis killed and restarted: reads consistent after restart",
-        t.elapsed(),
+        until_reads_match(port, &ddb, &table, &group).await,
     );
 
     // DynamoDB paused: writes time out and cycle through the retry topic; nothing is

@@ -34,10 +34,7 @@ async fn dead_letters_replayed_after_a_fix_count_once() {
     )
     .unwrap();
     stack.create_topics(&[&topic], 1).await;
-    let port = free_port();
-    let mut env = stack.host_env(&tmp, &specs, &format!("ops-{u}"));
-    env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
-    env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+    let (mut env, port) = stack.host_env_on_port(&tmp, &specs, &format!("ops-{u}"));
     env.push(("FH_ADMIN_TOKEN", TOKEN.into()));
     env.push(("FH_JOBS_TABLE", format!("jobs-{u}")));
     let mut host = Host::spawn(&["run"], &env);

@@ -334,10 +334,7 @@ async fn a_hostile_group_fails_only_its_own_events() {
     )
     .unwrap();
     stack.create_topics(&[&topic], 1).await;
-    let port = free_port();
-    let mut env = stack.host_env(&tmp, &spec_dir, &format!("mixed-{id}"));
-    env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
-    env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+    let (env, port) = stack.host_env_on_port(&tmp, &spec_dir, &format!("mixed-{id}"));
     let mut host = Host::spawn(&["run"], &env);
 
     let p = stack.producer();
