@@ -247,13 +247,9 @@ async fn job(State(s): State<AdminState>, Path(run): Path<String>) -> Response {
             "batch ingestion is not set up".into(),
         );
     };
-    match crate::batch::run::load_run(&b.jobs, &run).await {
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {run:?}")),
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
-        Ok(Some(_)) => {}
-    }
     match crate::batch::commands::run_detail(&b.jobs, &run).await {
-        Ok(v) => Json(v).into_response(),
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {run:?}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }

@@ -328,7 +328,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
-        let now = crate::batch::run::now_ms();
+        let now = crate::sink::unix_now_ms();
         for (group, ms) in self.newest_event_ms.lock().expect("not poisoned").iter() {
             self.freshness_seconds
                 .get_or_create(&GroupLabels::new(group))
@@ -376,7 +376,7 @@ mod tests {
             text.contains(r#"fh_retries_total{group="users"} 2"#),
             "{text}"
         );
-        m.wrote_event_time("users", crate::batch::run::now_ms() - 5_000);
+        m.wrote_event_time("users", crate::sink::unix_now_ms() - 5_000);
         m.wrote_event_time("users", 0); // older: does not move freshness back
         let fresh = metric_value(
             &m.render(),

@@ -327,7 +327,9 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
             let (_, jobs) = app::connect(&args.stores, Some(&args.batch.jobs_table)).await?;
             let jobs = jobs.expect("asked for job state");
             match &args.run {
-                Some(id) => run_detail(&jobs, id).await?,
+                Some(id) => run_detail(&jobs, id)
+                    .await?
+                    .with_context(|| format!("no run {id:?} (see `feature-host jobs`)"))?,
                 None => runs_json(&jobs).await?,
             }
         }
@@ -348,12 +350,15 @@ pub async fn runs_json(jobs: &super::jobs::Jobs) -> anyhow::Result<serde_json::V
     Ok(serde_json::json!({ "runs": runs }))
 }
 
-/// One run with its shards and alerts.
-pub async fn run_detail(jobs: &super::jobs::Jobs, id: &str) -> anyhow::Result<serde_json::Value> {
-    let run = load_run(jobs, id)
-        .await?
-        .with_context(|| format!("no run {id:?}"))?
-        .value;
+/// One run with its shards and alerts (`None`: no such run).
+pub async fn run_detail(
+    jobs: &super::jobs::Jobs,
+    id: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(run) = load_run(jobs, id).await? else {
+        return Ok(None);
+    };
+    let run = run.value;
     let shards = list_shards(jobs, id).await?;
     let alerts: Vec<_> = super::monitor::Monitor::alerts(jobs)
         .await?
@@ -362,7 +367,7 @@ pub async fn run_detail(jobs: &super::jobs::Jobs, id: &str) -> anyhow::Result<se
         .collect();
     let mut v = summary(&run, &shards);
     v["alerts"] = serde_json::to_value(alerts)?;
-    Ok(v)
+    Ok(Some(v))
 }
 
 fn print_runs(v: &serde_json::Value) {

@@ -12,10 +12,7 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, KeyType};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -254,60 +251,13 @@ impl DynamoJobs {
 
     /// Create the table if it is missing (idempotent).
     pub async fn ensure_table(&self) -> anyhow::Result<()> {
-        let attr = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .expect("complete builder")
-        };
-        let key = |name: &str, ty| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(ty)
-                .build()
-                .expect("complete builder")
-        };
-        let created = self
-            .client
-            .create_table()
-            .table_name(&self.table)
-            .attribute_definitions(attr("pk"))
-            .attribute_definitions(attr("sk"))
-            .key_schema(key("pk", KeyType::Hash))
-            .key_schema(key("sk", KeyType::Range))
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await;
-        match created {
-            Ok(_) => {}
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_in_use_exception()) => {}
-            Err(e) => {
-                anyhow::bail!(
-                    "cannot create the job state table {}: {}",
-                    self.table,
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
-                )
-            }
-        }
-        let active = crate::sink::dynamo::wait_active(&self.client, &self.table)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "describe table {}: {}",
-                    self.table,
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
-                )
-            })?;
-        if active {
-            return Ok(());
-        }
-        anyhow::bail!(
-            "job state table {} did not become ACTIVE within a minute",
-            self.table
+        crate::sink::dynamo::create_table(
+            &self.client,
+            &self.table,
+            &[("pk", KeyType::Hash), ("sk", KeyType::Range)],
         )
+        .await
+        .map_err(|e| anyhow::anyhow!("job state: {e}"))
     }
 
     fn decode(

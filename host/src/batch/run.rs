@@ -252,11 +252,7 @@ pub fn run_id(ingestion: &str, at_ms: i64, suffix: Option<&str>) -> String {
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use crate::sink::unix_now_ms as now_ms;
 
 /// A run record for unit tests.
 #[cfg(test)]

@@ -113,10 +113,15 @@ impl Scheduler {
         if !self.hold_lease().await? {
             return Ok(Vec::new());
         }
+        Ok(self.schedule_due().await)
+    }
+
+    /// Create the runs of every due tick; the caller holds the lease. One ingestion's problem
+    /// (its source, job state) is logged and does not stop the others.
+    pub async fn schedule_due(&self) -> Vec<String> {
         let now = self.clock.now_ms();
         let mut created = Vec::new();
         for def in self.specs.ingestions.values() {
-            // One ingestion's problem (its source, job state) must not stop the others.
             match self.tick_one(def, now).await {
                 Ok(ids) => created.extend(ids),
                 Err(e) => {
@@ -124,7 +129,7 @@ impl Scheduler {
                 }
             }
         }
-        Ok(created)
+        created
     }
 
     async fn tick_one(

@@ -41,11 +41,12 @@ pub async fn serve(ctx: BatchContext, clock: Arc<dyn Clock>) {
     let mut stop = ctx.stop.clone();
     let mut last_monitor = i64::MIN;
     loop {
-        if let Err(e) = scheduler.tick().await {
-            tracing::warn!(error = %format!("{e:#}"), "scheduler pass failed");
-        }
-        let leader = scheduler.hold_lease().await.unwrap_or(false);
+        let leader = scheduler.hold_lease().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "cannot take or renew the scheduler lease");
+            false
+        });
         if leader {
+            scheduler.schedule_due().await;
             match scheduler.claimable_runs(ctx.settings.run_lease).await {
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot list runs"),
                 Ok(ids) => {

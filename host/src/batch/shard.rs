@@ -117,15 +117,22 @@ pub async fn run_shard(
             let base = shard.checkpoint.rows_done;
             let uri = &shard.units[unit as usize].uri;
             let mut undecodable = Vec::new();
+            let mut pairs = Vec::with_capacity(records.len());
             let events: Vec<Event> = records
                 .into_iter()
                 .enumerate()
                 .map(|(i, r)| {
                     let offset = (base + i as u64) as i64;
-                    let payload = r.unwrap_or_else(|reason| {
-                        undecodable.push((i, reason));
-                        Vec::new()
-                    });
+                    let payload = match r {
+                        Ok(p) => {
+                            pairs.push((i, g));
+                            p
+                        }
+                        Err(reason) => {
+                            undecodable.push((i, reason));
+                            Vec::new()
+                        }
+                    };
                     Event {
                         topic: topic.clone(),
                         partition: index as i32,
@@ -139,10 +146,6 @@ pub async fn run_shard(
                 })
                 .collect();
             let events = Arc::new(events);
-            let pairs: Vec<(usize, usize)> = (0..events.len())
-                .filter(|i| !undecodable.iter().any(|(u, _)| u == i))
-                .map(|i| (i, g))
-                .collect();
             let mut failures = process(ctx, &events, &pairs, run.overwrite).await?;
             failures.extend(undecodable.into_iter().map(|(i, reason)| Failure {
                 event: i,

@@ -74,21 +74,7 @@ pub async fn run(args: BackfillBenchArgs) -> anyhow::Result<Report> {
         std::fs::write(
             specs_dir.join(format!("s{s}.yaml")),
             format!(
-                "apiVersion: feature-host/v1
-kind: FeatureGroup
-metadata: {{name: bench-{id}-s{s}}}
-spec:
-  entity: user
-  features:
-    - {{name: clicks, type: int}}
-    - {{name: views, type: int}}
-    - {{name: last_viewed, type: string-list}}
-  plugin:
-    wasm: user_activity.wasm
-    config: {{entity_field: user_id, list_field: item_id, last_k: 10}}
-  store: {{table: bench-{id}-s{s}, ttl: 1d}}
-  cache: {{strategy: write-through, ttl: 10m}}
----
+                "{}---
 apiVersion: feature-host/v1
 kind: Ingestion
 metadata: {{name: bench-{id}-s{s}}}
@@ -97,6 +83,7 @@ spec:
   source: {{uri: \"{}/*.parquet\", format: parquet}}
   parallelism: {s}
 ",
+                super::group_yaml(&format!("bench-{id}-s{s}"), None, "write-through"),
                 data.display()
             ),
         )?;

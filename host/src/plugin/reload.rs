@@ -163,11 +163,7 @@ pub struct Reloader {
     pass: tokio::sync::Mutex<()>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::sink::unix_now_ms as now_ms;
 
 impl Reloader {
     pub fn new(

@@ -64,6 +64,58 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     }
 }
 
+/// Create a pay-per-request table keyed by string attributes `keys` (hash first) unless it
+/// exists, and wait until it is ACTIVE. Shared by the feature tables and the job-state table.
+pub async fn create_table(
+    client: &Client,
+    table: &str,
+    keys: &[(&str, KeyType)],
+) -> Result<(), String> {
+    let mut request = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest);
+    for (name, kind) in keys {
+        request = request
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(*name)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("complete builder"),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(*name)
+                    .key_type(kind.clone())
+                    .build()
+                    .expect("complete builder"),
+            );
+    }
+    match request.send().await {
+        Ok(_) => {}
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_in_use_exception()) => {}
+        Err(e) => {
+            return Err(format!(
+                "cannot create table {table}: {}",
+                aws_sdk_dynamodb::error::DisplayErrorContext(e)
+            ));
+        }
+    }
+    match wait_active(client, table).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "table {table} did not become ACTIVE within a minute"
+        )),
+        Err(e) => Err(format!(
+            "describe table {table}: {}",
+            aws_sdk_dynamodb::error::DisplayErrorContext(e)
+        )),
+    }
+}
+
 /// Wait (up to a minute) until a new table is ACTIVE: DynamoDB takes a while, DynamoDB Local
 /// does not.
 pub async fn wait_active(
@@ -192,37 +244,12 @@ impl Store for DynamoStore {
     }
 
     async fn ensure_table(&self, table: &str) -> Result<(), SinkError> {
-        let created = self
-            .client
-            .create_table()
-            .table_name(table)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("pk")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .expect("complete builder"),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("pk")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .expect("complete builder"),
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await;
-        match created {
-            Ok(_) => {}
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_resource_in_use_exception()) => {}
-            Err(e) => return Err(classify(&format!("create table {table}"), e)),
-        }
-        wait_active(&self.client, table)
+        create_table(&self.client, table, &[("pk", KeyType::Hash)])
             .await
-            .map_err(|e| classify("describe table", e))?;
+            .map_err(|message| SinkError::Unavailable {
+                backend: BACKEND,
+                message,
+            })?;
         let ttl = self
             .client
             .update_time_to_live()

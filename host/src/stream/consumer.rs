@@ -43,7 +43,6 @@ use anyhow::Context as _;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -79,11 +78,7 @@ impl StreamSettings {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::sink::unix_now_ms as now_ms;
 
 type TopicPartition = (String, i32);
 
@@ -242,18 +237,6 @@ impl ConsumerContext for Ctx {
                 .shared
                 .revoke(consumer, tpl, consumer.assignment_lost()),
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
-            let slots = self.shared.slots();
-            for el in offsets.elements() {
-                if let Some(slot) = slots.get(&(el.topic().to_owned(), el.partition())) {
-                    slot.lock().committed = None;
-                }
-            }
         }
     }
 }

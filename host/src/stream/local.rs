@@ -35,11 +35,7 @@ struct LocalEvent {
     payload: serde_json::Value,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::sink::unix_now_ms as now_ms;
 
 /// Parse one local event. `line_offset` is the file line number (None for HTTP pushes).
 pub fn parse_event(

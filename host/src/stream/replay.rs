@@ -196,7 +196,7 @@ pub async fn replay(
             reason: env.error.clone(),
         });
         if let Some(r) = &republisher {
-            let now = crate::batch::run::now_ms();
+            let now = crate::sink::unix_now_ms();
             let mut h = envelope::wrap(
                 &original,
                 &Envelope {
