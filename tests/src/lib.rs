@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests against the real local stack started by `scripts/stack up`.
 //! Tests fail (not skip) when the stack is not up: `scripts/test` starts it.
 
+pub mod delivery;
+
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -54,22 +56,9 @@ impl Stack {
             .unwrap()
     }
 
+    /// Create `topics` with `partitions` each and the cluster's default replication.
     pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka)
-            .create()
-            .unwrap();
-        let new: Vec<NewTopic> = topics
-            .iter()
-            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
-            .collect();
-        for r in admin
-            .create_topics(&new, &AdminOptions::new())
-            .await
-            .unwrap()
-        {
-            r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
-        }
+        create_topics(&self.kafka, topics, partitions).await
     }
 
     /// The environment of a host on this stack with its own data dir, consumer group and
@@ -128,50 +117,10 @@ impl Stack {
             .collect()
     }
 
-    /// Every message of `topic` (one partition): read from the beginning until nothing new
-    /// arrives for 1.5 s. (tansu's reported high watermark can lag the log, so it is not
-    /// used as the end.)
+    /// Every message of `topic` up to its current end, as a `read_committed` consumer sees
+    /// them: aborted transactional writes are not in it.
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::message::{Headers, Message};
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka)
-            .set("group.id", format!("reader-{}", unique()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
-            .unwrap();
-        c.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        let start = Instant::now();
-        let mut idle = 0;
-        while idle < 3 && start.elapsed() < Duration::from_secs(30) {
-            let Some(Ok(m)) = c.poll(Duration::from_millis(500)) else {
-                idle += 1;
-                continue;
-            };
-            idle = 0;
-            {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push((m.payload().unwrap_or_default().to_vec(), headers));
-            }
-        }
-        out
+        read_all(&self.kafka, topic)
     }
 
     pub fn producer(&self) -> FutureProducer {
@@ -181,6 +130,117 @@ impl Stack {
             .create()
             .unwrap()
     }
+}
+
+/// Create `topics` on `brokers` with `partitions` each and the cluster's default replication
+/// factor.
+pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// Every message of every partition of `topic` on `brokers` up to the partitions' ends when
+/// the call starts, as a `read_committed` consumer sees them (partition by partition).
+pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {
+    read_messages(brokers, topic)
+        .into_iter()
+        .map(|m| (m.payload, m.headers))
+        .collect()
+}
+
+/// A consumed message with its record timestamp.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub timestamp_ms: i64,
+}
+
+/// [`read_all`] with record timestamps.
+pub fn read_messages(brokers: &str, topic: &str) -> Vec<Consumed> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", unique()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let Ok(metadata) = c.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
+        return Vec::new();
+    };
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for partition in partitions {
+        // The end a read_committed consumer can reach: the last stable offset.
+        let (_, end) = c
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("watermarks of {topic}/{partition}: {e}"));
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let position = |c: &BaseConsumer| match c
+            .position()
+            .ok()
+            .and_then(|p| p.find_partition(topic, partition).map(|e| e.offset()))
+        {
+            Some(rdkafka::Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        let start = Instant::now();
+        while position(&c) < end {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{topic}/{partition}: read to {} of {end} in 60 s",
+                position(&c)
+            );
+            let Some(m) = c.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            // Transport errors (a broker of the bootstrap list down) are reported and retried
+            // by the client; the 60 s bound above catches one that never ends.
+            let Ok(m) = m else { continue };
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Consumed {
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+                timestamp_ms: m.timestamp().to_millis().unwrap_or(-1),
+            });
+        }
+    }
+    out
 }
 
 /// Produce one message and wait for the broker's acknowledgement.
@@ -629,6 +689,94 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// An Apache Kafka cluster of the test's own (one broker can be killed without disturbing other
+/// tests), started by `scripts/stack kafka` in a directory of its own: the same broker, jars
+/// and settings as the stack's. Stopped when dropped.
+pub struct OwnKafka {
+    dir: PathBuf,
+    /// The PLAINTEXT bootstrap list.
+    pub brokers: String,
+    env: Vec<(String, String)>,
+}
+
+impl OwnKafka {
+    /// `nodes` combined broker+controller nodes; `args` go to `scripts/stack kafka up`
+    /// (`--listener NAME=PROTOCOL`, `--config FILE`, `--scram SPEC`).
+    pub fn start(dir: &Path, nodes: usize, args: &[&str]) -> OwnKafka {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut k = OwnKafka {
+            dir: dir.to_owned(),
+            brokers: String::new(),
+            env: Vec::new(),
+        };
+        let nodes = nodes.to_string();
+        let mut up = vec!["up", "--brokers", &nodes];
+        up.extend_from_slice(args);
+        k.script(&up);
+        let env = k.script(&["env"]);
+        k.env = env
+            .lines()
+            .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        k.brokers = k.var("FH_KAFKA_BROKERS");
+        k
+    }
+
+    /// A bootstrap list from `scripts/stack kafka env`, e.g. `FH_KAFKA_SCRAM_BROKERS` for a
+    /// listener named `SCRAM`.
+    pub fn var(&self, name: &str) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{name} not in scripts/stack kafka env: {:?}", self.env))
+    }
+
+    /// SIGKILL node `node` (1-based): a crash.
+    pub fn kill(&self, node: usize) {
+        self.script(&["kill", &node.to_string()]);
+    }
+
+    /// Start node `node` again on its port and log dir; returns once it serves.
+    pub fn restart(&self, node: usize) {
+        self.script(&["start", &node.to_string()]);
+    }
+
+    fn script(&self, args: &[&str]) -> String {
+        let script = std::env::var("FH_STACK_SCRIPT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join("scripts/stack"));
+        let out = Command::new(script)
+            .arg("kafka")
+            .args(args)
+            .env("FH_STACK_DIR", &self.dir)
+            .env("KAFKA_HEAP", "512m")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scripts/stack");
+        assert!(
+            out.status.success(),
+            "scripts/stack kafka {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for OwnKafka {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/stack"))
+            .args(["kafka", "down"])
+            .env("FH_STACK_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A DynamoDB Local of the test's own (it can be paused without disturbing other tests), from

@@ -20,7 +20,7 @@ use crate::sink::memory_cache::MemoryCache;
 use crate::sink::writer::{CacheStore, FeatureWriter};
 use crate::sink::{SinkError, Store, Target};
 use crate::stream::consumer::{StreamSettings, consume};
-use crate::stream::kafka::{ensure_topics, to_event};
+use crate::stream::kafka::to_event;
 use crate::stream::partition::Limits;
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -94,14 +94,28 @@ fn click(i: usize) -> (String, String) {
     )
 }
 
+/// The bench's topic: one partition, the cluster's default replication.
+async fn create_topic(cfg: &ClientConfig, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = cfg.create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(-1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
 async fn produce(cfg: &ClientConfig, topic: &str, n: usize) -> anyhow::Result<()> {
-    // One record per batch: tansu 0.6 returns nothing for a fetch that starts inside a
-    // multi-record batch, which stalls a consumer that seeks back after a pause (real Kafka
-    // returns the enclosing batch). Production through librdkafka to Kafka is unaffected.
+    // Batched as a producer in production batches (linger 5 ms): the consumer reads whole
+    // record batches.
     let producer: FutureProducer = cfg
         .clone()
-        .set("linger.ms", "0")
-        .set("batch.num.messages", "1")
+        .set("linger.ms", "5")
         .set("acks", "all")
         .create()?;
     for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
@@ -272,7 +286,7 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
     };
     let id = super::unique();
     let topic = format!("bench-stream-{id}");
-    ensure_topics(&cfg.clone().into(), &[topic.clone()].into()).await?;
+    create_topic(&cfg, &topic).await?;
     eprintln!("producing {} events to {topic} (1 partition)…", args.events);
     produce(&cfg, &topic, args.events).await?;
 

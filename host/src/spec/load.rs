@@ -402,6 +402,46 @@ fn check_semantics(
             }
         }
     }
+    // Groups sharing a hand-off topic must not disagree on how it is created.
+    let mut first: BTreeMap<&str, (&GroupDef, &str)> = BTreeMap::new();
+    for g in set.groups.values() {
+        for (topic, field) in [
+            (g.retry_topic.as_str(), "spec.retry.topic"),
+            (g.dead_letter_topic.as_str(), "spec.retry.deadLetterTopic"),
+        ] {
+            let Some((other, other_field)) = first.get(topic).copied() else {
+                first.insert(topic, (g, field));
+                continue;
+            };
+            let (a, b) = (&other.spec.retry, &g.spec.retry);
+            for (setting, mine, theirs) in [
+                (
+                    "partitions",
+                    b.partitions.map(u64::from),
+                    a.partitions.map(u64::from),
+                ),
+                (
+                    "replicationFactor",
+                    b.replication_factor.map(u64::from),
+                    a.replication_factor.map(u64::from),
+                ),
+            ] {
+                if let (Some(mine), Some(theirs)) = (mine, theirs)
+                    && mine != theirs
+                {
+                    clashes.push((g.name.clone(), SpecError {
+                        file: g.file.display().to_string(),
+                        field: format!("spec.retry.{setting}"),
+                        message: format!(
+                            "{mine}, but group {:?} ({}) hands off through the same topic {topic:?} ({other_field}) with {setting} {theirs}",
+                            other.name,
+                            other.file.display()
+                        ),
+                    }));
+                }
+            }
+        }
+    }
     for (name, e) in clashes {
         set.groups.remove(&name);
         errors.push(e);
@@ -668,6 +708,41 @@ mod tests {
         assert!(errs[0].file.ends_with("g.yaml"));
         assert_eq!(errs[0].field, "spec.retry.topic");
         assert!(errs[0].message.contains("also a source topic"));
+    }
+
+    #[test]
+    fn groups_sharing_a_hand_off_topic_must_agree_on_its_shape() {
+        let with = |name: &str, retry: &str| {
+            GROUP.replace("name: g}", &format!("name: {name}}}"))
+                + &format!("  retry: {{topic: shared.retry, {retry}}}\n")
+        };
+        let set = load_str(&[
+            ("a.yaml", &with("a", "partitions: 6")),
+            ("b.yaml", &with("b", "replicationFactor: 3")),
+        ])
+        .unwrap();
+        assert_eq!(set.groups.len(), 2, "different settings do not conflict");
+        let errs = load_str(&[
+            ("a.yaml", &with("a", "partitions: 6")),
+            ("b.yaml", &with("b", "partitions: 12")),
+        ])
+        .unwrap_err()
+        .0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].file.ends_with("b.yaml"), "{errs:?}");
+        assert_eq!(errs[0].field, "spec.retry.partitions");
+        assert!(
+            errs[0].message.contains("\"a\"") && errs[0].message.contains("shared.retry"),
+            "{}",
+            errs[0].message
+        );
+        let errs = load_str(&[("a.yaml", &with("a", "replicationFactor: 0"))])
+            .unwrap_err()
+            .0;
+        assert!(
+            errs[0].field.contains("replicationFactor"),
+            "out of range: {errs:?}"
+        );
     }
 
     #[test]

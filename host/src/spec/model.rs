@@ -280,6 +280,17 @@ pub struct RetrySpec {
     /// Dead-letter topic; default `<group>.dlq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_topic: Option<String>,
+    /// Partitions of the retry and dead-letter topics when the host creates them; default:
+    /// as many as the group's largest source topic. Existing topics are left as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub partitions: Option<u32>,
+    /// Replication factor of the retry and dead-letter topics when the host creates them;
+    /// default: the cluster's `default.replication.factor`. The host refuses to start when a
+    /// hand-off topic's replication factor is below its `min.insync.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32))]
+    pub replication_factor: Option<u16>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -296,6 +307,8 @@ impl Default for RetrySpec {
             backoff: default_backoff(),
             topic: None,
             dead_letter_topic: None,
+            partitions: None,
+            replication_factor: None,
         }
     }
 }

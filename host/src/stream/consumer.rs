@@ -31,7 +31,7 @@
 //! re-processes from the commit and never skips. SIGTERM revokes everything the same way.
 
 use super::envelope::{self, Envelope, NextStep};
-use super::kafka::{KafkaClient, Republisher, ensure_topics, to_event};
+use super::kafka::{KafkaClient, Republisher, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::partition::{Limits, PartitionState, RetryMeta, Unit};
 use crate::config::RunSettings;
@@ -45,7 +45,7 @@ use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -640,16 +640,13 @@ pub async fn consume(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut retry_topics: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut own_topics = BTreeSet::new();
     for (i, g) in pipeline.runtimes().iter().enumerate() {
         retry_topics
             .entry(g.def.retry_topic.clone())
             .or_default()
             .push(i);
-        own_topics.insert(g.def.retry_topic.clone());
-        own_topics.insert(g.def.dead_letter_topic.clone());
     }
-    ensure_topics(client, &own_topics).await?;
+    super::topics::provision(client, pipeline.runtimes().iter().map(|g| &g.def)).await?;
     let metrics = pipeline.metrics().clone();
     let shared = Arc::new(Shared {
         republisher: Republisher::new(client)?,

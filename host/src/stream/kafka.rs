@@ -6,14 +6,11 @@ use crate::config::RunSettings;
 use crate::event::Event;
 use crate::feature::Position;
 use anyhow::Context as _;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerContext;
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,35 +105,6 @@ pub fn client_config(settings: &RunSettings, brokers: &str) -> anyhow::Result<Cl
     Ok(cfg)
 }
 
-/// Create the given topics if missing (one partition; used for retry and dead-letter topics).
-pub async fn ensure_topics(client: &KafkaClient, topics: &BTreeSet<String>) -> anyhow::Result<()> {
-    if topics.is_empty() {
-        return Ok(());
-    }
-    let admin: AdminClient<KafkaContext> = client
-        .cfg
-        .create_with_context(client.context())
-        .context("cannot create Kafka admin client")?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .with_context(|| format!("cannot create topics {topics:?}"))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
-        }
-    }
-    Ok(())
-}
-
 /// The host's event for a consumed message; its position is the message's own.
 pub fn to_event(m: &BorrowedMessage<'_>) -> Event {
     Event {
@@ -169,8 +137,9 @@ impl Republisher {
         let producer = client
             .cfg
             .clone()
-            .set("acks", "all")
-            .set("enable.idempotence", "false")
+            // Idempotent: the client's own resends after a lost acknowledgement are not
+            // appended twice (acks=all comes with it).
+            .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000")
             .create_with_context(client.context())

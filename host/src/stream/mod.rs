@@ -15,3 +15,4 @@ pub mod msk_iam;
 pub mod offsets;
 pub mod partition;
 pub mod replay;
+pub mod topics;
