@@ -272,6 +272,17 @@ async fn hand_offs_of_old_events_survive_the_topics_retention() {
     {
         r.unwrap();
     }
+    // The source keeps history forever, as a topic one replays history from does.
+    let mut source =
+        rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&s.topic));
+    source = source.set("retention.ms", "-1");
+    for r in admin
+        .alter_configs([&source], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
     let group_id = format!("old-{}", s.id);
     let mut host = Host::spawn(&["run"], &s.env(&group_id, "data"));
     let p = s.stack.producer();
