@@ -1,10 +1,16 @@
 //! What the host adds to an event it republishes to a retry or dead-letter topic, and how a
 //! retry worker reads it back.
 //!
-//! The republished message keeps the original key, payload, timestamp (event time) and
-//! headers, plus `fh-*` headers: the group it failed for, the error, the attempt count, the
-//! first failure time, when it is due again, and the original topic/partition/offset. A
-//! plugin processing a retried event sees the original headers plus `fh-attempts`.
+//! The republished message keeps the original key, payload and headers, plus `fh-*` headers:
+//! the group it failed for, the error, the attempt count, the first failure time, when it is
+//! due again, the original topic/partition/offset and the event time. A plugin processing a
+//! retried event sees the original headers plus `fh-attempts`, and the original timestamp.
+//!
+//! **Why the event time is a header.** The republished record is stamped with the time of
+//! the hand-off, not the event's: Kafka's time-based retention (`retention.ms`) goes by record
+//! timestamps, so a dead letter or retry of an event older than the topic's retention — a
+//! replay of history, a CDC snapshot, a lagging producer — would be deleted as soon as its
+//! segment rolls, after its source offset was committed.
 
 use crate::event::Event;
 use crate::pipeline::FailureKind;
@@ -23,6 +29,8 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "fh-source-topic";
     pub const SOURCE_PARTITION: &str = "fh-source-partition";
     pub const SOURCE_OFFSET: &str = "fh-source-offset";
+    /// The event's own timestamp (ms since the epoch); the record's is the hand-off time.
+    pub const EVENT_TIME_MS: &str = "fh-event-time-ms";
     /// A dead letter re-injected by `dlq replay`: `<topic>/<partition>/<offset>` of the dead
     /// letter. Kept through later retries; the event's position for exactly-once effect.
     pub const REPLAY_OF: &str = "fh-replay-of";
@@ -109,6 +117,7 @@ pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
     put(headers::SOURCE_TOPIC, event.topic.clone());
     put(headers::SOURCE_PARTITION, event.partition.to_string());
     put(headers::SOURCE_OFFSET, event.offset.to_string());
+    put(headers::EVENT_TIME_MS, event.timestamp_ms.to_string());
     h
 }
 
@@ -165,7 +174,12 @@ pub fn unwrap(message: &Event) -> Result<(Event, Envelope), String> {
             .map_err(|_| format!("header {} out of range", headers::SOURCE_PARTITION))?,
         offset: num(headers::SOURCE_OFFSET)?,
         key: message.key.clone(),
-        timestamp_ms: message.timestamp_ms,
+        // Hand-offs written before the header existed carry the event time as their own.
+        timestamp_ms: message
+            .header(headers::EVENT_TIME_MS)
+            .map(|_| num(headers::EVENT_TIME_MS))
+            .transpose()?
+            .unwrap_or(message.timestamp_ms),
         headers: original_headers,
         payload: message.payload.clone(),
         position: None,
@@ -203,9 +217,15 @@ mod tests {
         let mut msg = event();
         msg.topic = "users.retry".into();
         msg.offset = 7;
+        msg.timestamp_ms = 1_800_000_000_000; // the hand-off's time, not the event's
         msg.headers = wrap(&event(), &env);
         let (back, env2) = unwrap(&msg).unwrap();
         assert_eq!(env2, env);
+        assert_eq!(
+            back.timestamp_ms,
+            event().timestamp_ms,
+            "the event time is restored"
+        );
         assert_eq!(
             (back.topic.as_str(), back.partition, back.offset),
             ("web", 3, 42)
@@ -223,6 +243,26 @@ mod tests {
             again.iter().filter(|(k, _)| k == headers::ATTEMPTS).count(),
             1
         );
+    }
+
+    #[test]
+    fn hand_offs_written_without_the_event_time_header_keep_their_record_time() {
+        let env = Envelope {
+            group: "g".into(),
+            kind: FailureKind::Retryable,
+            error: "e".into(),
+            attempts: 1,
+            first_failure_ms: 0,
+            due_ms: None,
+        };
+        let mut msg = event();
+        msg.headers = wrap(&event(), &env);
+        msg.headers.retain(|(k, _)| k != headers::EVENT_TIME_MS);
+        msg.timestamp_ms = 123;
+        assert_eq!(unwrap(&msg).unwrap().0.timestamp_ms, 123);
+        msg.headers
+            .push((headers::EVENT_TIME_MS.into(), b"soon".to_vec()));
+        assert!(unwrap(&msg).unwrap_err().contains(headers::EVENT_TIME_MS));
     }
 
     #[test]

@@ -147,8 +147,9 @@ impl Republisher {
         Ok(Republisher { producer })
     }
 
-    /// Publish `event`'s key, payload and timestamp with `headers` to `topic`, retrying with
-    /// backoff until the broker acknowledges. Returns false if `give_up` turned true first
+    /// Publish `event`'s key and payload with `headers` to `topic`, stamped with the time of
+    /// the hand-off (the event time travels in `headers`: see [`super::envelope`]), retrying
+    /// with backoff until the broker acknowledges. Returns false if `give_up` turned true first
     /// (the result no longer matters: the partition was revoked and will be re-read).
     pub async fn publish(
         &self,
@@ -168,7 +169,7 @@ impl Republisher {
         loop {
             let mut record = FutureRecord::to(topic)
                 .payload(&event.payload)
-                .timestamp(event.timestamp_ms)
+                .timestamp(crate::sink::unix_now_ms())
                 .headers(h.clone());
             if let Some(k) = &event.key {
                 record = record.key(k);
