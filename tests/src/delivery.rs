@@ -93,13 +93,26 @@ impl Setup {
     pub async fn assert_exact_counts(&self, want: &BTreeMap<String, i64>) {
         let ddb = self.stack.dynamodb().await;
         let total: i64 = want.values().sum();
-        eventually(Duration::from_secs(180), "all clicks counted", || async {
+        let start = std::time::Instant::now();
+        loop {
             let got = counts(&ddb, &self.table, &self.group, "clicks").await;
             let sum: i64 = got.values().sum();
             assert!(sum <= total, "over-counted: {sum} > {total}: {got:?}");
-            (sum == total).then_some(())
-        })
-        .await;
+            if sum == total {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(180) {
+                let short: BTreeMap<_, _> = want
+                    .iter()
+                    .filter(|(u, n)| got.get(*u) != Some(n))
+                    .map(|(u, n)| (u, (got.get(u).copied().unwrap_or(0), *n)))
+                    .collect();
+                panic!(
+                    "{sum} of {total} clicks counted after 180 s; (got, want) where they differ: {short:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Anything still in flight (a duplicate) would land now.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let got = counts(&ddb, &self.table, &self.group, "clicks").await;
@@ -108,14 +121,14 @@ impl Setup {
 
     /// Every counter exact after the first `n` clicks; then `host` stops with SIGTERM (exit
     /// 0) having committed every partition of the topic to its end.
-    pub async fn exact_and_committed(
-        &self,
-        mut host: Host,
-        group_id: &str,
-        partitions: i32,
-        n: usize,
-    ) {
+    pub async fn exact_and_committed(&self, host: Host, group_id: &str, partitions: i32, n: usize) {
         self.assert_exact_counts(&expected(n)).await;
+        self.stop_committed(host, group_id, partitions, n);
+    }
+
+    /// SIGTERM `host` (exit 0); every partition of the topic is then committed to its end
+    /// (`n` messages in all).
+    pub fn stop_committed(&self, mut host: Host, group_id: &str, partitions: i32, n: usize) {
         assert!(host.terminate().success(), "host exits 0 on SIGTERM");
         let committed = self.stack.committed(group_id, &self.topic, partitions);
         assert_eq!(
@@ -125,6 +138,15 @@ impl Setup {
         );
         let _ = std::fs::remove_dir_all(&self.tmp);
     }
+}
+
+/// The event time of click `i`: an hour before this test process started, plus `i` ms —
+/// recent, so that the broker's time-based retention (7 days) never deletes a test's events
+/// when a segment rolls (after a leader change, say).
+pub fn click_time(i: usize) -> i64 {
+    static BASE: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| feature_host::sink::unix_now_ms() - 3_600_000);
+    *BASE + i as i64
 }
 
 /// Click `i` of the stream (see [`crate::click`]).
@@ -147,7 +169,7 @@ pub async fn produce_clicks(
     let p = stack.producer();
     for i in range {
         let (user, payload) = click_event(i);
-        produce(&p, topic, &user, 1_000 + i as i64, &payload, &[]).await;
+        produce(&p, topic, &user, click_time(i), &payload, &[]).await;
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }

@@ -123,10 +123,13 @@ impl Stack {
         read_all(&self.kafka, topic)
     }
 
+    /// An idempotent producer: when a broker fails, its resends are not appended twice (a
+    /// plain `acks=all` producer duplicates an event whose acknowledgement was lost, and the
+    /// host rightly counts both copies).
     pub fn producer(&self) -> FutureProducer {
         ClientConfig::new()
             .set("bootstrap.servers", &self.kafka)
-            .set("acks", "all")
+            .set("enable.idempotence", "true")
             .create()
             .unwrap()
     }

@@ -5,7 +5,8 @@
 //! - one broker of one SIGKILLed and restarted on its port and log dir: the host stalls while
 //!   it is gone and resumes by itself; the time to recover is printed;
 //! - one broker of three SIGKILLed, topics at replication factor 3 / `min.insync.replicas` 2:
-//!   ingestion (hand-offs to the dead-letter topic included) goes on while it is down.
+//!   ingestion (hand-offs to the dead-letter topic included) goes on while it is down;
+//! - and what the broker's time-based retention does to hand-offs of old events: nothing.
 
 use feature_host_e2e::delivery::*;
 use feature_host_e2e::*;
@@ -86,7 +87,7 @@ async fn one_of_three_brokers_killed_under_load_ingestion_goes_on() {
                 } else {
                     payload
                 };
-                produce(&p, &topic, &user, 1_000 + i as i64, &payload, &[]).await;
+                produce(&p, &topic, &user, click_time(i), &payload, &[]).await;
                 tokio::time::sleep(Duration::from_millis(4)).await;
             }
         })
@@ -143,7 +144,8 @@ async fn one_of_three_brokers_killed_under_load_ingestion_goes_on() {
         "every poison event dead-lettered exactly once"
     );
     kafka.restart(1);
-    s.exact_and_committed(host, &group_id, 3, N).await;
+    s.assert_exact_counts(&want).await;
+    s.stop_committed(host, &group_id, 3, N);
 }
 
 /// The smallest replica count over `topic`'s partitions.
@@ -162,4 +164,116 @@ fn replication_factor(brokers: &str, topic: &str) -> usize {
         .map(|p| p.replicas().len())
         .min()
         .unwrap_or(0)
+}
+
+/// Dead letters and retries of *old* events (a replay of history, a CDC snapshot, a lagging
+/// producer) outlive the hand-off topic's time-based retention: a hand-off is stamped with the
+/// time it was made, and the event time travels in a header. (Stamped with the event time, as
+/// before, a dead letter of an event older than `retention.ms` was deleted as soon as its
+/// segment rolled — with `acks=all`, after the source offset was committed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_offs_of_old_events_survive_the_topics_retention() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let _serial = SERIAL.lock().await;
+    // A broker of its own that applies retention within a second (production checks every
+    // 5 min; the rules are the same).
+    let dir = std::env::temp_dir().join(format!("fh-kafka-retention-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("retention.properties");
+    std::fs::write(
+        &config,
+        "log.retention.check.interval.ms=1000\nlog.initial.task.delay.ms=0\n",
+    )
+    .unwrap();
+    let kafka = OwnKafka::start(
+        &dir.join("kafka"),
+        1,
+        &["--config", config.to_str().unwrap()],
+    );
+    let s = Setup::new(
+        on(&kafka),
+        "old",
+        1,
+        "user_activity.wasm",
+        &[("clicks", "int")],
+        "{entity_field: user_id}",
+        "",
+    )
+    .await;
+    // The dead-letter topic as an operator would: a week of retention, segments rolled often
+    // (here every 100 ms, so the roll happens within the test).
+    let dlq = format!("{}.dlq", s.group);
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.stack.kafka)
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(&dlq, 1, TopicReplication::Fixed(-1))
+        .set("retention.ms", "604800000")
+        .set("segment.ms", "100");
+    for r in admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    // The source keeps history forever, as a topic one replays history from does.
+    let mut source =
+        rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&s.topic));
+    source = source.set("retention.ms", "-1");
+    for r in admin
+        .alter_configs([&source], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let group_id = format!("old-{}", s.id);
+    let mut host = Host::spawn(&["run"], &s.env(&group_id, "data"));
+    let p = s.stack.producer();
+    let produced_at = feature_host::sink::unix_now_ms();
+    let month_ago = produced_at - 30 * 86_400_000;
+    for (i, payload) in ["not json", "still not json", "nor this"]
+        .iter()
+        .enumerate()
+    {
+        produce(&p, &s.topic, "u1", month_ago + i as i64, payload, &[]).await;
+        // A new segment for the next one: the first ones' segments are closed and eligible.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eventually(Duration::from_secs(60), "3 dead letters", || async {
+        (s.stack.read_all(&dlq).len() >= 3).then_some(())
+    })
+    .await;
+    // Retention goes by record timestamps: the hand-offs carry the time they were made.
+    let dead = read_messages(&s.stack.kafka, &dlq);
+    assert_eq!(dead.len(), 3);
+    for m in &dead {
+        assert!(
+            m.timestamp_ms >= produced_at,
+            "dead letter stamped {} (before the hand-off at {produced_at}): retention would delete it",
+            m.timestamp_ms
+        );
+    }
+    let event_time: Vec<String> = dead
+        .iter()
+        .filter_map(|m| m.headers.iter().find(|(k, _)| k == "fh-event-time-ms"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(
+        event_time,
+        (0..3)
+            .map(|i| (month_ago + i).to_string())
+            .collect::<Vec<_>>(),
+        "the event time travels in a header"
+    );
+    // And the broker keeps them: it checks retention every second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        s.stack.read_all(&dlq).len(),
+        3,
+        "dead letters deleted by retention"
+    );
+    assert!(host.terminate().success());
+    let _ = std::fs::remove_dir_all(&s.tmp);
 }
