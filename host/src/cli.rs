@@ -338,7 +338,9 @@ async fn dlq_replay(args: DlqReplayArgs) -> anyhow::Result<ExitCode> {
          (without Kafka, dead letters are in <FH_DATA_DIR>/dead-letters.jsonl: fix, then \
          ingest the lines again with `feature-host run --events`)",
     )?;
-    let client = crate::stream::kafka::KafkaClient::from_settings(&args.run, brokers).await?;
+    let client =
+        crate::stream::kafka::KafkaClient::from_settings(&args.run, brokers, Default::default())
+            .await?;
     let filter = crate::stream::replay::ReplayFilter {
         reason_contains: args.reason_contains,
         source_topic: args.source_topic,
@@ -489,9 +491,10 @@ async fn run_host(
         token: run.admin_token.clone(),
         batch: Some(batch_ctx.clone()),
         kafka: match &run.kafka_brokers {
-            Some(brokers) if !run.once => {
-                Some(crate::stream::kafka::KafkaClient::from_settings(&run, brokers).await?)
-            }
+            Some(brokers) if !run.once => Some(
+                crate::stream::kafka::KafkaClient::from_settings(&run, brokers, Default::default())
+                    .await?,
+            ),
             _ => None,
         },
     });

@@ -33,6 +33,9 @@ pub enum KafkaAuth {
     /// Amazon MSK IAM: SASL_SSL + OAUTHBEARER, tokens signed from the AWS default
     /// credential chain (IRSA on EKS).
     MskIam,
+    /// OAUTHBEARER with unsigned tokens (`alg: none`) for `FH_KAFKA_OAUTH_PRINCIPAL`, as
+    /// Kafka's default unsecured validator accepts: local brokers and tests only.
+    OauthUnsecured,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,9 +117,19 @@ pub struct RunSettings {
     #[arg(long, env = "FH_KAFKA_PROPERTIES", default_value = "")]
     pub kafka_properties: String,
 
-    /// Kafka authentication: `properties` (as FH_KAFKA_PROPERTIES says) or `msk-iam`.
+    /// Kafka authentication: `properties` (as FH_KAFKA_PROPERTIES says), `msk-iam`, or
+    /// `oauth-unsecured` (local brokers only).
     #[arg(long, env = "FH_KAFKA_AUTH", value_enum, default_value_t = KafkaAuth::Properties)]
     pub kafka_auth: KafkaAuth,
+
+    /// With `FH_KAFKA_AUTH=oauth-unsecured`: the principal (`sub`) of the tokens.
+    #[arg(long, env = "FH_KAFKA_OAUTH_PRINCIPAL", default_value = "feature-host")]
+    pub kafka_oauth_principal: String,
+
+    /// With `FH_KAFKA_AUTH=oauth-unsecured`: how long each token is valid (librdkafka asks
+    /// for the next one at 80 % of it).
+    #[arg(long, env = "FH_KAFKA_OAUTH_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub kafka_oauth_lifetime: Duration,
 
     /// Events per processing batch of a local events file.
     #[arg(long, env = "FH_BATCH_SIZE", default_value_t = 500)]

@@ -181,6 +181,10 @@ pub struct Metrics {
     pub batch_missed_ticks: Family<IngestionLabels, Counter>,
     /// Time from issuing an offset commit to the broker's answer.
     pub commit_seconds: Histogram,
+    /// OAUTHBEARER tokens handed to the Kafka clients (first ones and refreshes).
+    pub kafka_oauth_tokens: Counter,
+    /// OAUTHBEARER tokens that could not be made (credentials missing or expired).
+    pub kafka_oauth_token_failures: Counter,
     /// 1 once the consumer has joined its group (received its first assignment, possibly
     /// empty); readiness waits for it.
     pub consumer_joined: Gauge,
@@ -285,6 +289,14 @@ impl Metrics {
                 "consumer_commit_seconds",
                 "Time from issuing an offset commit to the broker's answer",
                 latency_histogram()
+            ),
+            kafka_oauth_tokens: reg!(
+                "kafka_oauth_tokens",
+                "OAUTHBEARER tokens handed to the Kafka clients (first ones and refreshes)"
+            ),
+            kafka_oauth_token_failures: reg!(
+                "kafka_oauth_token_failures",
+                "OAUTHBEARER tokens that could not be made"
             ),
             consumer_joined: reg!(
                 "consumer_joined",

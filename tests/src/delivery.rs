@@ -140,13 +140,9 @@ impl Setup {
     }
 }
 
-/// The event time of click `i`: an hour before this test process started, plus `i` ms —
-/// recent, so that the broker's time-based retention (7 days) never deletes a test's events
-/// when a segment rolls (after a leader change, say).
+/// The event time of click `i` (see [`crate::ts`]).
 pub fn click_time(i: usize) -> i64 {
-    static BASE: std::sync::LazyLock<i64> =
-        std::sync::LazyLock::new(|| feature_host::sink::unix_now_ms() - 3_600_000);
-    *BASE + i as i64
+    crate::ts(i as i64)
 }
 
 /// Click `i` of the stream (see [`crate::click`]).

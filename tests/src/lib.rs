@@ -246,6 +246,16 @@ pub fn read_messages(brokers: &str, topic: &str) -> Vec<Consumed> {
     out
 }
 
+/// Event time `ms` on the tests' clock: an hour before this test process started, plus `ms`.
+/// Tests write small, readable times (`ts(4_000)`); they land recent, so the broker's
+/// time-based retention (7 days) never deletes a test's events — it deletes even the active
+/// segment of a topic whose records are all older than that.
+pub fn ts(ms: i64) -> i64 {
+    static BASE: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| feature_host::sink::unix_now_ms() - 3_600_000);
+    *BASE + ms
+}
+
 /// Produce one message and wait for the broker's acknowledgement.
 pub async fn produce(
     p: &FutureProducer,

@@ -17,7 +17,7 @@ async fn produce_clicks(stack: &Stack, topic: &str, range: std::ops::Range<usize
     let p = stack.producer();
     for i in range {
         let (user, payload) = click(i, USERS);
-        produce(&p, topic, &user, 1_000 + i as i64, &payload, &[]).await;
+        produce(&p, topic, &user, ts(1_000 + i as i64), &payload, &[]).await;
     }
 }
 
@@ -186,7 +186,7 @@ async fn store_faults_and_garbage_lose_nothing_and_serve_nothing_stale() {
     ];
     produce_clicks(&stack, &topic, 700..725).await;
     for (key, payload) in garbage {
-        produce(&p, &topic, key, 5_000, payload, &[]).await;
+        produce(&p, &topic, key, ts(5_000), payload, &[]).await;
     }
     produce_clicks(&stack, &topic, 725..750).await;
     exact(&ddb, &table, &group, 750).await;

@@ -108,11 +108,11 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
     let p = stack.producer();
     let ev =
         |t: &str, u: &str, i: &str| format!(r#"{{"type":"{t}","user_id":"{u}","item_id":"{i}"}}"#);
-    produce(&p, &web, "u1", 1_000, &ev("view", "u1", "item-1"), &[]).await;
-    produce(&p, &app, "u1", 2_000, &ev("click", "u1", "item-2"), &[]).await;
-    produce(&p, &web, "u2", 3_000, &ev("view", "u2", "item-1"), &[]).await;
-    produce(&p, &web, "u1", 4_000, &ev("view", "u1", "item-3"), &[]).await;
-    produce(&p, &web, "u3", 5_000, "{definitely not json", &[]).await;
+    produce(&p, &web, "u1", ts(1_000), &ev("view", "u1", "item-1"), &[]).await;
+    produce(&p, &app, "u1", ts(2_000), &ev("click", "u1", "item-2"), &[]).await;
+    produce(&p, &web, "u2", ts(3_000), &ev("view", "u2", "item-1"), &[]).await;
+    produce(&p, &web, "u1", ts(4_000), &ev("view", "u1", "item-3"), &[]).await;
+    produce(&p, &web, "u3", ts(5_000), "{definitely not json", &[]).await;
 
     let ddb = stack.dynamodb().await;
     // Group on two topics: u1's view (web) and click (app) both land.
@@ -133,7 +133,7 @@ async fn events_reach_dynamodb_and_redis_for_every_group() {
     );
     assert_eq!(
         n(&u1, "t:views"),
-        Some(4_000),
+        Some(ts(4_000)),
         "event time of the newest view"
     );
     assert!(n(&u1, "ttl").is_some(), "TTL attribute set");

@@ -63,15 +63,7 @@ async fn dead_letters_replayed_after_a_fix_count_once() {
         };
         *m.entry(user.clone()).or_insert(0i64) += 1;
         let payload = format!(r#"{{"type":"{kind}","user_id":"{user}","item_id":"i{i}"}}"#);
-        produce(
-            &producer,
-            &topic,
-            &user,
-            1_764_000_000_000 + i,
-            &payload,
-            &[],
-        )
-        .await;
+        produce(&producer, &topic, &user, ts(i), &payload, &[]).await;
     }
     eventually(Duration::from_secs(60), "30 events committed", || async {
         (stack.committed(&format!("ops-{u}"), &topic, 1) == vec![30]).then_some(())

@@ -128,7 +128,7 @@ async fn plugin_replaced_under_live_traffic_loses_nothing_and_broken_versions_ne
                     &p,
                     &topic,
                     &format!("ev-{i}"),
-                    1_000 + i as i64,
+                    ts(1_000 + i as i64),
                     "label",
                     &[],
                 )
@@ -257,7 +257,7 @@ async fn plugin_replaced_under_live_traffic_loses_nothing_and_broken_versions_ne
     assert!(body.contains(&v07), "{body}");
     let p = live.stack.producer();
     for i in 0..20 {
-        produce(&p, &live.topic, &format!("rb-{i}"), 1, "label", &[]).await;
+        produce(&p, &live.topic, &format!("rb-{i}"), ts(1), "label", &[]).await;
     }
     let after = eventually(
         Duration::from_secs(60),
@@ -352,7 +352,7 @@ async fn a_hostile_group_fails_only_its_own_events() {
         .await;
         if i % 100 == 50 {
             for a in attacks {
-                produce(&p, &topic, "attack", i as i64, a, &[("kind", "attack")]).await;
+                produce(&p, &topic, "attack", ts(i as i64), a, &[("kind", "attack")]).await;
             }
         }
     }

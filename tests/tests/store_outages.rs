@@ -16,7 +16,7 @@ async fn produce_clicks(stack: &Stack, topic: &str, range: std::ops::Range<usize
     let p = stack.producer();
     for i in range {
         let (user, payload) = click(i, USERS);
-        produce(&p, topic, &user, 1_000 + i as i64, &payload, &[]).await;
+        produce(&p, topic, &user, ts(1_000 + i as i64), &payload, &[]).await;
     }
 }
 

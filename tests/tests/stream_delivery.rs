@@ -141,7 +141,7 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
     payloads.extend(["invalid", "flaky:2", "flaky:9"]);
     payloads.extend(["ok"; 10]);
     for (i, payload) in payloads.iter().enumerate() {
-        produce(&p, topic, "k1", 1_000 + i as i64, payload, &[]).await;
+        produce(&p, topic, "k1", ts(1_000 + i as i64), payload, &[]).await;
     }
 
     // The good events after the poison are written without waiting for the retries

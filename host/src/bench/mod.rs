@@ -3,6 +3,8 @@
 //! compared by a script. Every ratio is against a baseline measured in the same run.
 
 pub mod backfill;
+pub mod delay;
+pub mod parallel_consumer;
 pub mod plugin;
 pub mod sinks;
 pub mod stream;

@@ -10,6 +10,7 @@
 //! stores. Ceilings: `min(C / L, bare)` with the nominal L, and with the L that (a)
 //! measured per event (`C × (a)`).
 
+use super::delay::Delays;
 use super::{Report, bench_specs};
 use crate::app;
 use crate::config::StoreSettings;
@@ -29,6 +30,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -52,10 +54,32 @@ pub struct StreamBenchArgs {
     pub stores: StoreSettings,
 }
 
-/// A store that sleeps `latency` before each conditional write.
+/// A store that waits `latency` (precisely: [`Delays`]) before each conditional write, and
+/// measures what the waits really took.
 struct SlowStore {
     inner: MemoryCache,
     latency: Duration,
+    delays: Delays,
+    waited: Arc<Waited>,
+}
+
+/// Total time the slow stores' waits took, and how many there were.
+#[derive(Default)]
+struct Waited {
+    ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Waited {
+    fn reset(&self) {
+        self.ns.store(0, AtomicOrdering::Relaxed);
+        self.count.store(0, AtomicOrdering::Relaxed);
+    }
+
+    fn mean_ms(&self) -> f64 {
+        let n = self.count.load(AtomicOrdering::Relaxed).max(1);
+        self.ns.load(AtomicOrdering::Relaxed) as f64 / n as f64 / 1e6
+    }
 }
 
 #[async_trait]
@@ -79,7 +103,12 @@ impl Store for SlowStore {
         expected: u64,
         next: &Versioned,
     ) -> Result<bool, SinkError> {
-        tokio::time::sleep(self.latency).await;
+        let start = Instant::now();
+        self.delays.wait(self.latency).await;
+        self.waited
+            .ns
+            .fetch_add(start.elapsed().as_nanos() as u64, AtomicOrdering::Relaxed);
+        self.waited.count.fetch_add(1, AtomicOrdering::Relaxed);
         self.inner
             .compare_and_swap(target, key, expected, next)
             .await
@@ -296,18 +325,23 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
     // Each mode gets fresh stores: re-reading the same positions into a store that already
     // holds them would be no-op replays, not writes.
     let mut dirs = Vec::new();
+    let delays = Delays::new();
+    let waited = Arc::new(Waited::default());
     let mut slow_pipeline = async |mode: &str| -> anyhow::Result<Arc<Pipeline>> {
         let (dir, specs) = bench_specs(&args.stores, &format!("{id}{mode}"), &topic, "store-only")?;
         dirs.push(dir);
         let slow: Arc<dyn Store> = Arc::new(SlowStore {
             inner: MemoryCache::new(),
             latency: args.latency,
+            delays: delays.clone(),
+            waited: waited.clone(),
         });
         let cache: Arc<dyn CacheStore> = Arc::new(MemoryCache::new());
         Ok(Arc::new(
             app::build_pipeline(&specs, FeatureWriter::new(slow, cache)).await?,
         ))
     };
+    let pc_unavailable = super::parallel_consumer::unavailable();
     let l = args.latency.as_secs_f64();
     report.add("latency_ms", l * 1e3);
 
@@ -324,6 +358,7 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
     )
     .await?;
     report.add("seq_autocommit_eps", a);
+    report.add("seq_measured_latency_ms", waited.mean_ms());
     eprintln!("(b) sequential, sync commit per message…");
     let b = sequential(
         &cfg,
@@ -340,9 +375,11 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
             args.events
         );
         let pipeline = slow_pipeline(&format!("c{c}")).await?;
+        waited.reset();
         let eps = parallel(&cfg, &topic, args.events, &pipeline, c).await?;
         let ceiling = (c as f64 / l).min(bare_eps);
         report.add(&format!("parallel_c{c}_eps"), eps);
+        report.add(&format!("ours_measured_latency_c{c}_ms"), waited.mean_ms());
         report.add(&format!("ratio_c{c}_vs_autocommit"), eps / a);
         report.add(&format!("ratio_c{c}_vs_synccommit"), eps / b);
         report.add(&format!("ceiling_c{c}_eps"), ceiling);
@@ -356,6 +393,20 @@ pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
             &format!("ratio_c{c}_vs_measured_l_ceiling"),
             eps / effective,
         );
+        if let Some(why) = &pc_unavailable {
+            eprintln!("Parallel Consumer skipped: {why}");
+        } else {
+            eprintln!("Confluent's Parallel Consumer, KEY ordering, max concurrency {c}…");
+            let pc =
+                super::parallel_consumer::run(&args.brokers, &topic, args.events, c, args.latency)
+                    .await?;
+            report.add(&format!("parallel_consumer_c{c}_eps"), pc.eps);
+            report.add(
+                &format!("parallel_consumer_measured_latency_c{c}_ms"),
+                pc.latency_ms,
+            );
+            report.add(&format!("ours_vs_parallel_consumer_c{c}"), eps / pc.eps);
+        }
     }
 
     // The same with the real stores, when configured.

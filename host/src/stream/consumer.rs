@@ -201,7 +201,7 @@ pub struct Shared {
 /// The librdkafka context: rebalance and statistics callbacks.
 pub struct Ctx {
     shared: Arc<Shared>,
-    iam: Option<Arc<super::msk_iam::MskIam>>,
+    tokens: Option<Arc<super::kafka::Tokens>>,
 }
 
 impl ClientContext for Ctx {
@@ -211,7 +211,7 @@ impl ClientContext for Ctx {
         &self,
         _config: Option<&str>,
     ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
-        super::kafka::oauth_token(self.iam.as_deref())
+        super::kafka::oauth_token(self.tokens.as_deref())
     }
 
     fn stats(&self, stats: Statistics) {
@@ -619,7 +619,12 @@ pub async fn run(
     pipeline: Arc<Pipeline>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let client = KafkaClient::from_settings(run, brokers).await?;
+    let metrics = pipeline.metrics();
+    let counters = super::oauth::TokenCounters {
+        issued: metrics.kafka_oauth_tokens.clone(),
+        failed: metrics.kafka_oauth_token_failures.clone(),
+    };
+    let client = KafkaClient::from_settings(run, brokers, counters).await?;
     consume(
         &client,
         &run.kafka_group_id,
@@ -679,7 +684,7 @@ pub async fn consume(
     let mut consumer: BaseConsumer<Ctx> = consumer_cfg
         .create_with_context(Ctx {
             shared: shared.clone(),
-            iam: client.iam.clone(),
+            tokens: client.tokens.clone(),
         })
         .context("cannot create Kafka consumer")?;
     let wake = shared.wake.clone();

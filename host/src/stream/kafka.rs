@@ -2,10 +2,12 @@
 //! topic creation, message conversion, and acknowledged republishing (retry and dead-letter
 //! topics). The consumer itself is [`super::consumer`].
 
-use crate::config::RunSettings;
+use super::oauth::{TokenCounters, TokenSource};
+use crate::config::{KafkaAuth, RunSettings};
 use crate::event::Event;
 use crate::feature::Position;
 use anyhow::Context as _;
+use rdkafka::admin::AdminClient;
 use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerContext;
@@ -14,50 +16,142 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Client settings and what every client needs besides them (the MSK IAM token signer).
+/// Client settings and what every client needs besides them (the OAUTHBEARER tokens).
 #[derive(Clone)]
 pub struct KafkaClient {
     pub cfg: ClientConfig,
-    pub iam: Option<Arc<super::msk_iam::MskIam>>,
+    pub tokens: Option<Arc<Tokens>>,
+}
+
+/// OAUTHBEARER tokens and their counters.
+#[derive(Debug)]
+pub struct Tokens {
+    pub source: TokenSource,
+    pub counters: TokenCounters,
 }
 
 impl From<ClientConfig> for KafkaClient {
     fn from(cfg: ClientConfig) -> KafkaClient {
-        KafkaClient { cfg, iam: None }
+        KafkaClient { cfg, tokens: None }
     }
 }
 
 impl KafkaClient {
     /// From the process settings: `FH_KAFKA_PROPERTIES`, and with `FH_KAFKA_AUTH=msk-iam`
-    /// SASL_SSL + OAUTHBEARER with tokens from the AWS default credential chain.
+    /// SASL_SSL + OAUTHBEARER with tokens from the AWS default credential chain (with
+    /// `oauth-unsecured`, OAUTHBEARER with unsigned tokens: local brokers only). `counters`
+    /// count the tokens handed to librdkafka.
     pub async fn from_settings(
         settings: &RunSettings,
         brokers: &str,
+        counters: TokenCounters,
     ) -> anyhow::Result<KafkaClient> {
         let mut cfg = client_config(settings, brokers)?;
-        let iam = match settings.kafka_auth {
-            crate::config::KafkaAuth::Properties => None,
-            crate::config::KafkaAuth::MskIam => {
+        let source = match settings.kafka_auth {
+            KafkaAuth::Properties => None,
+            KafkaAuth::MskIam => {
                 cfg.set("security.protocol", "SASL_SSL")
                     .set("sasl.mechanism", "OAUTHBEARER");
-                Some(Arc::new(super::msk_iam::MskIam::from_env().await?))
+                Some(TokenSource::MskIam(
+                    super::msk_iam::MskIam::from_env().await?,
+                ))
+            }
+            KafkaAuth::OauthUnsecured => {
+                if cfg.get("security.protocol").is_none() {
+                    cfg.set("security.protocol", "SASL_PLAINTEXT");
+                }
+                cfg.set("sasl.mechanism", "OAUTHBEARER");
+                Some(TokenSource::Unsecured {
+                    principal: settings.kafka_oauth_principal.clone(),
+                    lifetime: settings.kafka_oauth_lifetime,
+                })
             }
         };
-        Ok(KafkaClient { cfg, iam })
+        Ok(KafkaClient {
+            cfg,
+            tokens: source.map(|source| Arc::new(Tokens { source, counters })),
+        })
     }
 
     pub fn context(&self) -> KafkaContext {
         KafkaContext {
-            iam: self.iam.clone(),
+            tokens: self.tokens.clone(),
+            last_error: Arc::default(),
         }
+    }
+
+    /// An admin client that can authenticate.
+    ///
+    /// rust-rdkafka's `AdminClient` never serves librdkafka's OAUTHBEARER refresh requests
+    /// (its poll thread reads only the admin results; fede1024/rust-rdkafka#757), so with
+    /// OAUTHBEARER (MSK IAM) it would never authenticate. It gets one token here instead,
+    /// set on its handle: enough for the host's admin calls, which take seconds (a token
+    /// lives 15 minutes on MSK).
+    pub fn admin(&self) -> anyhow::Result<AdminClient<KafkaContext>> {
+        let admin: AdminClient<KafkaContext> = self
+            .cfg
+            .create_with_context(self.context())
+            .context("cannot create a Kafka admin client")?;
+        if let Some(tokens) = &self.tokens {
+            let token = oauth_token(Some(tokens))
+                .map_err(|e| anyhow::anyhow!("cannot make an OAUTHBEARER token: {e}"))?;
+            set_token(admin.inner().native_ptr(), &token)?;
+        }
+        Ok(admin)
     }
 }
 
+/// `rd_kafka_oauthbearer_set_token` on a client handle.
+fn set_token(rk: *mut rdkafka::bindings::rd_kafka_t, token: &OAuthToken) -> anyhow::Result<()> {
+    use std::ffi::{CStr, CString};
+    let value = CString::new(token.token.as_str()).context("token holds a NUL byte")?;
+    let principal =
+        CString::new(token.principal_name.as_str()).context("principal holds a NUL byte")?;
+    let mut err = [0 as std::ffi::c_char; 512];
+    // SAFETY: `rk` is a live client handle (the admin client owns it for the whole call),
+    // the strings are NUL-terminated and outlive the call, no extensions are passed, and
+    // `err` is a writable buffer of the given size.
+    let code = unsafe {
+        rdkafka::bindings::rd_kafka_oauthbearer_set_token(
+            rk,
+            value.as_ptr(),
+            token.lifetime_ms,
+            principal.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if code != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        // SAFETY: librdkafka wrote a NUL-terminated message into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+        anyhow::bail!(
+            "librdkafka refused the OAUTHBEARER token: {}",
+            msg.to_string_lossy()
+        );
+    }
+    Ok(())
+}
+
 /// The context of the host's producers, admin clients and side consumers: answers
-/// librdkafka's OAUTHBEARER token refreshes when MSK IAM is on.
+/// librdkafka's OAUTHBEARER token refreshes, and keeps the last client error so that a
+/// failed call can say why (an authentication failure, say) instead of only "transport
+/// failure".
 #[derive(Clone, Default)]
 pub struct KafkaContext {
-    iam: Option<Arc<super::msk_iam::MskIam>>,
+    tokens: Option<Arc<Tokens>>,
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl KafkaContext {
+    /// The last error librdkafka reported for this client, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl ClientContext for KafkaContext {
@@ -67,24 +161,49 @@ impl ClientContext for KafkaContext {
         &self,
         _config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-        oauth_token(self.iam.as_deref())
+        oauth_token(self.tokens.as_deref())
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", %error, "{reason}");
+        // "All brokers down" follows the error that says why (authentication, TLS, refused).
+        if error.rdkafka_error_code() != Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown) {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
+        }
     }
 }
 
 impl ConsumerContext for KafkaContext {}
 
-/// A token for librdkafka, or why there is none.
-pub fn oauth_token(
-    iam: Option<&super::msk_iam::MskIam>,
-) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-    let iam =
-        iam.ok_or("OAUTHBEARER needs FH_KAFKA_AUTH=msk-iam (or a sasl.oauthbearer.config)")?;
-    let (token, principal_name, lifetime_ms) = iam.token().map_err(|e| format!("{e:#}"))?;
-    Ok(OAuthToken {
-        token,
-        principal_name,
-        lifetime_ms,
-    })
+/// For handles that only read metadata (nothing is delivered through them).
+impl rdkafka::producer::ProducerContext for KafkaContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// A token for librdkafka, or why there is none (librdkafka retries, and reports it as a
+/// client error).
+pub fn oauth_token(tokens: Option<&Tokens>) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+    let tokens = tokens.ok_or(
+        "OAUTHBEARER needs FH_KAFKA_AUTH=msk-iam or oauth-unsecured (or a sasl.oauthbearer.config)",
+    )?;
+    match tokens.source.token() {
+        Ok(t) => {
+            tokens.counters.issued.inc();
+            tracing::debug!(principal = %t.principal, expires_ms = t.expires_ms, "OAUTHBEARER token issued");
+            Ok(OAuthToken {
+                token: t.value,
+                principal_name: t.principal,
+                lifetime_ms: t.expires_ms,
+            })
+        }
+        Err(e) => {
+            tokens.counters.failed.inc();
+            tracing::warn!(error = %format!("{e:#}"), "cannot issue an OAUTHBEARER token; the client retries");
+            Err(format!("{e:#}").into())
+        }
+    }
 }
 
 /// Client configuration shared by the consumer, producer and admin client.
@@ -209,24 +328,27 @@ mod tests {
             "--kafka-properties",
             "client.id=fh, socket.timeout.ms=5000",
         ]);
-        let c = KafkaClient::from_settings(&w.run, "b-1:9098")
+        let c = KafkaClient::from_settings(&w.run, "b-1:9098", TokenCounters::default())
             .await
             .unwrap();
         assert_eq!(c.cfg.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(c.cfg.get("sasl.mechanism"), Some("OAUTHBEARER"));
         assert_eq!(c.cfg.get("client.id"), Some("fh"));
         assert_eq!(c.cfg.get("bootstrap.servers"), Some("b-1:9098"));
-        assert!(c.iam.is_some());
+        assert!(matches!(
+            c.tokens.as_deref().map(|t| &t.source),
+            Some(TokenSource::MskIam(_))
+        ));
 
         let plain = Wrapper::parse_from(["x"]);
-        let c = KafkaClient::from_settings(&plain.run, "k:9092")
+        let c = KafkaClient::from_settings(&plain.run, "k:9092", TokenCounters::default())
             .await
             .unwrap();
         assert_eq!(c.cfg.get("sasl.mechanism"), None);
         let refused = oauth_token(None).err().unwrap().to_string();
         assert!(refused.contains("FH_KAFKA_AUTH=msk-iam"), "{refused}");
         let bad = Wrapper::parse_from(["x", "--kafka-properties", "novalue"]);
-        let e = KafkaClient::from_settings(&bad.run, "k:9092")
+        let e = KafkaClient::from_settings(&bad.run, "k:9092", TokenCounters::default())
             .await
             .err()
             .unwrap();

@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod lanes;
 pub mod local;
 pub mod msk_iam;
+pub mod oauth;
 pub mod offsets;
 pub mod partition;
 pub mod replay;

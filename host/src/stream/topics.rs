@@ -19,10 +19,10 @@
 
 use super::kafka::{KafkaClient, KafkaContext};
 use crate::spec::GroupDef;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{BaseProducer, Producer as _};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// What the host's groups want of one hand-off topic.
@@ -183,30 +183,24 @@ fn kafka_err(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError)
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Check every hand-off topic of `groups` and create the missing ones (see the module docs).
-pub async fn provision<'a>(
+/// Partition and replica counts of every topic, and the broker ids — read through a producer
+/// handle that is polled meanwhile, so that OAUTHBEARER refreshes and the client's logs and
+/// errors are served (an admin client's are not), and a failure says why.
+async fn metadata(
     client: &KafkaClient,
-    groups: impl IntoIterator<Item = &'a GroupDef>,
-) -> Result<(), TopicError> {
-    let wanted = wanted(groups);
-    if wanted.is_empty() {
-        return Ok(());
-    }
-    let admin: Arc<AdminClient<KafkaContext>> = Arc::new(
-        client
-            .cfg
-            .create_with_context(client.context())
-            .map_err(kafka_err("create a Kafka admin client"))?,
-    );
-    // Partition and replica counts of every topic, and the brokers (a blocking call).
-    let metadata = {
-        let admin = admin.clone();
-        tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_metadata(None, TIMEOUT)
-                .map(|m| {
-                    let topics: BTreeMap<String, (i32, i32)> = m
+) -> Result<(BTreeMap<String, (i32, i32)>, Vec<i32>), TopicError> {
+    let what = "read the cluster's metadata";
+    let producer: BaseProducer<KafkaContext> = client
+        .cfg
+        .create_with_context(client.context())
+        .map_err(kafka_err(what))?;
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            producer.poll(Duration::from_millis(50));
+            match producer.client().fetch_metadata(None, Duration::from_secs(1)) {
+                Ok(m) => {
+                    let topics = m
                         .topics()
                         .iter()
                         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
@@ -218,18 +212,40 @@ pub async fn provision<'a>(
                             )
                         })
                         .collect();
-                    let brokers: Vec<i32> = m.brokers().iter().map(|b| b.id()).collect();
-                    (topics, brokers)
-                })
-                .map_err(kafka_err("read the cluster's metadata"))
-        })
-        .await
-        .map_err(|e| TopicError::Kafka {
-            what: "read the cluster's metadata".into(),
-            cause: e.to_string(),
-        })??
-    };
-    let (topics, brokers) = metadata;
+                    return Ok((topics, m.brokers().iter().map(|b| b.id()).collect()));
+                }
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    let why = producer.context().last_error().map_or_else(String::new, |r| format!(" ({r})"));
+                    return Err(TopicError::Kafka {
+                        what: format!("{what} within {TIMEOUT:?}"),
+                        cause: format!("{e}{why}; check FH_KAFKA_BROKERS and the TLS/SASL settings (FH_KAFKA_PROPERTIES, FH_KAFKA_AUTH)"),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+    })
+    .await
+    .map_err(|e| TopicError::Kafka {
+        what: what.into(),
+        cause: e.to_string(),
+    })?
+}
+
+/// Check every hand-off topic of `groups` and create the missing ones (see the module docs).
+pub async fn provision<'a>(
+    client: &KafkaClient,
+    groups: impl IntoIterator<Item = &'a GroupDef>,
+) -> Result<(), TopicError> {
+    let wanted = wanted(groups);
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let admin = client.admin().map_err(|e| TopicError::Kafka {
+        what: "create a Kafka admin client".into(),
+        cause: format!("{e:#}"),
+    })?;
+    let (topics, brokers) = metadata(client).await?;
     let Some(&broker) = brokers.first() else {
         return Err(TopicError::Kafka {
             what: "find a broker".into(),
