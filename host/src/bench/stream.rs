@@ -147,6 +147,10 @@ async fn produce(cfg: &ClientConfig, topic: &str, n: usize) -> anyhow::Result<()
         .set("linger.ms", "5")
         .set("acks", "all")
         .create()?;
+    // Event times just behind now: the broker's time-based retention (7 days by default)
+    // deletes a topic whose records are all older — the active segment included — and a
+    // later mode would then find the topic empty.
+    let base = crate::sink::unix_now_ms() - n as i64;
     for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
         let sends = chunk.iter().map(|&i| {
             let (key, payload) = click(i);
@@ -157,7 +161,7 @@ async fn produce(cfg: &ClientConfig, topic: &str, n: usize) -> anyhow::Result<()
                         FutureRecord::to(topic)
                             .key(&key)
                             .payload(&payload)
-                            .timestamp(1_700_000_000_000 + i as i64),
+                            .timestamp(base + i as i64),
                         Duration::from_secs(30),
                     )
                     .await
@@ -308,9 +312,18 @@ async fn parallel(
 
 pub async fn run(args: StreamBenchArgs) -> anyhow::Result<Report> {
     let mut report = Report::default();
+    // The bench's own clients take FH_KAFKA_PROPERTIES too (auth, debug contexts).
     let cfg = {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &args.brokers);
+        for kv in std::env::var("FH_KAFKA_PROPERTIES")
+            .unwrap_or_default()
+            .split(',')
+        {
+            if let Some((k, v)) = kv.split_once('=') {
+                c.set(k.trim(), v.trim());
+            }
+        }
         c
     };
     let id = super::unique();
