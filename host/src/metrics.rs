@@ -154,7 +154,8 @@ pub struct Metrics {
     pub fenced: Family<PartitionLabels, Counter>,
     /// Duration of plugin batch calls.
     pub plugin_call_seconds: Family<GroupLabels, Histogram, fn() -> Histogram>,
-    /// Plugin batch calls that failed (trap, timeout, memory cap): the batch went to retry.
+    /// Plugin calls that failed (trap, timeout, memory cap). A failed batch is bisected, so
+    /// one bad event costs a few failed calls and fails alone.
     pub plugin_call_failures: Family<GroupLabels, Counter>,
     /// Plugin instances replaced after a failure or past their memory high-water mark.
     pub plugin_instance_recycles: Family<GroupLabels, Counter>,

@@ -297,7 +297,8 @@ impl Pipeline {
             Arc::new(idx.iter().map(|&i| events[i].clone()).collect())
         };
         let started = std::time::Instant::now();
-        let called = group.plugin.process(input).await;
+        // A trap or timeout fails only the events that cause it (the batch is bisected).
+        let called = group.plugin.process_isolating(input).await;
         let m = &self.metrics;
         m.plugin_call_seconds
             .get_or_create(&labels)
@@ -308,25 +309,26 @@ impl Pipeline {
                 .get_or_create(&labels)
                 .inc_by(recycled);
         }
-        let results = match called {
-            Ok(r) => r,
-            Err(e) => {
-                m.plugin_call_failures.get_or_create(&labels).inc();
-                tracing::error!(group = %group.def.name, error = %e, "plugin call failed");
-                return (
-                    idx.iter()
-                        .map(|&i| failure(i, FailureKind::Retryable, e.to_string()))
-                        .collect(),
-                    None,
-                );
-            }
-        };
+        if called.failed_calls > 0 {
+            m.plugin_call_failures
+                .get_or_create(&labels)
+                .inc_by(called.failed_calls);
+        }
         let mut failures = Vec::new();
         let mut mutations = Vec::new();
         // Which events wrote each entity (store key), to map entity failures back to events.
         let mut writers: HashMap<String, Vec<usize>> = HashMap::new();
-        for (&i, result) in idx.iter().zip(results) {
+        for (&i, result) in idx.iter().zip(called.results) {
             let event = &events[i];
+            let result = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(group = %group.def.name, topic = %event.topic, partition = event.partition,
+                        offset = event.offset, error = %e, "plugin call failed on this event");
+                    failures.push(failure(i, FailureKind::Retryable, e.to_string()));
+                    continue;
+                }
+            };
             match result {
                 Ok(writes) => match to_mutations(&group.def, event, writes, overwrite) {
                     Ok(ms) => {

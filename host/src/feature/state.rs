@@ -93,6 +93,17 @@ impl Position {
     pub fn key(&self) -> String {
         format!("{}#{}", self.source, self.partition)
     }
+
+    /// Set the floor to `low_watermark` (at most the offset), the consumer's low watermark
+    /// of the partition being read (`topic`, `partition`) — only if this position is in that
+    /// partition's offset space. A replayed dead letter read from a retry partition carries its
+    /// dead-letter offset: the retry partition's watermark says nothing about which dead
+    /// letters are finished, and as a floor it would mark every lower one as applied.
+    pub fn set_floor(&mut self, topic: &str, partition: i32, low_watermark: i64) {
+        if self.source == topic && self.partition == partition {
+            self.floor = low_watermark.min(self.offset);
+        }
+    }
 }
 
 /// The offsets of one source partition an entity has absorbed: all below `floor`, and those
@@ -377,6 +388,36 @@ fn truncate_list(list: &mut Value, cap: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_floor_is_raised_only_in_its_own_offset_space() {
+        // As read: `sequential` claims everything below is finished, which the parallel
+        // consumer replaces with what it knows.
+        let mut own = Position::sequential("events", 2, 40);
+        own.set_floor("events", 2, 35);
+        assert_eq!(own.floor, 35);
+        own.set_floor("events", 2, 90);
+        assert_eq!(own.floor, 40, "never above the position itself");
+        let mut replayed = Position {
+            source: "replay:g.dlq".into(),
+            partition: 0,
+            offset: 7,
+            floor: 0,
+        };
+        replayed.set_floor("g.retry", 0, 5);
+        assert_eq!(
+            replayed.floor, 0,
+            "a retry partition's watermark is not a dead-letter floor"
+        );
+        let mut other_partition = Position {
+            source: "events".into(),
+            partition: 1,
+            offset: 9,
+            floor: 0,
+        };
+        other_partition.set_floor("events", 2, 5);
+        assert_eq!(other_partition.floor, 0);
+    }
     use proptest::prelude::*;
 
     fn m(offset: Option<i64>, ops: Vec<(&str, Op, i64)>) -> Mutation {

@@ -28,7 +28,7 @@ mod sandbox;
 pub mod test_cmd;
 
 pub use engine::{EngineSettings, PluginEngine, content_version};
-pub use loaded::Plugin;
+pub use loaded::{Isolated, Plugin};
 
 use crate::feature::Write;
 use std::time::Duration;

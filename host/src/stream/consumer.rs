@@ -485,7 +485,7 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
     for (i, u) in units.iter().enumerate() {
         let mut e = (*u.event).clone();
         if let (Some(p), Some(floor)) = (e.position.as_mut(), floor) {
-            p.floor = floor.min(p.offset);
+            p.set_floor(&slot.labels.topic, slot.labels.partition, floor);
         }
         events.push(e);
         match &u.poison {
