@@ -391,6 +391,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cache_hit_past_the_entitys_expiry_is_not_served() {
+        let store = Arc::new(MemoryCache::new());
+        let cache = Arc::new(MemoryCache::new());
+        let w = FeatureWriter::new(store.clone(), cache.clone());
+        let s = sink(CacheStrategy::WriteThrough);
+        w.apply(&s, vec![("u".into(), incr(1))]).await;
+        // The cached copy says the entity expired (its store TTL passed) while the cache
+        // entry itself lives on.
+        let mut hit = Cache::get(&*cache, "g#u").await.unwrap().unwrap();
+        hit.state.expires_at = Some(unix_now() - 1);
+        hit.version += 1;
+        cache
+            .put_if_newer(&[CacheFill {
+                key: "g#u".into(),
+                entry: hit,
+                ttl: Duration::from_secs(60),
+            }])
+            .await
+            .unwrap();
+        assert!(
+            w.get(&s, "u").await.unwrap().is_none(),
+            "expired: not served"
+        );
+    }
+
+    #[tokio::test]
     async fn write_around_invalidates_and_refuses_stale_fills() {
         let store = Arc::new(MemoryCache::new());
         let cache = Arc::new(MemoryCache::new());

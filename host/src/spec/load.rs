@@ -746,6 +746,24 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_may_not_outlive_the_store() {
+        let with = |store: &str, cache: &str| {
+            GROUP.to_owned()
+                + &format!("  store: {{table: feats, ttl: {store}}}\n  cache: {{ttl: {cache}}}\n")
+        };
+        assert!(load_str(&[("g.yaml", &with("1d", "10m"))]).is_ok());
+        assert!(load_str(&[("g.yaml", &with("10m", "10m"))]).is_ok());
+        let errs = load_str(&[("g.yaml", &with("10m", "1h"))]).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.cache.ttl");
+        assert!(
+            errs[0].message.contains("at most 10m"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    #[test]
     fn every_error_names_file_and_field() {
         let bad = GROUP
             .replace("type: int", "type: integer")

@@ -219,7 +219,11 @@ mod tests {
         )
         .unwrap();
         let p = explicit.position.clone().unwrap();
-        assert_eq!((p.source.as_str(), p.partition, p.offset), ("t", 2, 9));
+        assert_eq!(
+            (p.source.as_str(), p.partition, p.offset, p.floor),
+            ("local:t", 2, 9, 0),
+            "its own offset space (not Kafka's t#2), and no offset below it is claimed"
+        );
     }
 
     #[test]
