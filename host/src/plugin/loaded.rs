@@ -248,6 +248,8 @@ impl PluginInner {
         }
         let mut message = trap_message(&e);
         if let Some(panic) = store.data_mut().last_error.take() {
+            // One line: a panic message is `panicked at file:line:\nmessage`.
+            let panic = panic.split_whitespace().collect::<Vec<_>>().join(" ");
             message = format!("{panic} ({message})");
         }
         PluginError::Trap {

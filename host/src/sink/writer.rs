@@ -152,6 +152,8 @@ impl FeatureWriter {
         };
         let mut pending: Vec<String> = by_entity.keys().cloned().collect();
         let mut written: Vec<(String, Versioned)> = Vec::new();
+        // Entities whose mutations were all replays, at the version the store holds.
+        let mut refresh: Vec<(String, Versioned)> = Vec::new();
         let mut rounds = 0;
         while !pending.is_empty() {
             rounds += 1;
@@ -200,6 +202,11 @@ impl FeatureWriter {
                     // Nothing to write (all replays or stale): count, but skip the round trip.
                     report.replayed += replayed;
                     report.outcome.stale_skips += outcome.stale_skips;
+                    // A replay may follow a crash between this entity's store write and its
+                    // cache write: bring the cache to the store's version.
+                    if replayed > 0 && cur.version > 0 {
+                        refresh.push((key.clone(), cur));
+                    }
                     continue;
                 }
                 // Round up: a sub-second TTL must not expire the entity at once.
@@ -239,6 +246,9 @@ impl FeatureWriter {
             sink.strategy,
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround
         );
+        // The cache's versioned updates make a refresh at the current version a no-op
+        // where the cache already has it.
+        written.extend(refresh);
         if !cached || written.is_empty() {
             return report;
         }
@@ -289,7 +299,11 @@ impl FeatureWriter {
             CacheStrategy::StoreOnly => Ok(live(
                 self.store.load(&sink.target, &[key]).await?.pop().flatten(),
             )),
-            CacheStrategy::CacheOnly => Cache::get(&*self.cache, &key).await,
+            CacheStrategy::CacheOnly => Ok(live(
+                Cache::get(&*self.cache, &key)
+                    .await?
+                    .map(|v| v.unless_expired(unix_now())),
+            )),
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround
                 if self.repairs.bypass(&sink.target.group, &key) =>
             {
@@ -301,7 +315,8 @@ impl FeatureWriter {
             }
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround => {
                 match Cache::get(&*self.cache, &key).await {
-                    Ok(Some(hit)) => return Ok(Some(hit)),
+                    // An entity past its store TTL is gone, cached or not.
+                    Ok(Some(hit)) => return Ok(live(Some(hit.unless_expired(unix_now())))),
                     Ok(None) => {}
                     Err(e) => tracing::warn!(error = %e, "cache read failed; reading the store"),
                 }

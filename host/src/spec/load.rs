@@ -573,6 +573,19 @@ fn check_group(
         .map(|t| duration("spec.store.ttl", t));
     let cache_ttl = duration("spec.cache.ttl", &spec.cache.ttl);
     let retry_backoff = duration("spec.retry.backoff", &spec.retry.backoff);
+    if let Some(store) = store_ttl
+        && cache_ttl > store
+    {
+        problems.push(err(
+            "spec.cache.ttl",
+            format!(
+                "{} is longer than spec.store.ttl ({}): a cached entity would outlive the stored one and be served after the store dropped it; set spec.cache.ttl to at most {} (the default is 1h)",
+                spec.cache.ttl,
+                spec.store.ttl.as_deref().unwrap_or_default(),
+                spec.store.ttl.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
     let plugin_path = plugin_dir.join(&spec.plugin.wasm);
     if !plugin_path.is_file() {
         problems.push(err(

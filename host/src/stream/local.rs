@@ -6,7 +6,11 @@
 //! `key`, `timestamp` (ms, default now), `headers`, `partition` (default 0) and `offset` are
 //! optional. Without `offset`, a file line's number is its offset within that file's content
 //! (so re-ingesting the same file is a no-op: exactly-once effect; a rewritten file is a new
-//! source), and an HTTP-pushed event has no replayable position.
+//! source), and an HTTP-pushed event has no replayable position: **a client that wants its
+//! pushes deduplicated sends `partition` and `offset`**, its own sequence number per
+//! (topic, partition), unique and never reused. Such positions live in an offset space of
+//! their own (`local:<topic>`), apart from Kafka's `<topic>#<partition>`, and with floor 0:
+//! pushed events arrive in any order, so no offset covers a lower one.
 
 use super::dead_letter::{DeadLetterFile, to_json_line};
 use crate::event::Event;
@@ -51,7 +55,12 @@ pub fn parse_event(
     };
     let partition = e.partition.unwrap_or(0);
     let position = match (e.offset, line_offset, origin) {
-        (Some(offset), _, _) => Some(Position::sequential(&e.topic, partition, offset)),
+        (Some(offset), _, _) => Some(Position {
+            source: format!("local:{}", e.topic),
+            partition,
+            offset,
+            floor: 0,
+        }),
         (None, Some(line), Some(origin)) => Some(Position::sequential(origin, partition, line)),
         _ => None,
     };
