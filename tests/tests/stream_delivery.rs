@@ -235,3 +235,101 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
     assert!(host.terminate().success(), "host exits 0 on SIGTERM");
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// A hand-off the broker refuses for good does not hold the partition: a retry too large for
+/// the retry topic is dead-lettered, and a payload too large for the dead-letter topic is
+/// dead-lettered as a stub (key, headers, source position, no payload). The partition is
+/// committed to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_hand_offs_fall_back_to_the_dead_letter_topic_and_a_stub() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let _serial = SERIAL.lock().await;
+    let s = Setup::new(
+        Stack::from_env(),
+        "refused",
+        1,
+        "hostile.wasm",
+        &[("n", "int")],
+        "null",
+        "  retry: {maxAttempts: 3, backoff: 200ms}\n",
+    )
+    .await;
+    // Operators' limits: small records only.
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.stack.kafka)
+        .create()
+        .unwrap();
+    let retry = format!("{}.retry", s.group);
+    let dlq = format!("{}.dlq", s.group);
+    let topics = [
+        NewTopic::new(&retry, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", "1500"),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", "4000"),
+    ];
+    for r in admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let (env, port) = s
+        .stack
+        .host_env_on_port(&s.tmp, &s.spec_dir, &format!("refused-{}", s.id));
+    let mut host = Host::spawn(&["run"], &env);
+    let p = s.stack.producer();
+    // `flaky:` + padding fails once (retryable), then would succeed.
+    let mid = format!("flaky:{}", "m".repeat(2_000));
+    let big = format!("flaky:{}", "b".repeat(6_000));
+    let payloads = ["ok", mid.as_str(), "ok", big.as_str(), "ok"];
+    for (i, payload) in payloads.iter().enumerate() {
+        produce(&p, &s.topic, "k1", ts(i as i64), payload, &[]).await;
+    }
+    eventually(
+        Duration::from_secs(60),
+        "the source committed to its end",
+        || async {
+            (s.stack.committed(&format!("refused-{}", s.id), &s.topic, 1) == vec![5]).then_some(())
+        },
+    )
+    .await;
+    let dead = s.stack.read_all(&dlq);
+    assert_eq!(dead.len(), 2, "both dead-lettered");
+    let header = |m: &Record, k: &str| {
+        m.1.iter()
+            .find(|(hk, _)| hk == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let whole = dead
+        .iter()
+        .find(|m| header(m, "fh-source-offset") == "1")
+        .unwrap();
+    assert_eq!(whole.0, mid.as_bytes(), "the payload is kept when it fits");
+    assert!(
+        header(whole, "fh-error").contains("retry topic")
+            && header(whole, "fh-error").contains("refused"),
+        "{:?}",
+        whole.1
+    );
+    let stub = dead
+        .iter()
+        .find(|m| header(m, "fh-source-offset") == "3")
+        .unwrap();
+    assert!(stub.0.is_empty(), "a stub: no payload");
+    assert_eq!(
+        header(stub, "fh-payload-dropped-bytes"),
+        big.len().to_string()
+    );
+    assert_eq!(header(stub, "fh-source-topic"), s.topic);
+    let metrics = http_get(port, "/metrics").await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("fh_handoff_refusals_total{{group=\"{}\"}}", s.group)
+        ),
+        3.0,
+        "retry refused twice, the dead-letter topic once"
+    );
+    assert!(host.terminate().success());
+    let _ = std::fs::remove_dir_all(&s.tmp);
+}
