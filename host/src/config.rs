@@ -143,6 +143,12 @@ pub struct RunSettings {
     #[arg(long, env = "FH_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
 
+    /// Kafka: offsets of one partition from the lowest unfinished to the highest read;
+    /// reading pauses at the bound, so one stuck event cannot grow the window (and every
+    /// entity's applied-offset list) without limit.
+    #[arg(long, env = "FH_MAX_OFFSET_SPAN", default_value_t = 10_000)]
+    pub max_offset_span: u64,
+
     /// Kafka: payload bytes of one partition in flight; fetching pauses at the bound.
     #[arg(long, env = "FH_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
     pub max_buffered_bytes: usize,

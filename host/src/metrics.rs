@@ -182,6 +182,13 @@ pub struct Metrics {
     pub batch_missed_ticks: Family<IngestionLabels, Counter>,
     /// Time from issuing an offset commit to the broker's answer.
     pub commit_seconds: Histogram,
+    /// Hand-offs a retry or dead-letter topic refused for good (too large, not authorized):
+    /// the event went to the dead-letter topic, as a stub, or waits.
+    pub handoff_refusals: Family<GroupLabels, Counter>,
+    /// The longest applied-offset list of an entity written in a group's last batch: offsets
+    /// above the floor, kept until the ones below them finish. Long lists grow items toward
+    /// DynamoDB's 400 KB limit.
+    pub applied_offsets_max: Family<GroupLabels, Gauge>,
     /// OAUTHBEARER tokens handed to the Kafka clients (first ones and refreshes).
     pub kafka_oauth_tokens: Counter,
     /// OAUTHBEARER tokens that could not be made (credentials missing or expired).
@@ -290,6 +297,14 @@ impl Metrics {
                 "consumer_commit_seconds",
                 "Time from issuing an offset commit to the broker's answer",
                 latency_histogram()
+            ),
+            handoff_refusals: reg!(
+                "handoff_refusals",
+                "Hand-offs a retry or dead-letter topic refused for good (too large, not authorized)"
+            ),
+            applied_offsets_max: reg!(
+                "store_applied_offsets_max",
+                "Longest applied-offset list of an entity written in the group's last batch"
             ),
             kafka_oauth_tokens: reg!(
                 "kafka_oauth_tokens",

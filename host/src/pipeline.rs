@@ -380,6 +380,11 @@ impl Pipeline {
         m.writes
             .get_or_create(&labels)
             .inc_by(report.outcome.applied_ops.into());
+        if report.written > 0 {
+            m.applied_offsets_max
+                .get_or_create(&labels)
+                .set(report.max_applied as i64);
+        }
         m.stale_write_skips
             .get_or_create(&labels)
             .inc_by(report.outcome.stale_skips.into());

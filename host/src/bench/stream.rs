@@ -268,6 +268,7 @@ async fn parallel(
         limits: Limits {
             max_in_flight,
             max_buffered_bytes: 64 << 20,
+            max_offset_span: 10_000,
         },
         commit_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),

@@ -58,6 +58,9 @@ pub struct WriteReport {
     /// Mutations that were replays of already-applied positions.
     pub replayed: usize,
     pub cas_conflicts: u32,
+    /// The longest applied-offset list among the entities written (see
+    /// [`crate::feature::Watermark`]).
+    pub max_applied: usize,
     /// Entities (store keys) whose write failed, with the reason; nothing of theirs applied.
     pub failed: Vec<(String, SinkError)>,
     /// A cache update that failed after the store write succeeded (its keys went to the
@@ -231,6 +234,8 @@ impl FeatureWriter {
                     Ok(true) => {
                         report.outcome.add(outcome);
                         report.replayed += replayed;
+                        let longest = next.state.positions.values().map(|w| w.applied.len());
+                        report.max_applied = report.max_applied.max(longest.max().unwrap_or(0));
                         written.push((key, next));
                     }
                     Ok(false) => {

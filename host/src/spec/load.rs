@@ -573,8 +573,12 @@ fn check_group(
         .map(|t| duration("spec.store.ttl", t));
     let cache_ttl = duration("spec.cache.ttl", &spec.cache.ttl);
     let retry_backoff = duration("spec.retry.backoff", &spec.retry.backoff);
-    if let Some(store) = store_ttl
-        && cache_ttl > store
+    // Only between two valid durations (an invalid one has its own error).
+    let valid = |t: &str| parse_duration(t).ok();
+    if let (Some(store), Some(cache)) = (
+        spec.store.ttl.as_deref().and_then(valid),
+        valid(&spec.cache.ttl),
+    ) && cache > store
     {
         problems.push(err(
             "spec.cache.ttl",

@@ -31,12 +31,13 @@
 //! re-processes from the commit and never skips. SIGTERM revokes everything the same way.
 
 use super::envelope::{self, Envelope, NextStep};
+use super::handoff::Destination;
 use super::kafka::{KafkaClient, Republisher, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::partition::{Limits, PartitionState, RetryMeta, Unit};
 use crate::config::RunSettings;
 use crate::event::Event;
-use crate::metrics::{GroupLabels, Metrics, PartitionLabels};
+use crate::metrics::{Metrics, PartitionLabels};
 use crate::pipeline::{Failure, FailureKind, InPlace, Pipeline};
 use crate::spec::Ordering;
 use anyhow::Context as _;
@@ -70,6 +71,7 @@ impl StreamSettings {
             limits: Limits {
                 max_in_flight: run.max_in_flight.max(1),
                 max_buffered_bytes: run.max_buffered_bytes.max(1),
+                max_offset_span: run.max_offset_span.max(1),
             },
             commit_interval: run.commit_interval,
             drain_timeout: run.drain_timeout,
@@ -585,13 +587,12 @@ async fn hand_off(
         first_failure_ms,
         due_ms: None,
     };
-    let labels = GroupLabels::new(&def.name);
-    let (topic, counter) = match step {
+    let first = match step {
         NextStep::Retry { due_ms } => {
             env.due_ms = Some(due_ms);
             tracing::info!(group = %def.name, topic = %event.topic, partition = event.partition, offset = event.offset,
                 attempts, reason = %failure.reason, "event handed to the retry topic");
-            (&def.retry_topic, &shared.metrics.retries)
+            Destination::Retry
         }
         NextStep::DeadLetter => {
             if failure.kind == FailureKind::Retryable {
@@ -599,17 +600,19 @@ async fn hand_off(
             }
             tracing::warn!(group = %def.name, topic = %event.topic, partition = event.partition, offset = event.offset,
                 kind = failure.kind.as_str(), reason = %env.error, "event dead-lettered");
-            (&def.dead_letter_topic, &shared.metrics.dead_letters)
+            Destination::DeadLetter
         }
     };
-    let ok = shared
-        .republisher
-        .publish(topic, event, &envelope::wrap(event, &env), fenced)
-        .await;
-    if ok {
-        counter.get_or_create(&labels).inc();
-    }
-    ok
+    super::handoff::hand_off(
+        &shared.republisher,
+        &shared.metrics,
+        def,
+        event,
+        env,
+        first,
+        fenced,
+    )
+    .await
 }
 
 /// Consume with the process settings until `shutdown` turns true.

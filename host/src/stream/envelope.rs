@@ -97,6 +97,22 @@ pub fn attempt_limit(kind: FailureKind, store: bool, max_attempts: u32) -> u32 {
     }
 }
 
+/// The longest `fh-error` a hand-off carries: reasons come from plugins and stores, and a
+/// header without a bound could push a record past the topic's size limit.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let cut = (0..=max.saturating_sub(3))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &text[..cut])
+}
+
 /// The headers of the republished message.
 pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
     let mut h: Vec<(String, Vec<u8>)> = event
@@ -107,7 +123,7 @@ pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
         .collect();
     let mut put = |k: &str, v: String| h.push((k.to_owned(), v.into_bytes()));
     put(headers::GROUP, env.group.clone());
-    put(headers::ERROR, env.error.clone());
+    put(headers::ERROR, truncate(&env.error, MAX_ERROR_BYTES));
     put(headers::ERROR_KIND, env.kind.as_str().to_owned());
     put(headers::ATTEMPTS, env.attempts.to_string());
     put(headers::FIRST_FAILURE_MS, env.first_failure_ms.to_string());
@@ -263,6 +279,24 @@ mod tests {
         msg.headers
             .push((headers::EVENT_TIME_MS.into(), b"soon".to_vec()));
         assert!(unwrap(&msg).unwrap_err().contains(headers::EVENT_TIME_MS));
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_to_a_bounded_header() {
+        let env = Envelope {
+            group: "g".into(),
+            kind: FailureKind::Invalid,
+            error: "é".repeat(5_000),
+            attempts: 1,
+            first_failure_ms: 0,
+            due_ms: None,
+        };
+        let h = wrap(&event(), &env);
+        let error = &h.iter().find(|(k, _)| k == headers::ERROR).unwrap().1;
+        assert!(error.len() <= MAX_ERROR_BYTES, "{}", error.len());
+        let text = std::str::from_utf8(error).expect("cut on a character boundary");
+        assert!(text.ends_with('…'));
+        assert_eq!(truncate("short", 10), "short");
     }
 
     #[test]

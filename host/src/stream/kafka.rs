@@ -11,6 +11,7 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::Arc;
@@ -268,15 +269,18 @@ impl Republisher {
 
     /// Publish `event`'s key and payload with `headers` to `topic`, stamped with the time of
     /// the hand-off (the event time travels in `headers`: see [`super::envelope`]), retrying
-    /// with backoff until the broker acknowledges. Returns false if `give_up` turned true first
-    /// (the result no longer matters: the partition was revoked and will be re-read).
+    /// transient failures with backoff until the broker acknowledges. A permanent refusal
+    /// ([`permanent`]: too large for the topic, not authorized, an invalid record) returns at
+    /// once — resending would never succeed and would hold the partition's low watermark
+    /// forever. Gives up if `give_up` turns true first (the partition was revoked and will be
+    /// re-read).
     pub async fn publish(
         &self,
         topic: &str,
         event: &Event,
         headers: &[(String, Vec<u8>)],
         give_up: impl Fn() -> bool,
-    ) -> bool {
+    ) -> Published {
         let mut h = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             h = h.insert(Header {
@@ -294,18 +298,55 @@ impl Republisher {
                 record = record.key(k);
             }
             match self.producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return true,
-                Err((e, _)) => {
-                    tracing::error!(error = %e, topic, "republish failed; retrying (the source offset stays uncommitted)");
-                }
+                Ok(_) => return Published::Acknowledged,
+                Err((e, _)) => match e.rdkafka_error_code().filter(|c| permanent(*c)) {
+                    Some(code) => {
+                        tracing::error!(error = %e, topic, "the broker refused the republish for good");
+                        return Published::Refused(code);
+                    }
+                    None => {
+                        tracing::error!(error = %e, topic, "republish failed; retrying (the source offset stays uncommitted)");
+                    }
+                },
             }
             if give_up() {
-                return false;
+                return Published::GaveUp;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
+}
+
+/// How a republish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Acknowledged,
+    /// The caller stopped waiting (revoke): nothing is known about the message.
+    GaveUp,
+    /// The broker (or the client, for an oversized record) will never accept it.
+    Refused(RDKafkaErrorCode),
+}
+
+/// Produce errors that no resend can cure.
+pub fn permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::PolicyViolation
+    )
+}
+
+/// Refusals a smaller record would not get: the payload is what is too large.
+pub fn too_large(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(code, C::MessageSizeTooLarge | C::InvalidMessageSize)
 }
 
 #[cfg(test)]
@@ -317,6 +358,28 @@ mod tests {
     struct Wrapper {
         #[command(flatten)]
         run: RunSettings,
+    }
+
+    #[test]
+    fn only_refusals_no_resend_can_cure_are_permanent() {
+        use RDKafkaErrorCode as C;
+        for code in [
+            C::MessageSizeTooLarge,
+            C::TopicAuthorizationFailed,
+            C::InvalidRecord,
+        ] {
+            assert!(permanent(code), "{code:?}");
+        }
+        for code in [
+            C::NotEnoughReplicas,
+            C::LeaderNotAvailable,
+            C::MessageTimedOut,
+            C::RequestTimedOut,
+            C::UnknownTopicOrPartition,
+        ] {
+            assert!(!permanent(code), "{code:?} is worth resending");
+        }
+        assert!(too_large(C::MessageSizeTooLarge) && !too_large(C::TopicAuthorizationFailed));
     }
 
     #[tokio::test]

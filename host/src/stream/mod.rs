@@ -8,6 +8,7 @@
 pub mod consumer;
 pub mod dead_letter;
 pub mod envelope;
+pub mod handoff;
 pub mod kafka;
 pub mod lanes;
 pub mod local;

@@ -78,12 +78,42 @@ impl OffsetTracker {
     pub fn in_flight(&self) -> usize {
         self.window.len() - self.done_in_window
     }
+
+    /// Offsets from the lowest unfinished one to the highest delivered, inclusive (0 when
+    /// nothing is unfinished). Finished offsets inside it are still tracked here and stay
+    /// in every written entity's applied-offset list until the lowest one finishes, so this
+    /// — not [`in_flight`](Self::in_flight) — is what a single stuck message grows.
+    pub fn span(&self) -> u64 {
+        match (self.window.front(), self.last) {
+            (Some(&(first, _)), Some(last)) => (last - first + 1) as u64,
+            _ => 0,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_span_counts_from_the_lowest_unfinished_offset() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.span(), 0);
+        for o in 0..100 {
+            t.deliver(o).unwrap();
+        }
+        for o in 1..100 {
+            t.finish(o).unwrap();
+        }
+        assert_eq!(
+            (t.in_flight(), t.span()),
+            (1, 100),
+            "one stuck message, a long span"
+        );
+        t.finish(0).unwrap();
+        assert_eq!(t.span(), 0);
+    }
 
     #[test]
     fn watermark_waits_for_the_lowest_unfinished() {

@@ -17,6 +17,9 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Payload bytes of those events.
     pub max_buffered_bytes: usize,
+    /// Offsets from the lowest unfinished to the highest delivered: bounds what one stuck
+    /// event lets the window (and every entity's applied-offset list) grow to.
+    pub max_offset_span: u64,
 }
 
 /// A retried event's history, carried in the retry topic's headers.
@@ -168,6 +171,7 @@ impl PartitionState {
     pub fn over(&self, limits: &Limits) -> bool {
         self.in_flight() >= limits.max_in_flight.max(1)
             || self.buffered_bytes >= limits.max_buffered_bytes.max(1)
+            || self.tracker.span() >= limits.max_offset_span.max(1)
     }
 }
 
@@ -245,6 +249,7 @@ mod tests {
         let limits = Limits {
             max_in_flight: 2,
             max_buffered_bytes: 100,
+            max_offset_span: 1_000,
         };
         let mut p = PartitionState::default();
         let e0 = event(0, "a", 10);
@@ -260,6 +265,30 @@ mod tests {
         q.deliver(big.offset, big.payload.len(), vec![unit(&big, 0)])
             .unwrap();
         assert!(q.over(&limits), "bytes bound");
+    }
+
+    #[test]
+    fn one_stuck_event_stops_reading_at_the_offset_span() {
+        let limits = Limits {
+            max_in_flight: 256,
+            max_buffered_bytes: 1 << 20,
+            max_offset_span: 50,
+        };
+        let mut p = PartitionState::default();
+        let stuck = event(0, "stuck", 1);
+        p.deliver(0, 1, vec![unit(&stuck, 0)]).unwrap();
+        let _running = p.take_ready();
+        for o in 1..50 {
+            let e = event(o, &format!("k{o}"), 1);
+            p.deliver(o, 1, vec![unit(&e, 0)]).unwrap();
+            let ready = p.take_ready();
+            p.complete(&ready);
+        }
+        assert_eq!(p.in_flight(), 1, "only the stuck one is unfinished");
+        assert!(
+            p.over(&limits),
+            "yet reading stops: 50 offsets span the window"
+        );
     }
 
     #[test]

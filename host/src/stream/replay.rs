@@ -48,6 +48,8 @@ pub struct ReplaySummary {
     pub matched: usize,
     /// Republished to the retry topic (0 on a dry run).
     pub replayed: usize,
+    /// Dead letters the retry topic refused for good (e.g. larger than its limit).
+    pub refused: usize,
     /// Unreadable messages (not written by this host), left alone.
     pub unreadable: usize,
     pub dry_run: bool,
@@ -215,8 +217,15 @@ pub async fn replay(
                     replay_of(&topic, message.partition, message.offset).into_bytes(),
                 ));
             }
-            r.publish(retry_topic, &original, &h, || false).await;
-            summary.replayed += 1;
+            match r.publish(retry_topic, &original, &h, || false).await {
+                super::kafka::Published::Acknowledged => summary.replayed += 1,
+                super::kafka::Published::Refused(code) => {
+                    tracing::warn!(topic = %retry_topic, dead_letter = message.offset, %code,
+                        "the retry topic refused a replayed dead letter; it stays in the dead-letter topic");
+                    summary.refused += 1;
+                }
+                super::kafka::Published::GaveUp => {}
+            }
         }
     }
     Ok(summary)
