@@ -487,6 +487,22 @@ pub fn plugin_dir() -> PathBuf {
     dir
 }
 
+/// Run the `feature-host` CLI with `args` in `env`; panics with its stderr unless it exits 0.
+/// Returns its stdout.
+pub fn host_cli(env: &[(&str, String)], args: &[&str]) -> Vec<u8> {
+    let out = Command::new(host_binary())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run feature-host");
+    assert!(
+        out.status.success(),
+        "feature-host {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A host process, killed when dropped.
 pub struct Host {
     pub child: Child,

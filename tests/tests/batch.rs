@@ -248,17 +248,8 @@ async fn parquet_backfill_survives_a_kill_and_resumes_from_checkpoints() {
     assert_eq!(clicks.len(), users);
 
     // The admin API and the CLI show the run.
-    let out = std::process::Command::new(host_binary())
-        .args(["jobs", &run.id, "--json"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_slice(&host_cli(&env, &["jobs", &run.id, "--json"])).unwrap();
     assert_eq!(shown["run"]["status"], "SUCCEEDED");
     assert_eq!(shown["rows_done"], 120_000);
 

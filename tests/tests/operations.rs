@@ -88,19 +88,8 @@ async fn dead_letters_replayed_after_a_fix_count_once() {
     assert!(counts(&client, &table, &group, "views").await.is_empty());
 
     // A dry run lists them and changes nothing.
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(host_binary())
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let cli =
+        |args: &[&str]| serde_json::from_slice::<serde_json::Value>(&host_cli(&env, args)).unwrap();
     let dry = cli(&[
         "dlq",
         "replay",
@@ -240,16 +229,7 @@ async fn partial_replays_then_the_rest_apply_every_dead_letter_once() {
     .await;
 
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(host_binary())
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        host_cli(&env, args);
     };
     let client = stack.dynamodb().await;
     let retry = format!("{group}.retry");
