@@ -344,6 +344,22 @@ async fn attributes(
     group: &str,
     feature: &str,
 ) -> std::collections::BTreeMap<String, aws_sdk_dynamodb::types::AttributeValue> {
+    items(client, table, group)
+        .await
+        .into_iter()
+        .filter_map(|(e, mut item)| Some((e, item.remove(&format!("f:{feature}"))?)))
+        .collect()
+}
+
+/// Every stored item of `group` in `table`, by entity, with all its attributes.
+pub async fn items(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    group: &str,
+) -> std::collections::BTreeMap<
+    String,
+    std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
+> {
     let mut out = std::collections::BTreeMap::new();
     let mut start = None;
     loop {
@@ -362,11 +378,8 @@ async fn attributes(
             let Some(pk) = item.get("pk").and_then(|a| a.as_s().ok()) else {
                 continue;
             };
-            let Some(entity) = pk.strip_prefix(&format!("{group}#")) else {
-                continue;
-            };
-            if let Some(v) = item.get(&format!("f:{feature}")) {
-                out.insert(entity.to_owned(), v.clone());
+            if let Some(entity) = pk.strip_prefix(&format!("{group}#")) {
+                out.insert(entity.to_owned(), item.clone());
             }
         }
         start = page.last_evaluated_key().cloned();

@@ -968,3 +968,81 @@ async fn a_stuck_run_raises_exactly_one_alert_with_its_link() {
     assert_eq!(counts(&client, &table, &group, "clicks").await, clicks);
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// A daily ingestion must not grow its entities' items without bound: every run × shard
+/// leaves a position entry in each entity it writes (its exactly-once record), and an item
+/// over DynamoDB's 400 KB limit refuses every later write, the stream's included. Entries of
+/// a run expire `FH_BATCH_POSITION_RETENTION` after its last write; a run can be re-run (or
+/// resumed) with exactly-once effect only within half of that after its creation, and is
+/// refused after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_positions_expire_and_old_runs_are_not_rerun() {
+    let stack = Stack::from_env();
+    let Fixture {
+        u,
+        tmp,
+        group,
+        table,
+        jobs_table,
+        specs,
+    } = fixture("expire");
+    let (clicks, _) = write_export(&tmp.join("export"), 1, 200, 100, 4);
+    let ingestion = format!("e{u}");
+    std::fs::write(
+        specs.join("e.yaml"),
+        ingestion_yaml(
+            &ingestion,
+            &group,
+            &format!("{}/export/*.parquet", tmp.display()),
+            "",
+        ),
+    )
+    .unwrap();
+    let mut env = env(&stack, &tmp, &specs, &jobs_table);
+    // Long enough that the second run and its re-run fit in half of it on a busy machine.
+    env.push(("FH_BATCH_POSITION_RETENTION", "20s".into()));
+    let backfill = |args: &[&str]| -> String {
+        let out: serde_json::Value = serde_json::from_slice(&host_cli(&env, args)).unwrap();
+        out["run"]["id"].as_str().unwrap().to_owned()
+    };
+    let batch_entries = |item: &std::collections::HashMap<String, _>| -> Vec<String> {
+        item.keys()
+            .filter(|k: &&String| k.starts_with("p:batch:"))
+            .cloned()
+            .collect()
+    };
+
+    let first = backfill(&["backfill", &ingestion]);
+    // Past the retention: the next write of each entity drops the first run's entry.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let second = backfill(&["backfill", &ingestion]);
+    let client = stack.dynamodb().await;
+    let twice: BTreeMap<String, i64> = clicks.iter().map(|(k, v)| (k.clone(), 2 * v)).collect();
+    assert_eq!(counts(&client, &table, &group, "clicks").await, twice);
+    let items = items(&client, &table, &group).await;
+    assert_eq!(items.len(), 4);
+    for (entity, item) in &items {
+        assert_eq!(
+            batch_entries(item),
+            vec![format!("p:batch:{second}#0")],
+            "{entity}: only the second run's position is kept"
+        );
+    }
+
+    // Within the retention a re-run is exactly-once; past half of it, it is refused (its
+    // positions may be gone, and it would count every row again).
+    backfill(&["backfill", "--rerun", &second]);
+    assert_eq!(counts(&client, &table, &group, "clicks").await, twice);
+    let refused = std::process::Command::new(host_binary())
+        .args(["backfill", "--rerun", &first])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("FH_BATCH_POSITION_RETENTION"),
+        "a re-run past the retention is refused, saying why: {stderr}"
+    );
+    assert_eq!(counts(&client, &table, &group, "clicks").await, twice);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
