@@ -293,8 +293,9 @@ async fn backfill(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("backfill request: {e}")),
     };
+    let retention = b.pipeline.writer().batch_position_retention();
     if let Some(id) = req.rerun {
-        return match crate::batch::executor::rerun(&b.jobs, &id, None).await {
+        return match crate::batch::executor::rerun(&b.jobs, &id, None, retention).await {
             Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
             Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
         };
@@ -302,10 +303,12 @@ async fn backfill(
     if let Some(id) = req.resume {
         // Reopened runs are picked up by the scheduling replica (once their owner is gone).
         return match crate::batch::run::load_run(&b.jobs, &id).await {
-            Ok(Some(_)) => match crate::batch::executor::reopen(&b.jobs, &id, None).await {
-                Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
-                Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
-            },
+            Ok(Some(_)) => {
+                match crate::batch::executor::reopen(&b.jobs, &id, None, retention).await {
+                    Ok(run) => Json(serde_json::json!({ "run": run })).into_response(),
+                    Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
+                }
+            }
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
         };

@@ -83,7 +83,9 @@ pub async fn connect(
         cache = crate::sink::Cache::backend(&*cache),
         "stores connected"
     );
-    Ok((FeatureWriter::new(store, cache), jobs))
+    let writer = FeatureWriter::new(store, cache)
+        .with_batch_position_retention(settings.batch_position_retention);
+    Ok((writer, jobs))
 }
 
 /// Create the store tables the groups use (idempotent).

@@ -78,6 +78,13 @@ pub struct StoreSettings {
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
     #[arg(long, env = "FH_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// How long an entity keeps a batch run's position entry (its exactly-once record) after
+    /// the run last wrote it. Bounds the item: one entry per run × shard that wrote it within
+    /// this time. A run can be resumed, re-run or taken over within half of it after its
+    /// creation; later it is refused. Every host writing the tables must use the same value.
+    #[arg(long, env = "FH_BATCH_POSITION_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub batch_position_retention: Duration,
 }
 
 impl StoreSettings {
@@ -319,4 +326,16 @@ impl BatchSettings {
             ..Default::default()
         }
     }
+}
+
+/// A position retention: whole seconds, at least one (a shorter one would drop an entry in
+/// the very write that makes it).
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{s:?} is under one second; positions must outlive their write"
+        ));
+    }
+    Ok(d)
 }

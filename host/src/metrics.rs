@@ -189,6 +189,7 @@ pub struct Metrics {
     /// above the floor, kept until the ones below them finish. Long lists grow items toward
     /// DynamoDB's 400 KB limit.
     pub applied_offsets_max: Family<GroupLabels, Gauge>,
+    pub positions_expired: Family<GroupLabels, Counter>,
     /// OAUTHBEARER tokens handed to the Kafka clients (first ones and refreshes).
     pub kafka_oauth_tokens: Counter,
     /// OAUTHBEARER tokens that could not be made (credentials missing or expired).
@@ -305,6 +306,10 @@ impl Metrics {
             applied_offsets_max: reg!(
                 "store_applied_offsets_max",
                 "Longest applied-offset list of an entity written in the group's last batch"
+            ),
+            positions_expired: reg!(
+                "store_positions_expired",
+                "Batch runs' position entries dropped from entities past FH_BATCH_POSITION_RETENTION"
             ),
             kafka_oauth_tokens: reg!(
                 "kafka_oauth_tokens",

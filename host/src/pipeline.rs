@@ -385,6 +385,9 @@ impl Pipeline {
                 .get_or_create(&labels)
                 .set(report.max_applied as i64);
         }
+        m.positions_expired
+            .get_or_create(&labels)
+            .inc_by(report.positions_expired as u64);
         m.stale_write_skips
             .get_or_create(&labels)
             .inc_by(report.outcome.stale_skips.into());

@@ -311,6 +311,7 @@ async fn context(
         create_tables: true,
         cache: CacheKind::Redis,
         redis_url: Some(stack.redis.clone()),
+        batch_position_retention: feature_host::sink::writer::DEFAULT_BATCH_POSITION_RETENTION,
     };
     let specs = feature_host::spec::load_dir(spec_dir, &plugin_dir()).expect("valid specs");
     let (writer, _) = feature_host::app::connect(&store, None).await.unwrap();
@@ -775,7 +776,8 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
     // The operator fixes the source and resumes both: the parent runs, then the child.
     let (clicks, _) = write_export(&tmp.join("none"), 1, 500, 250, 20);
     for id in [&latest, &child] {
-        feature_host::batch::executor::reopen(&ctx.jobs, id, None)
+        let retention = ctx.pipeline.writer().batch_position_retention();
+        feature_host::batch::executor::reopen(&ctx.jobs, id, None, retention)
             .await
             .unwrap();
     }

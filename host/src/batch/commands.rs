@@ -151,16 +151,17 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let ctx = context(&args.stores, &args.batch, stop_on_signal()).await?;
+    let retention = args.stores.batch_position_retention;
     let id = match args.resume.as_ref().or(args.rerun.as_ref()) {
         Some(id) if args.rerun.is_some() => {
-            rerun(&ctx.jobs, id, Some(&ctx.owner)).await?;
+            rerun(&ctx.jobs, id, Some(&ctx.owner), retention).await?;
             id.clone()
         }
         Some(id) => {
             load_run(&ctx.jobs, id)
                 .await?
                 .with_context(|| format!("no run {id:?} (see `feature-host jobs`)"))?;
-            reopen(&ctx.jobs, id, Some(&ctx.owner)).await?;
+            reopen(&ctx.jobs, id, Some(&ctx.owner), retention).await?;
             id.clone()
         }
         None => {

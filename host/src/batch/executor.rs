@@ -129,7 +129,11 @@ pub async fn reopen(
     jobs: &super::jobs::Jobs,
     id: &str,
     owner: Option<&str>,
+    retention: Duration,
 ) -> anyhow::Result<RunRecord> {
+    if let Some(run) = super::run::load_run(jobs, id).await? {
+        positions_kept(&run.value, "resumed", retention, now_ms())?;
+    }
     let run = update_run(jobs, id, |r| {
         if matches!(r.status, Status::Failed | Status::Blocked) {
             r.owner = owner.map(str::to_owned);
@@ -156,6 +160,7 @@ pub async fn rerun(
     jobs: &super::jobs::Jobs,
     id: &str,
     owner: Option<&str>,
+    retention: Duration,
 ) -> anyhow::Result<RunRecord> {
     let run = super::run::load_run(jobs, id)
         .await?
@@ -166,6 +171,7 @@ pub async fn rerun(
         "run {id} is {}; resume it instead of re-running it",
         run.status
     );
+    positions_kept(&run, "re-run", retention, now_ms())?;
     for shard in super::run::list_shards(jobs, id).await? {
         let mut s = shard.value;
         s.status = Status::Runnable;
@@ -194,6 +200,32 @@ pub async fn rerun(
     .await
 }
 
+/// A run replays its rows with exactly-once effect only while the entities it wrote still
+/// hold its positions: each entry is dropped `retention` after the run's last write to that
+/// entity (see [`crate::feature::EXPIRING_SOURCE_PREFIX`]), and every write of the run came
+/// after its creation — a replay (which writes nothing new) does not refresh them. So a run is
+/// replayed (resumed, re-run, taken over) only within half the retention of its creation,
+/// leaving the replay the other half to reach its rows.
+fn positions_kept(
+    run: &RunRecord,
+    what: &str,
+    retention: Duration,
+    now: i64,
+) -> anyhow::Result<()> {
+    let age = Duration::from_millis((now - run.created_ms).max(0) as u64);
+    anyhow::ensure!(
+        age <= retention / 2,
+        "run {} was created {} ago, more than half of FH_BATCH_POSITION_RETENTION ({}): the \
+         entities it wrote may have dropped its positions, so if {what} it would count its \
+         rows again. Start a new run instead (and raise FH_BATCH_POSITION_RETENTION, on every \
+         host, if runs must be replayable for longer)",
+        run.id,
+        humantime::format_duration(Duration::from_secs(age.as_secs())),
+        humantime::format_duration(retention),
+    );
+    Ok(())
+}
+
 /// Whether `run` may be claimed by an executor now: not finished, and nobody (alive) owns it.
 pub fn claimable(run: &RunRecord, now: i64, lease: Duration) -> bool {
     !run.status.is_terminal()
@@ -208,6 +240,21 @@ pub async fn claim(ctx: &BatchContext, id: &str) -> anyhow::Result<bool> {
     let now = now_ms();
     let mut run = stored.value;
     if !claimable(&run, now, ctx.settings.run_lease) && run.owner.as_deref() != Some(&ctx.owner) {
+        return Ok(false);
+    }
+    // A run that has started may have written rows: replaying them is safe only while the
+    // entities keep its positions. (One that never ran has written nothing.)
+    let retention = ctx.pipeline.writer().batch_position_retention();
+    let started = run
+        .history
+        .iter()
+        .any(|t| matches!(t.status, Status::Starting | Status::Running));
+    if started && let Err(e) = positions_kept(&run, "taken over", retention, now) {
+        tracing::error!(run = id, error = %e, "not executing the run");
+        let version = stored.version;
+        run.set_status(Status::Failed, now_ms(), Some(format!("{e:#}")));
+        // Conditional on the version read: a run that moved meanwhile is left alone.
+        ctx.jobs.put(RUN_PK, id, &run, version).await?;
         return Ok(false);
     }
     if let Some(previous) = run.owner.replace(ctx.owner.clone())

@@ -9,5 +9,8 @@ pub mod state;
 pub mod value;
 
 pub use check::{WriteCheckError, check_write};
-pub use state::{ApplyOutcome, Cell, EntityState, Mutation, Position, Versioned, Watermark};
+pub use state::{
+    ApplyOutcome, Cell, EXPIRING_SOURCE_PREFIX, EntityState, Mutation, Position, Versioned,
+    Watermark,
+};
 pub use value::{Op, Value, Write};

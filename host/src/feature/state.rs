@@ -51,6 +51,19 @@ pub struct Versioned {
 }
 
 impl Versioned {
+    /// The version of the write that replaces this one. An absent entity (version 0) starts
+    /// from the clock, `now_ms` × 1000, not from 1: DynamoDB deletes an expired item, and the
+    /// entity written again must not take versions a cache still holds for its previous life
+    /// (the cache keeps the higher one and refuses the update). 1000 writes per millisecond of
+    /// an entity's life stay below the next life's start; the product stays below 2^53 (Lua's
+    /// exact integers) until the year 2255.
+    pub fn successor(&self, now_ms: i64) -> u64 {
+        match self.version {
+            0 => (now_ms.max(1) as u64).saturating_mul(1000),
+            v => v + 1,
+        }
+    }
+
     /// An expired item reads as empty but keeps its version: stores delete expired items
     /// lazily (DynamoDB within days, redb never), and the next write must swap against the
     /// version that is really there.
@@ -106,6 +119,14 @@ impl Position {
     }
 }
 
+/// Sources whose positions end: each batch run is a source of its own (`batch:<run>`), so
+/// without an end every run would leave one more entry in every entity it wrote, and a
+/// popular entity of a daily ingestion would outgrow the store's item limit. Their entries
+/// carry the time of their last write and expire after a retention (see
+/// [`EntityState::expire_positions`]). Stream sources never expire: their entries are one per
+/// partition, and a committed offset or a replayed dead letter may come back at any time.
+pub const EXPIRING_SOURCE_PREFIX: &str = "batch:";
+
 /// The offsets of one source partition an entity has absorbed: all below `floor`, and those
 /// listed in `applied` (all `>= floor`). The list only holds offsets that raced ahead of
 /// slower ones in the in-flight window, so it stays about as long as that window.
@@ -114,6 +135,9 @@ pub struct Watermark {
     pub floor: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<i64>,
+    /// Unix seconds of the last write through this source, for sources that expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub touched: Option<i64>,
 }
 
 impl Watermark {
@@ -132,7 +156,8 @@ impl Watermark {
         self.applied.retain(|&o| o >= floor);
     }
 
-    /// Compact text form for stores with typed attributes: `floor` or `floor:o1,o2,…`.
+    /// Compact text form for stores with typed attributes: `floor` or `floor:o1,o2,…`
+    /// (`touched` is stored beside it).
     pub fn encode(&self) -> String {
         let mut s = self.floor.to_string();
         for (i, o) in self.applied.iter().enumerate() {
@@ -152,6 +177,7 @@ impl Watermark {
         Some(Watermark {
             floor: floor.parse().ok()?,
             applied,
+            touched: None,
         })
     }
 }
@@ -204,6 +230,32 @@ impl EntityState {
             }
         }
         out
+    }
+
+    /// Note that `pos` wrote this entity at `now_unix`, for positions of sources that expire.
+    pub fn touch(&mut self, pos: &Position, now_unix: i64) {
+        if pos.source.starts_with(EXPIRING_SOURCE_PREFIX)
+            && let Some(wm) = self.positions.get_mut(&pos.key())
+        {
+            wm.touched = Some(wm.touched.map_or(now_unix, |t| t.max(now_unix)));
+        }
+    }
+
+    /// Drop the entries of expiring sources not written for `retention_s` seconds; the number
+    /// dropped. An entry written before entries carried a time is stamped `now_unix` instead,
+    /// so it expires one retention from now rather than at once. Callers must refuse to replay
+    /// a source (re-run or resume a batch run) whose entries may be gone: past the retention
+    /// its rows would apply again.
+    pub fn expire_positions(&mut self, now_unix: i64, retention_s: i64) -> usize {
+        let before = self.positions.len();
+        self.positions.retain(|key, wm| {
+            if !key.starts_with(EXPIRING_SOURCE_PREFIX) {
+                return true;
+            }
+            let touched = *wm.touched.get_or_insert(now_unix);
+            now_unix - touched < retention_s
+        });
+        before - self.positions.len()
     }
 
     /// The live (non-tombstone) feature values.
@@ -638,10 +690,75 @@ mod tests {
             Watermark::decode("7"),
             Some(Watermark {
                 floor: 7,
-                applied: vec![]
+                ..Default::default()
             })
         );
         assert_eq!(Watermark::decode("7:x"), None);
+    }
+
+    #[test]
+    fn a_new_life_starts_above_every_version_of_the_previous_one() {
+        let absent = Versioned::default();
+        let first = absent.successor(1_764_000_000_000);
+        assert_eq!(first, 1_764_000_000_000_000);
+        assert!(first < 1 << 53, "exact in Redis' Lua numbers");
+        let later = Versioned {
+            version: first + 999_999,
+            ..Default::default()
+        };
+        assert_eq!(later.successor(0), first + 1_000_000);
+        // Deleted one second after its last write (DynamoDB deletes expired items later
+        // than that), it starts over higher than a million writes took it.
+        assert!(absent.successor(1_764_000_001_000) > later.version);
+    }
+
+    fn batch_row(run: &str, offset: i64) -> Mutation {
+        Mutation {
+            position: Some(Position::sequential(format!("batch:{run}"), 0, offset)),
+            ops: vec![("n".into(), Op::Incr(Value::Int(1)), 1)],
+            overwrite: false,
+        }
+    }
+
+    #[test]
+    fn batch_positions_expire_after_their_last_write_and_stream_ones_never() {
+        let mut s = EntityState::default();
+        let stream = Mutation {
+            position: Some(Position::sequential("events", 0, 4)),
+            ..batch_row("r1", 0)
+        };
+        s.apply(&stream);
+        s.touch(stream.position.as_ref().unwrap(), 1_000);
+        assert_eq!(
+            s.positions["events#0"].touched, None,
+            "stream sources never expire"
+        );
+        for (run, at) in [("r1", 1_000), ("r2", 1_050)] {
+            let m = batch_row(run, 0);
+            s.apply(&m);
+            s.touch(m.position.as_ref().unwrap(), at);
+        }
+        // r1 writes again later: its entry lives on from that write.
+        let m = batch_row("r1", 1);
+        s.apply(&m);
+        s.touch(m.position.as_ref().unwrap(), 1_080);
+        assert_eq!(s.expire_positions(1_100, 50), 1, "r2 last wrote 50 s ago");
+        assert_eq!(
+            s.positions.keys().collect::<Vec<_>>(),
+            ["batch:r1#0", "events#0"]
+        );
+        assert_eq!(s.expire_positions(1_200, 50), 1);
+        assert_eq!(s.positions.keys().collect::<Vec<_>>(), ["events#0"]);
+        assert_eq!(get(&s, "n"), Some(&Value::Int(4)));
+    }
+
+    #[test]
+    fn a_batch_entry_written_before_entries_had_a_time_expires_a_retention_later() {
+        let mut s = EntityState::default();
+        s.apply(&batch_row("old", 0));
+        assert_eq!(s.expire_positions(5_000, 100), 0, "stamped, not dropped");
+        assert_eq!(s.positions["batch:old#0"].touched, Some(5_000));
+        assert_eq!(s.expire_positions(5_100, 100), 1);
     }
 
     proptest! {

@@ -358,6 +358,11 @@ pub fn encode_item(key: &str, v: &Versioned) -> Item {
     }
     for (pos, wm) in &v.state.positions {
         item.insert(format!("p:{pos}"), AttributeValue::S(wm.encode()));
+        // Its own attribute, so hosts that predate it (a rolling deploy, a rollback) read
+        // the item; they drop it on their next write, which only lengthens the entry's life.
+        if let Some(t) = wm.touched {
+            item.insert(format!("pt:{pos}"), AttributeValue::N(t.to_string()));
+        }
     }
     item
 }
@@ -414,6 +419,7 @@ pub fn decode_item(
 ) -> Result<Versioned, SinkError> {
     let mut state = EntityState::default();
     let mut version = 0;
+    let mut touched = Vec::new();
     for (name, attr) in item {
         if name == "v" {
             version = num(attr, "v")?;
@@ -445,6 +451,13 @@ pub fn decode_item(
                 .and_then(|s| Watermark::decode(s))
                 .ok_or_else(|| corrupt(name.clone()))?;
             state.positions.insert(p.to_owned(), wm);
+        } else if let Some(p) = name.strip_prefix("pt:") {
+            touched.push((p, num(attr, name)?));
+        }
+    }
+    for (p, t) in touched {
+        if let Some(wm) = state.positions.get_mut(p) {
+            wm.touched = Some(t);
         }
     }
     Ok(Versioned { version, state })
@@ -529,6 +542,7 @@ mod tests {
             Watermark {
                 floor: 99,
                 applied: vec![100, 104],
+                touched: Some(1_800_000_000),
             },
         );
         state.expires_at = Some(1_900_000_000);
@@ -541,6 +555,8 @@ mod tests {
         let item = encode_item("g#u1", &v);
         assert_eq!(item["pk"], AttributeValue::S("g#u1".into()));
         assert!(!item.contains_key("f:gone") && item.contains_key("t:gone"));
+        assert_eq!(item["p:topic#3"], AttributeValue::S("99:100,104".into()));
+        assert_eq!(item["pt:topic#3"], AttributeValue::N("1800000000".into()));
         assert_eq!(decode_item(&item, &types).unwrap(), v);
     }
 }

@@ -2,7 +2,7 @@
 //! the read path.
 
 use super::cache_repair::CacheRepairs;
-use super::{Cache, CacheFill, SinkError, Store, Target, unix_now};
+use super::{Cache, CacheFill, SinkError, Store, Target, unix_now, unix_now_ms};
 use crate::feature::{ApplyOutcome, Mutation, Versioned};
 use crate::spec::{CacheStrategy, GroupDef};
 use futures::stream::{self, StreamExt};
@@ -58,6 +58,8 @@ pub struct WriteReport {
     /// Mutations that were replays of already-applied positions.
     pub replayed: usize,
     pub cas_conflicts: u32,
+    /// Batch runs' position entries dropped past their retention.
+    pub positions_expired: usize,
     /// The longest applied-offset list among the entities written (see
     /// [`crate::feature::Watermark`]).
     pub max_applied: usize,
@@ -77,7 +79,12 @@ pub struct FeatureWriter {
     store: Arc<dyn Store>,
     cache: Arc<dyn CacheStore>,
     repairs: Arc<CacheRepairs>,
+    batch_position_retention: Duration,
 }
+
+/// How long an entity keeps a batch run's position entry after the run last wrote it (see
+/// [`crate::feature::EXPIRING_SOURCE_PREFIX`]).
+pub const DEFAULT_BATCH_POSITION_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl FeatureWriter {
     pub fn new(store: Arc<dyn Store>, cache: Arc<dyn CacheStore>) -> FeatureWriter {
@@ -85,7 +92,18 @@ impl FeatureWriter {
             store,
             cache,
             repairs: Arc::default(),
+            batch_position_retention: DEFAULT_BATCH_POSITION_RETENTION,
         }
+    }
+
+    /// Keep batch runs' position entries this long after their last write.
+    pub fn with_batch_position_retention(mut self, retention: Duration) -> FeatureWriter {
+        self.batch_position_retention = retention;
+        self
+    }
+
+    pub fn batch_position_retention(&self) -> Duration {
+        self.batch_position_retention
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -149,6 +167,8 @@ impl FeatureWriter {
             CacheStrategy::CacheOnly => Some(sink.cache_ttl),
             _ => sink.store_ttl,
         };
+        let (now, now_ms) = (unix_now(), unix_now_ms());
+        let retention = self.batch_position_retention.as_secs().max(1) as i64;
         let mut report = WriteReport {
             entities: by_entity.len(),
             ..Default::default()
@@ -191,7 +211,7 @@ impl FeatureWriter {
             for (key, cur) in pending.iter().zip(current) {
                 let cur = cur.unwrap_or_default();
                 let mut next = Versioned {
-                    version: cur.version + 1,
+                    version: cur.successor(now_ms),
                     state: cur.state.clone(),
                 };
                 let mut outcome = ApplyOutcome::default();
@@ -199,6 +219,9 @@ impl FeatureWriter {
                 for m in &by_entity[key] {
                     let o = next.state.apply(m);
                     replayed += usize::from(o.replayed);
+                    if let (false, Some(pos)) = (o.replayed, &m.position) {
+                        next.state.touch(pos, now);
+                    }
                     outcome.add(o);
                 }
                 if next.state == cur.state {
@@ -213,7 +236,9 @@ impl FeatureWriter {
                     continue;
                 }
                 // Round up: a sub-second TTL must not expire the entity at once.
-                next.state.expires_at = ttl.map(|t| unix_now() + t.as_secs_f64().ceil() as i64);
+                next.state.expires_at = ttl.map(|t| now + t.as_secs_f64().ceil() as i64);
+                // Only on a write: expiring alone is not worth a round trip.
+                report.positions_expired += next.state.expire_positions(now, retention);
                 swaps.push((key.clone(), cur.version, next, outcome, replayed));
             }
             let results: Vec<_> = stream::iter(swaps)
@@ -320,9 +345,12 @@ impl FeatureWriter {
             }
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround => {
                 match Cache::get(&*self.cache, &key).await {
-                    // An entity past its store TTL is gone, cached or not.
-                    Ok(Some(hit)) => return Ok(live(Some(hit.unless_expired(unix_now())))),
-                    Ok(None) => {}
+                    Ok(Some(hit)) if hit.state.expires_at.is_none_or(|t| t > unix_now()) => {
+                        return Ok(live(Some(hit)));
+                    }
+                    // Expired in the cache: gone, unless the store has it written again
+                    // since (DynamoDB deletes expired items; the next write starts over).
+                    Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cache read failed; reading the store"),
                 }
                 let found = live(
@@ -330,7 +358,8 @@ impl FeatureWriter {
                         .load(&sink.target, std::slice::from_ref(&key))
                         .await?
                         .pop()
-                        .flatten(),
+                        .flatten()
+                        .map(|v| v.unless_expired(unix_now())),
                 );
                 if let Some(entry) = &found
                     && let Err(e) = self
@@ -407,7 +436,10 @@ mod tests {
         assert_eq!((r.written, r.replayed), (0, 1));
         let cached = Cache::get(&*cache, "g#u").await.unwrap().unwrap();
         assert_eq!(count(&cached), Some(&Value::Int(2)));
-        assert_eq!(cached.version, 1);
+        let stored = Store::load(&*store, &s.target, &["g#u".into()])
+            .await
+            .unwrap();
+        assert_eq!(Some(cached.version), stored[0].as_ref().map(|v| v.version));
     }
 
     #[tokio::test]
@@ -417,11 +449,16 @@ mod tests {
         let w = FeatureWriter::new(store.clone(), cache.clone());
         let s = sink(CacheStrategy::WriteThrough);
         w.apply(&s, vec![("u".into(), incr(1))]).await;
-        // The cached copy says the entity expired (its store TTL passed) while the cache
-        // entry itself lives on.
+        // The entity expired (its store TTL passed) while the cache entry lives on.
         let mut hit = Cache::get(&*cache, "g#u").await.unwrap().unwrap();
         hit.state.expires_at = Some(unix_now() - 1);
+        let expected = hit.version;
         hit.version += 1;
+        assert!(
+            Store::compare_and_swap(&*store, &s.target, "g#u", expected, &hit)
+                .await
+                .unwrap()
+        );
         cache
             .put_if_newer(&[CacheFill {
                 key: "g#u".into(),
@@ -443,8 +480,8 @@ mod tests {
         let w = FeatureWriter::new(store.clone(), cache.clone());
         let s = sink(CacheStrategy::WriteAround);
         w.apply(&s, vec![("u".into(), incr(1))]).await;
-        // Read fills the cache with version 1.
-        assert_eq!(w.get(&s, "u").await.unwrap().unwrap().version, 1);
+        // Read fills the cache with the first version.
+        let first = w.get(&s, "u").await.unwrap().unwrap().version;
         w.apply(&s, vec![("u".into(), incr(2))]).await;
         assert!(
             Cache::get(&*cache, "g#u").await.unwrap().is_none(),
@@ -452,7 +489,7 @@ mod tests {
         );
         // A slow reader that read version 1 before the write cannot re-fill it.
         let old = Versioned {
-            version: 1,
+            version: first,
             ..Default::default()
         };
         cache
@@ -465,7 +502,7 @@ mod tests {
             .unwrap();
         assert!(Cache::get(&*cache, "g#u").await.unwrap().is_none());
         let v = w.get(&s, "u").await.unwrap().unwrap();
-        assert_eq!((v.version, count(&v)), (2, Some(&Value::Int(2))));
+        assert_eq!((v.version, count(&v)), (first + 1, Some(&Value::Int(2))));
     }
 
     #[tokio::test]

@@ -44,6 +44,7 @@ use anyhow::Context as _;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
@@ -307,7 +308,17 @@ impl Shared {
             }
         }
         if !lost {
-            self.commit(consumer, &revoked);
+            // The last chance to commit what this owner finished: a failed commit is retried
+            // until the drain deadline, or the next owner redoes it all (deduplicated, but
+            // its side effects on the retry topics are not).
+            let mut pause = Duration::from_millis(50);
+            while let Err(e) = self.commit(consumer, &revoked)
+                && retriable_commit_error(&e)
+                && Instant::now() + pause < deadline
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
         }
         for slot in &revoked {
             slot.activity().closed = true;
@@ -319,8 +330,9 @@ impl Shared {
         }
     }
 
-    /// Commit the low watermark of each given partition that moved.
-    fn commit(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>]) {
+    /// Commit the low watermark of each given partition that moved. On an error the next
+    /// commit retries it.
+    fn commit(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>]) -> KafkaResult<()> {
         let mut tpl = TopicPartitionList::new();
         let mut moved = Vec::new();
         for slot in slots {
@@ -342,7 +354,7 @@ impl Shared {
             }
         }
         if moved.is_empty() {
-            return;
+            return Ok(());
         }
         let issued = Instant::now();
         match consumer.commit(&tpl, CommitMode::Sync) {
@@ -356,12 +368,14 @@ impl Shared {
                         .get_or_create(&slot.labels)
                         .set(next);
                 }
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
                 for (slot, _) in moved {
                     slot.lock().committed = None;
                 }
+                Err(e)
             }
         }
     }
@@ -436,6 +450,22 @@ impl Shared {
             poison: None,
         }
     }
+}
+
+/// Whether a failed commit may succeed if sent again by this member: not when the group has
+/// moved on without it (its generation or membership is gone).
+fn retriable_commit_error(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    !matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::IllegalGeneration
+                | C::UnknownMemberId
+                | C::RebalanceInProgress
+                | C::FencedInstanceId
+                | C::StaleMemberEpoch
+        )
+    )
 }
 
 /// Spawn the processing of ready units: one batch per group, retried units one by one
@@ -552,9 +582,11 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
         .finished
         .get_or_create(&slot.labels)
         .inc_by(finished as u64);
+    // Dispatch what became ready before this batch stops counting as running: a revoke
+    // draining the partition must not see it idle in between.
+    spawn_ready(&shared, &slot, ready);
     slot.end();
     shared.wake.notify();
-    spawn_ready(&shared, &slot, ready);
 }
 
 /// Send a failed unit to its group's retry topic, or dead-letter it. Returns false if the
@@ -795,7 +827,7 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
             // in librdkafka's threads meanwhile), and a failed commit is known here and
             // retried by the next one. (Async commit results never reach this consumer: its
             // partition queues are split off the main queue.)
-            shared.commit(&consumer, &slots);
+            let _ = shared.commit(&consumer, &slots);
             last_commit = Instant::now();
         }
     }
