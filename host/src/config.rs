@@ -81,8 +81,8 @@ pub struct StoreSettings {
 
     /// How long an entity keeps a batch run's position entry (its exactly-once record) after
     /// the run last wrote it. Bounds the item: one entry per run × shard that wrote it within
-    /// this time. A run can be resumed, re-run or taken over within half of it after its
-    /// creation; later it is refused. Every host writing the tables must use the same value.
+    /// this time. A run can be resumed, re-run or taken over within half of it after it
+    /// first started; later it is refused. Every host writing the tables must use the same value.
     #[arg(long, env = "FH_BATCH_POSITION_RETENTION", default_value = "7d", value_parser = parse_retention)]
     pub batch_position_retention: Duration,
 }

@@ -203,19 +203,23 @@ pub async fn rerun(
 /// A run replays its rows with exactly-once effect only while the entities it wrote still
 /// hold its positions: each entry is dropped `retention` after the run's last write to that
 /// entity (see [`crate::feature::EXPIRING_SOURCE_PREFIX`]), and every write of the run came
-/// after its creation — a replay (which writes nothing new) does not refresh them. So a run is
-/// replayed (resumed, re-run, taken over) only within half the retention of its creation,
-/// leaving the replay the other half to reach its rows.
+/// after it first started — a replay (which writes nothing new) does not refresh them. So a
+/// run is replayed (resumed, re-run, taken over) only within half the retention of its first
+/// start, leaving the replay the other half to reach its rows. A run that never started
+/// wrote nothing.
 fn positions_kept(
     run: &RunRecord,
     what: &str,
     retention: Duration,
     now: i64,
 ) -> anyhow::Result<()> {
-    let age = Duration::from_millis((now - run.created_ms).max(0) as u64);
+    let Some(started) = first_start(run) else {
+        return Ok(());
+    };
+    let age = Duration::from_millis((now - started).max(0) as u64);
     anyhow::ensure!(
         age <= retention / 2,
-        "run {} was created {} ago, more than half of FH_BATCH_POSITION_RETENTION ({}): the \
+        "run {} first started {} ago, more than half of FH_BATCH_POSITION_RETENTION ({}): the \
          entities it wrote may have dropped its positions, so if {what} it would count its \
          rows again. Start a new run instead (and raise FH_BATCH_POSITION_RETENTION, on every \
          host, if runs must be replayable for longer)",
@@ -224,6 +228,14 @@ fn positions_kept(
         humantime::format_duration(retention),
     );
     Ok(())
+}
+
+/// When the run first started executing (its first write can be no earlier).
+fn first_start(run: &RunRecord) -> Option<i64> {
+    run.history
+        .iter()
+        .find(|t| matches!(t.status, Status::Starting | Status::Running))
+        .map(|t| t.at_ms)
 }
 
 /// Whether `run` may be claimed by an executor now: not finished, and nobody (alive) owns it.
@@ -243,13 +255,9 @@ pub async fn claim(ctx: &BatchContext, id: &str) -> anyhow::Result<bool> {
         return Ok(false);
     }
     // A run that has started may have written rows: replaying them is safe only while the
-    // entities keep its positions. (One that never ran has written nothing.)
+    // entities keep its positions.
     let retention = ctx.pipeline.writer().batch_position_retention();
-    let started = run
-        .history
-        .iter()
-        .any(|t| matches!(t.status, Status::Starting | Status::Running));
-    if started && let Err(e) = positions_kept(&run, "taken over", retention, now) {
+    if let Err(e) = positions_kept(&run, "taken over", retention, now) {
         tracing::error!(run = id, error = %e, "not executing the run");
         let version = stored.version;
         run.set_status(Status::Failed, now_ms(), Some(format!("{e:#}")));
