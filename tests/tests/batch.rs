@@ -102,6 +102,18 @@ fn fixture(tag: &str) -> Fixture {
     }
 }
 
+impl Fixture {
+    /// One Parquet file of `rows` rows over `users` users, in row groups of 100, and the
+    /// ingestion `name` of it (one shard). The expected clicks per user.
+    fn parquet_ingestion(&self, name: &str, rows: usize, users: usize) -> BTreeMap<String, i64> {
+        let (clicks, _) = write_export(&self.tmp.join("export"), 1, rows, 100, users);
+        let glob = format!("{}/export/*.parquet", self.tmp.display());
+        let spec = ingestion_yaml(name, &self.group, &glob, "");
+        std::fs::write(self.specs.join(format!("{name}.yaml")), spec).unwrap();
+        clicks
+    }
+}
+
 async fn jobs(stack: &Stack, table: &str) -> Jobs {
     let j = DynamoJobs::new(stack.dynamodb().await, table);
     j.ensure_table().await.unwrap();
@@ -802,26 +814,17 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_run_raises_exactly_one_alert_with_its_link() {
     let stack = Stack::from_env();
+    let fx = fixture("stuck");
+    let ingestion = format!("s{}", fx.u);
+    let clicks = fx.parquet_ingestion(&ingestion, 300, 10);
     let Fixture {
-        u,
         tmp,
         group,
         table,
         jobs_table,
         specs,
-    } = fixture("stuck");
-    let (clicks, _) = write_export(&tmp.join("export"), 1, 300, 100, 10);
-    let ingestion = format!("s{u}");
-    std::fs::write(
-        specs.join("s.yaml"),
-        ingestion_yaml(
-            &ingestion,
-            &group,
-            &format!("{}/export/*.parquet", tmp.display()),
-            "",
-        ),
-    )
-    .unwrap();
+        ..
+    } = fx;
 
     // A webhook that counts what it receives.
     let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -980,26 +983,17 @@ async fn a_stuck_run_raises_exactly_one_alert_with_its_link() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_positions_expire_and_old_runs_are_not_rerun() {
     let stack = Stack::from_env();
+    let fx = fixture("expire");
+    let ingestion = format!("e{}", fx.u);
+    let clicks = fx.parquet_ingestion(&ingestion, 200, 4);
     let Fixture {
-        u,
         tmp,
         group,
         table,
         jobs_table,
         specs,
-    } = fixture("expire");
-    let (clicks, _) = write_export(&tmp.join("export"), 1, 200, 100, 4);
-    let ingestion = format!("e{u}");
-    std::fs::write(
-        specs.join("e.yaml"),
-        ingestion_yaml(
-            &ingestion,
-            &group,
-            &format!("{}/export/*.parquet", tmp.display()),
-            "",
-        ),
-    )
-    .unwrap();
+        ..
+    } = fx;
     let mut env = env(&stack, &tmp, &specs, &jobs_table);
     env.push(("FH_BATCH_POSITION_RETENTION", "4s".into()));
     let backfill = |args: &[&str]| -> String {
