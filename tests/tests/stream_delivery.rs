@@ -333,3 +333,88 @@ async fn refused_hand_offs_fall_back_to_the_dead_letter_topic_and_a_stub() {
     assert!(host.terminate().success());
     let _ = std::fs::remove_dir_all(&s.tmp);
 }
+
+/// A retried event waiting for its due time pins its retry partition's low watermark while
+/// the records behind it are processed and handed off again. When the partition moves to
+/// another host, that host must not hand those records off a second time (each copy would
+/// later apply under its own position: counted twice). The retry records are produced by
+/// the test, so which one waits is certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_does_not_hand_off_again_what_the_previous_one_handed_off() {
+    let _serial = SERIAL.lock().await;
+    let s = Setup::new(
+        Stack::from_env(),
+        "handoff",
+        1,
+        "hostile.wasm",
+        &[("n", "int")],
+        "null",
+        "  retry: {maxAttempts: 10, backoff: 10m}\n",
+    )
+    .await;
+    let retry = format!("{}.retry", s.group);
+    s.stack.create_topics(&[&retry], 1).await;
+    // r0 is due in an hour; r1..r5 are due now and fail again (flaky:9 needs 9 failures),
+    // so the host hands each to the retry topic (due in 20 minutes): r6..r10.
+    let p = s.stack.producer();
+    let now = feature_host::sink::unix_now_ms();
+    for i in 0..6i64 {
+        let due = if i == 0 { now + 3_600_000 } else { 0 };
+        let (offset, due, now) = (i.to_string(), due.to_string(), now.to_string());
+        let headers = [
+            ("fh-group", s.group.as_str()),
+            ("fh-error", "flaky"),
+            ("fh-error-kind", "retryable"),
+            ("fh-attempts", "1"),
+            ("fh-first-failure-ms", now.as_str()),
+            ("fh-due-ms", due.as_str()),
+            ("fh-source-topic", s.topic.as_str()),
+            ("fh-source-partition", "0"),
+            ("fh-source-offset", offset.as_str()),
+        ];
+        produce(&p, &retry, "k", ts(i), "flaky:9", &headers).await;
+    }
+    let group_id = format!("handoff-{}", s.id);
+    let (env_a, port_a) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
+    let mut a = Host::spawn(&["run"], &env_a);
+    eventually(
+        Duration::from_secs(60),
+        "host A handing r1..r5 off again",
+        || async { (s.stack.read_all(&retry).len() >= 11).then_some(()) },
+    )
+    .await;
+    let before = http_get(port_a, "/metrics").await.expect("metrics of A");
+    assert_eq!(
+        metric(&before, &format!(r#"fh_retries_total{{group="{}"}}"#, s.group)),
+        5.0
+    );
+    // A leaves (revoke: drain, commit); r0 still waits, so the watermark is at 0.
+    assert!(a.terminate().success());
+
+    let (env_b, port_b) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
+    let mut b = Host::spawn(&["run"], &env_b);
+    let partition = format!(r#"{{topic="{retry}",partition="0"}}"#);
+    let settled = eventually(
+        Duration::from_secs(60),
+        "host B past r1..r5 (skipped or handed off)",
+        || async {
+            let m = http_get(port_b, "/metrics").await?;
+            let skipped = metric(&m, &format!("fh_consumer_skipped_events_total{partition}"));
+            let retried = metric(&m, &format!(r#"fh_retries_total{{group="{}"}}"#, s.group));
+            (skipped + retried >= 5.0).then_some(m)
+        },
+    )
+    .await;
+    let records = s.stack.read_all(&retry);
+    assert_eq!(
+        records.len(),
+        11,
+        "r1..r5 were handed off once by A; B handed them off again:\n{settled}"
+    );
+    assert_eq!(
+        metric(&settled, &format!("fh_consumer_skipped_events_total{partition}")),
+        5.0
+    );
+    assert!(b.terminate().success());
+    let _ = std::fs::remove_dir_all(&s.tmp);
+}
