@@ -385,7 +385,10 @@ async fn a_new_owner_does_not_hand_off_again_what_the_previous_one_handed_off() 
     .await;
     let before = http_get(port_a, "/metrics").await.expect("metrics of A");
     assert_eq!(
-        metric(&before, &format!(r#"fh_retries_total{{group="{}"}}"#, s.group)),
+        metric(
+            &before,
+            &format!(r#"fh_retries_total{{group="{}"}}"#, s.group)
+        ),
         5.0
     );
     // A leaves (revoke: drain, commit); r0 still waits, so the watermark is at 0.
@@ -412,8 +415,89 @@ async fn a_new_owner_does_not_hand_off_again_what_the_previous_one_handed_off() 
         "r1..r5 were handed off once by A; B handed them off again:\n{settled}"
     );
     assert_eq!(
-        metric(&settled, &format!("fh_consumer_skipped_events_total{partition}")),
+        metric(
+            &settled,
+            &format!("fh_consumer_skipped_events_total{partition}")
+        ),
         5.0
+    );
+    assert!(b.terminate().success());
+    let _ = std::fs::remove_dir_all(&s.tmp);
+}
+
+/// A host that dies after the broker acknowledged its hand-offs, before it committed the
+/// source offsets they finish, must not leave those hand-offs behind: the next owner
+/// processes the events again and hands them off again, and each copy in the retry topic
+/// would count once. `flaky:1` fails once, then counts: five events must count five.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_hand_off_and_commit_applies_nothing_twice() {
+    let _serial = SERIAL.lock().await;
+    const N: usize = 5;
+    let s = Setup::new(
+        Stack::from_env(),
+        "crashoff",
+        1,
+        "hostile.wasm",
+        &[("n", "int")],
+        "null",
+        "  retry: {maxAttempts: 5, backoff: 200ms}\n",
+    )
+    .await;
+    let group_id = format!("crashoff-{}", s.id);
+    // A commits only on revoke, so when it is killed nothing of its work is committed.
+    let (mut env_a, port_a) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
+    env_a.push(("FH_COMMIT_INTERVAL", "1h".into()));
+    let mut a = Host::spawn(&["run"], &env_a);
+    let p = s.stack.producer();
+    for i in 0..N {
+        produce(&p, &s.topic, "k", ts(i as i64), "flaky:1", &[]).await;
+    }
+    let retries = format!(r#"fh_retries_total{{group="{}"}}"#, s.group);
+    eventually(
+        Duration::from_secs(60),
+        "host A handing every event off",
+        || async {
+            let m = http_get(port_a, "/metrics").await?;
+            (metric(&m, &retries) >= N as f64).then_some(())
+        },
+    )
+    .await;
+    a.kill();
+
+    let (env_b, port_b) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
+    let mut b = Host::spawn(&["run"], &env_b);
+    eventually(
+        Duration::from_secs(90),
+        "host B committing the source to its end",
+        || async { (s.stack.committed(&group_id, &s.topic, 1) == vec![N as i64]).then_some(()) },
+    )
+    .await;
+    let ddb = s.stack.dynamodb().await;
+    eventually(Duration::from_secs(60), "every event counted", || async {
+        let n = counts(&ddb, &s.table, &s.group, "n").await.get("k").copied();
+        (n >= Some(N as i64)).then_some(())
+    })
+    .await;
+    // Then every retry record that can be read (read_committed) is read and finished by B.
+    let retry = format!("{}.retry", s.group);
+    let partition = format!(r#"{{topic="{retry}",partition="0"}}"#);
+    let records = eventually(
+        Duration::from_secs(60),
+        "host B finishing every retry record",
+        || async {
+            let m = http_get(port_b, "/metrics").await?;
+            let records = s.stack.read_all(&retry).len();
+            let read = metric(&m, &format!("fh_consumer_events_total{partition}"));
+            let open = metric(&m, &format!("fh_consumer_in_flight{partition}"));
+            (read >= records as f64 && open == 0.0).then_some(records)
+        },
+    )
+    .await;
+    let n = counts(&ddb, &s.table, &s.group, "n").await.get("k").copied();
+    assert_eq!(
+        (n, records),
+        (Some(N as i64), N),
+        "(count, retry records): each hand-off made once, each event counted once"
     );
     assert!(b.terminate().success());
     let _ = std::fs::remove_dir_all(&s.tmp);
