@@ -44,7 +44,7 @@ pub enum Command {
         #[command(flatten)]
         stores: StoreSettings,
         #[command(flatten)]
-        run: RunSettings,
+        run: Box<RunSettings>,
         #[command(flatten)]
         batch: BatchSettings,
     },
@@ -252,7 +252,7 @@ pub fn init_logging(
 
 pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { stores, run, batch } => run_host(stores, run, batch)
+        Command::Run { stores, run, batch } => run_host(stores, *run, batch)
             .await
             .map(|_| ExitCode::SUCCESS),
         Command::Backfill(args) => crate::batch::commands::backfill(args).await,

@@ -169,6 +169,18 @@ pub struct RunSettings {
     #[arg(long, env = "FH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Kafka: the transactional id of this host's hand-off producer; unique per live host.
+    /// A stable one (a StatefulSet pod's name) lets a restarted host abort its predecessor's
+    /// open transaction at once instead of after FH_KAFKA_TRANSACTION_TIMEOUT. Default:
+    /// `feature-host-<group id>-<random>`.
+    #[arg(long, env = "FH_KAFKA_TRANSACTIONAL_ID")]
+    pub kafka_transactional_id: Option<String>,
+
+    /// Kafka: how long the broker lets a hand-off transaction stay open before aborting it
+    /// (a crashed host's: retries and dead letters behind it are read this late).
+    #[arg(long, env = "FH_KAFKA_TRANSACTION_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub kafka_transaction_timeout: Duration,
+
     /// Kafka: attempts of a failing store write (in place, 100 ms backoff doubling) before
     /// the event goes to the retry topic.
     #[arg(long, env = "FH_STORE_ATTEMPTS", default_value_t = 3)]

@@ -138,6 +138,9 @@ pub struct Metrics {
     pub events: Family<PartitionLabels, Counter>,
     /// Messages finished (written, or handed to the retry / dead-letter topic).
     pub finished: Family<PartitionLabels, Counter>,
+    /// Messages the partition's previous owner had finished above its committed offset (its
+    /// commit's finished-offset map), skipped instead of processed again.
+    pub skipped: Family<PartitionLabels, Counter>,
     /// Whether fetching of the partition is paused by backpressure (1) or not (0).
     pub paused: Family<PartitionLabels, Gauge>,
     /// Events handed to the group's retry topic.
@@ -182,6 +185,11 @@ pub struct Metrics {
     pub batch_missed_ticks: Family<IngestionLabels, Counter>,
     /// Time from issuing an offset commit to the broker's answer.
     pub commit_seconds: Histogram,
+    /// Hand-off transactions aborted (a delivery or the commit failed, or a partition was
+    /// lost with hand-offs in it); their partitions were rewound.
+    pub transaction_aborts: Counter,
+    /// Times a partition was rewound to its last commit after an aborted transaction.
+    pub rewinds: Family<PartitionLabels, Counter>,
     /// Hand-offs a retry or dead-letter topic refused for good (too large, not authorized):
     /// the event went to the dead-letter topic, as a stub, or waits.
     pub handoff_refusals: Family<GroupLabels, Counter>,
@@ -233,6 +241,10 @@ impl Metrics {
             finished: reg!(
                 "consumer_finished_events",
                 "Messages finished: written, or handed to the retry or dead-letter topic"
+            ),
+            skipped: reg!(
+                "consumer_skipped_events",
+                "Messages the previous owner finished above its commit, skipped"
             ),
             paused: reg!(
                 "consumer_paused",
@@ -293,6 +305,14 @@ impl Metrics {
             batch_missed_ticks: reg!(
                 "batch_missed_ticks",
                 "Scheduled ticks skipped after downtime (only the latest missed tick runs)"
+            ),
+            transaction_aborts: reg!(
+                "kafka_transaction_aborts",
+                "Hand-off transactions aborted; their partitions were rewound to their last commit"
+            ),
+            rewinds: reg!(
+                "consumer_rewinds",
+                "Times a partition was rewound to its last commit after an aborted transaction"
             ),
             commit_seconds: reg!(
                 "consumer_commit_seconds",

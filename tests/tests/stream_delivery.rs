@@ -474,7 +474,10 @@ async fn a_crash_between_hand_off_and_commit_applies_nothing_twice() {
     .await;
     let ddb = s.stack.dynamodb().await;
     eventually(Duration::from_secs(60), "every event counted", || async {
-        let n = counts(&ddb, &s.table, &s.group, "n").await.get("k").copied();
+        let n = counts(&ddb, &s.table, &s.group, "n")
+            .await
+            .get("k")
+            .copied();
         (n >= Some(N as i64)).then_some(())
     })
     .await;
@@ -493,7 +496,10 @@ async fn a_crash_between_hand_off_and_commit_applies_nothing_twice() {
         },
     )
     .await;
-    let n = counts(&ddb, &s.table, &s.group, "n").await.get("k").copied();
+    let n = counts(&ddb, &s.table, &s.group, "n")
+        .await
+        .get("k")
+        .copied();
     assert_eq!(
         (n, records),
         (Some(N as i64), N),

@@ -273,6 +273,8 @@ async fn parallel(
         commit_interval: Duration::from_millis(200),
         drain_timeout: Duration::from_secs(10),
         store_attempts: 1,
+        transactional_id: None,
+        transaction_timeout: Duration::from_secs(15),
     };
     let labels = crate::metrics::PartitionLabels::new(topic, 0);
     let finished = pipeline.metrics().finished.get_or_create(&labels).clone();

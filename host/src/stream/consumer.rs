@@ -18,23 +18,31 @@
 //! shutdown — commits each partition's low watermark: one past the highest offset below
 //! which every delivered event is finished. An event is finished when each of its groups
 //! wrote it, or handed it to the retry or dead-letter topic *and the broker acknowledged
-//! that*. A crash re-delivers from the committed offset; writes carry their source position,
-//! so re-delivered events are no-ops in the stores.
+//! that*. With it goes the map of offsets finished above the watermark
+//! ([`super::offset_map`]), which the partition's next owner reads on assignment and skips.
+//! The commit is the offset part of a Kafka transaction whose records are the hand-offs
+//! ([`super::transaction`]): both become visible together, or neither does. A crash
+//! re-delivers from the committed offset (less its map); writes carry their source
+//! position, so re-delivered events are no-ops in the stores, and the crashed host's
+//! hand-offs since that commit are aborted with its transaction.
 //!
 //! **Failures never block the partition.** A failed unit goes to its group's retry topic
 //! (this same consumer reads it back after a growing backoff and processes it for that
 //! group only), or to the dead-letter topic when invalid or out of attempts.
 //!
 //! **Rebalance** (cooperative-sticky): on revoke the partition stops taking new work, its
-//! running dispatches get `drain_timeout` to finish, the low watermark is committed, and the
-//! partition is fenced: late results are dropped (never committed), so the new owner
+//! running dispatches get `drain_timeout` to finish, the low watermark and its map are
+//! committed, and the partition is fenced: late results are dropped (never committed), so the new owner
 //! re-processes from the commit and never skips. SIGTERM revokes everything the same way.
 
 use super::envelope::{self, Envelope, NextStep};
 use super::handoff::Destination;
-use super::kafka::{KafkaClient, Republisher, to_event};
+use super::handoff::HandOff;
+use super::kafka::{KafkaClient, to_event};
 use super::lanes::{LaneKey, split_batches};
-use super::partition::{Limits, PartitionState, RetryMeta, Unit};
+use super::offset_map::FinishedMap;
+use super::partition::{Delivered, Limits, PartitionState, RetryMeta, Unit};
+use super::transaction::{Exclusive, Transactions, TxnError};
 use crate::config::RunSettings;
 use crate::event::Event;
 use crate::metrics::{Metrics, PartitionLabels};
@@ -43,8 +51,7 @@ use crate::spec::Ordering;
 use anyhow::Context as _;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
@@ -53,7 +60,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Tuning of the consumer (flags / `FH_*` variables in [`RunSettings`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamSettings {
     /// Messages taken from the client per poll round before dispatching them.
     pub fetch_size: usize,
@@ -63,11 +70,25 @@ pub struct StreamSettings {
     pub drain_timeout: Duration,
     /// In-place attempts of a failed store write before the event goes to the retry topic.
     pub store_attempts: u32,
+    /// The hand-off producer's transactional id (default: the group id and a random suffix).
+    pub transactional_id: Option<String>,
+    /// How long the broker lets a hand-off transaction stay open.
+    pub transaction_timeout: Duration,
 }
 
 impl StreamSettings {
-    pub fn from_run(run: &RunSettings) -> StreamSettings {
-        StreamSettings {
+    /// From the process settings; refuses an offset span whose finished-offset map would not
+    /// fit Kafka's commit metadata ([`super::offset_map::MAX_SPAN`]).
+    pub fn from_run(run: &RunSettings) -> anyhow::Result<StreamSettings> {
+        if run.max_offset_span > super::offset_map::MAX_SPAN {
+            anyhow::bail!(
+                "FH_MAX_OFFSET_SPAN={} is above {}: the offsets finished above a partition's low watermark are committed in Kafka's offset metadata (offset.metadata.max.bytes, 4096 by default), which holds a window of at most {} offsets; lower it",
+                run.max_offset_span,
+                super::offset_map::MAX_SPAN,
+                super::offset_map::MAX_SPAN
+            );
+        }
+        Ok(StreamSettings {
             fetch_size: run.fetch_size.max(1),
             limits: Limits {
                 max_in_flight: run.max_in_flight.max(1),
@@ -77,7 +98,9 @@ impl StreamSettings {
             commit_interval: run.commit_interval,
             drain_timeout: run.drain_timeout,
             store_attempts: run.store_attempts.max(1),
-        }
+            transactional_id: run.kafka_transactional_id.clone(),
+            transaction_timeout: run.kafka_transaction_timeout.max(Duration::from_secs(1)),
+        })
     }
 }
 
@@ -92,6 +115,8 @@ struct Slot {
     activity: Mutex<Activity>,
     /// Signalled (with `activity`) whenever a dispatch of this partition finishes.
     changed: Condvar,
+    /// Handed off in the open transaction: rewound if it aborts.
+    in_txn: AtomicBool,
 }
 
 /// Dispatches of a partition that are running (spawned and not finished; retried units
@@ -110,6 +135,7 @@ impl Slot {
             state: Mutex::new(PartitionState::default()),
             activity: Mutex::new(Activity::default()),
             changed: Condvar::new(),
+            in_txn: AtomicBool::new(false),
         }
     }
 
@@ -156,6 +182,12 @@ impl Slot {
     }
 }
 
+/// No dispatch of `slot` starts any more, and results that arrive are dropped.
+fn fence(slot: &Slot) {
+    slot.activity().closed = true;
+    slot.lock().fenced = true;
+}
+
 /// Wakes the poll thread: a queue became non-empty, or a dispatch finished (a partition
 /// held at its bound may be readable again).
 #[derive(Default)]
@@ -188,7 +220,10 @@ impl Wake {
 pub struct Shared {
     pipeline: Arc<Pipeline>,
     settings: StreamSettings,
-    republisher: Republisher,
+    /// The hand-off producer and its open transaction.
+    txn: Transactions,
+    /// Why the consumer must stop (the transactional producer failed for good).
+    failed: Mutex<Option<String>>,
     runtime: tokio::runtime::Handle,
     slots: Mutex<HashMap<TopicPartition, Arc<Slot>>>,
     consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
@@ -199,6 +234,8 @@ pub struct Shared {
     /// Retry topic → the groups that retry through it.
     retry_topics: HashMap<String, Vec<usize>>,
     metrics: Arc<Metrics>,
+    /// The brokers refused a commit's finished-offset maps as too large: commit without.
+    maps_refused: AtomicBool,
 }
 
 /// The librdkafka context: rebalance and statistics callbacks.
@@ -235,7 +272,7 @@ impl ClientContext for Ctx {
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Ctx>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.assign(tpl),
+            Rebalance::Assign(tpl) => self.shared.assign(consumer, tpl),
             Rebalance::Revoke(tpl) => self
                 .shared
                 .revoke(consumer, tpl, consumer.assignment_lost()),
@@ -250,8 +287,10 @@ impl Shared {
     }
 
     /// New partitions get their state and their own queue, split off before librdkafka
-    /// starts fetching them (so no message of theirs reaches the main queue).
-    fn assign(&self, tpl: &TopicPartitionList) {
+    /// starts fetching them (so no message of theirs reaches the main queue), and what the
+    /// previous owner finished above its commit (skipped when delivered).
+    fn assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let maps = self.finished_maps(consumer, tpl);
         self.metrics.consumer_joined.set(1);
         let consumer = self.consumer.get().and_then(Weak::upgrade);
         let mut slots = self.slots();
@@ -267,8 +306,48 @@ impl Shared {
                 q.set_nonempty_callback(move || wake.notify());
                 queues.insert(tp.clone(), q);
             }
-            slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1)));
+            let slot = Slot::new(&tp.0, tp.1);
+            if let Some(map) = maps.get(&tp) {
+                slot.lock().resume(map.clone());
+            }
+            slots.insert(tp.clone(), Arc::new(slot));
         }
+    }
+
+    /// The finished-offset maps committed with the partitions' offsets
+    /// ([`super::offset_map`]). A map that cannot be read is left out: its events are
+    /// processed again, deduplicated by the stores, as before maps existed.
+    fn finished_maps(
+        &self,
+        consumer: &BaseConsumer<Ctx>,
+        tpl: &TopicPartitionList,
+    ) -> HashMap<TopicPartition, FinishedMap> {
+        let mut maps = HashMap::new();
+        if tpl.count() == 0 {
+            return maps;
+        }
+        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the committed offsets' finished maps; their events are processed again");
+                return maps;
+            }
+        };
+        for (topic, partition, offset, metadata) in committed_metadata(&committed) {
+            match FinishedMap::decode(&metadata, offset) {
+                Ok(map) if map.is_empty() => {}
+                Ok(map) => {
+                    tracing::info!(%topic, partition, offset, finished = map.len(),
+                        "resuming: offsets finished above the commit are skipped");
+                    maps.insert((topic, partition), map);
+                }
+                Err(e) => {
+                    tracing::warn!(%topic, partition, offset, error = %e,
+                        "finished map ignored; its events are processed again");
+                }
+            }
+        }
+        maps
     }
 
     /// Drain (bounded by `drain_timeout`), commit, fence, forget. Runs on the poll thread
@@ -286,12 +365,30 @@ impl Shared {
                 })
                 .collect()
         };
+        if lost {
+            // Another member may own them already: do not wait, do not commit — and their
+            // hand-offs in the open transaction must not become visible either.
+            {
+                let _no_hand_offs = self.txn.exclusive();
+                for slot in &revoked {
+                    fence(slot);
+                    if slot.in_txn.load(AtomicOrdering::SeqCst) {
+                        self.txn.poison(format!(
+                            "partition {}/{} was lost with hand-offs in the transaction",
+                            slot.labels.topic, slot.labels.partition
+                        ));
+                    }
+                }
+            }
+            if let Err(e) = self.commit(consumer, &[]) {
+                tracing::warn!(error = %e, "commit after a lost assignment failed");
+            }
+        }
         let deadline = Instant::now() + self.settings.drain_timeout;
         for slot in &revoked {
             let mut a = slot.activity();
             if lost {
-                a.closed = true;
-                continue; // Another member may own it already: do not wait, do not commit.
+                continue;
             }
             while a.active > 0 {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -307,57 +404,94 @@ impl Shared {
                     .0;
             }
         }
-        if !lost {
-            // The last chance to commit what this owner finished: a failed commit is retried
-            // until the drain deadline, or the next owner redoes it all (deduplicated, but
-            // its side effects on the retry topics are not).
-            let mut pause = Duration::from_millis(50);
-            while let Err(e) = self.commit(consumer, &revoked)
-                && retriable_commit_error(&e)
-                && Instant::now() + pause < deadline
-            {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
+        // The last chance to commit what this owner finished (with every other partition's
+        // progress: one transaction holds them all). The commit fences them before any
+        // hand-off can follow; if it fails, the next owner redoes their work since the last.
+        if !lost && let Err(e) = self.commit(consumer, &revoked) {
+            tracing::warn!(error = %e, "commit on revoke failed; the next owner redoes what this one finished since its last commit");
         }
         for slot in &revoked {
-            slot.activity().closed = true;
-            let mut st = slot.lock();
-            st.fenced = true;
+            fence(slot);
+            let st = slot.lock();
             tracing::info!(topic = %slot.labels.topic, partition = slot.labels.partition, lost,
-                committed = ?st.committed, unfinished = st.in_flight(), "partition revoked");
+                committed = ?st.committed.as_ref().map(|c| c.offset), unfinished = st.in_flight(), "partition revoked");
             self.metrics.drop_partition(&slot.labels);
         }
     }
 
-    /// Commit the low watermark of each given partition that moved. On an error the next
-    /// commit retries it.
-    fn commit(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>]) -> KafkaResult<()> {
+    /// Commit, in the open transaction with its hand-offs, the low watermark and finished
+    /// map of every assigned partition (and of `revoking`, which are no longer in the
+    /// assignment, and are fenced before the gate opens again) that changed; then open the
+    /// next transaction. An aborted transaction rewinds the partitions that handed off in it
+    /// to their last commit.
+    fn commit(&self, consumer: &BaseConsumer<Ctx>, revoking: &[Arc<Slot>]) -> Result<(), TxnError> {
+        // Under the gate: no hand-off runs, so every record in the transaction belongs to a
+        // finished unit, which the offsets read now cover.
+        let txn = self.txn.exclusive();
+        let result = self.commit_exclusive(&txn, consumer, revoking);
+        for slot in revoking {
+            fence(slot);
+        }
+        result
+    }
+
+    fn commit_exclusive(
+        &self,
+        txn: &Exclusive<'_>,
+        consumer: &BaseConsumer<Ctx>,
+        revoking: &[Arc<Slot>],
+    ) -> Result<(), TxnError> {
+        let mut slots: Vec<Arc<Slot>> = self.slots().values().cloned().collect();
+        slots.extend(revoking.iter().cloned());
         let mut tpl = TopicPartitionList::new();
         let mut moved = Vec::new();
-        for slot in slots {
+        let mut records = false;
+        for slot in &slots {
+            records |= slot.in_txn.load(AtomicOrdering::SeqCst);
             let mut st = slot.lock();
             if st.fenced {
                 continue;
             }
             if let Some(next) = st.to_commit() {
-                if let Err(e) = tpl.add_partition_offset(
-                    &slot.labels.topic,
-                    slot.labels.partition,
-                    Offset::Offset(next),
-                ) {
+                let (topic, partition) = (&slot.labels.topic, slot.labels.partition);
+                if let Err(e) =
+                    tpl.add_partition_offset(topic, partition, Offset::Offset(next.offset))
+                {
                     tracing::error!(error = %e, "cannot build commit");
                     continue;
                 }
+                if !next.metadata.is_empty()
+                    && !self.maps_refused.load(AtomicOrdering::Relaxed)
+                    && let Some(mut el) = tpl.find_partition(topic, partition)
+                {
+                    el.set_metadata(&next.metadata);
+                }
+                moved.push((slot.clone(), next.offset));
                 st.committed = Some(next);
-                moved.push((slot.clone(), next));
             }
         }
-        if moved.is_empty() {
+        if moved.is_empty() && !records && !txn.unsettled() {
             return Ok(());
         }
         let issued = Instant::now();
-        match consumer.commit(&tpl, CommitMode::Sync) {
+        let result = txn.commit(&tpl, consumer.group_metadata().as_ref());
+        if let Err(e) = &result {
+            for (slot, _) in &moved {
+                slot.lock().committed = None;
+            }
+            if let TxnError::Pending(reason) = e {
+                // Undecided: the records stay in the transaction, and so do their flags.
+                tracing::warn!(%reason, "offset commit not finished; the next commit retries it");
+                return result;
+            }
+        }
+        // Decided: the next transaction is open, and nothing has handed off in it yet.
+        let in_txn: Vec<Arc<Slot>> = slots
+            .iter()
+            .filter(|s| s.in_txn.swap(false, AtomicOrdering::SeqCst))
+            .cloned()
+            .collect();
+        match &result {
             Ok(()) => {
                 self.metrics
                     .commit_seconds
@@ -368,16 +502,86 @@ impl Shared {
                         .get_or_create(&slot.labels)
                         .set(next);
                 }
-                Ok(())
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "offset commit failed; the next commit retries it");
-                for (slot, _) in moved {
-                    slot.lock().committed = None;
+            Err(TxnError::Aborted {
+                metadata_too_large, ..
+            }) => {
+                self.metrics.transaction_aborts.inc();
+                if *metadata_too_large && !self.maps_refused.swap(true, AtomicOrdering::Relaxed) {
+                    tracing::error!(
+                        "the brokers refuse the finished-offset maps (offset.metadata.max.bytes is below 4096): committing offsets without them, so a new owner redoes the work finished behind a waiting event, hand-offs included; raise offset.metadata.max.bytes or lower FH_MAX_OFFSET_SPAN"
+                    );
                 }
-                Err(e)
+                let assigned: Vec<Arc<Slot>> = in_txn
+                    .into_iter()
+                    .filter(|s| !revoking.iter().any(|r| Arc::ptr_eq(r, s)))
+                    .collect();
+                self.rewind(consumer, &assigned);
             }
+            Err(TxnError::Fatal(reason)) => self.fail(reason.clone()),
+            Err(TxnError::Pending(_)) => {} // Returned above.
         }
+        result
+    }
+
+    /// Start `slots` over from what the broker has committed for them, as a new owner would:
+    /// their hand-offs since were aborted with the transaction that held them. The old
+    /// state is fenced (its late results are dropped), and reading seeks back.
+    fn rewind(&self, consumer: &BaseConsumer<Ctx>, slots: &[Arc<Slot>]) {
+        if slots.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for slot in slots {
+            tpl.add_partition(&slot.labels.topic, slot.labels.partition);
+        }
+        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(c) => committed_metadata(&c),
+            Err(e) => {
+                return self.fail(format!(
+                    "cannot read the committed offsets to rewind to after an aborted transaction: {e}"
+                ));
+            }
+        };
+        let mut current = self.slots();
+        for old in slots {
+            let tp = (old.labels.topic.clone(), old.labels.partition);
+            if !current.get(&tp).is_some_and(|s| Arc::ptr_eq(s, old)) {
+                continue; // Revoked meanwhile.
+            }
+            fence(old);
+            let fresh = Slot::new(&tp.0, tp.1);
+            let point = committed
+                .iter()
+                .find(|(t, p, _, _)| *t == tp.0 && *p == tp.1);
+            let offset = match point {
+                Some((_, _, offset, metadata)) => {
+                    if let Ok(map) = FinishedMap::decode(metadata, *offset) {
+                        fresh.lock().resume(map);
+                    }
+                    Offset::Offset(*offset)
+                }
+                // Nothing committed yet: where a first owner starts (auto.offset.reset).
+                None => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&tp.0, tp.1, offset, Duration::from_secs(10)) {
+                return self.fail(format!(
+                    "cannot rewind {}/{} to {offset:?} after an aborted transaction: {e}",
+                    tp.0, tp.1
+                ));
+            }
+            tracing::info!(topic = %tp.0, partition = tp.1, ?offset, "rewound after an aborted transaction");
+            self.metrics.rewinds.get_or_create(&old.labels).inc();
+            current.insert(tp, Arc::new(fresh));
+        }
+    }
+
+    /// The consumer cannot go on: stop it (the host exits with this reason, and is
+    /// restarted from the last commit).
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "the Kafka consumer stops");
+        let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert(reason);
     }
 
     /// Turn a consumed message into its units of work.
@@ -450,22 +654,6 @@ impl Shared {
             poison: None,
         }
     }
-}
-
-/// Whether a failed commit may succeed if sent again by this member: not when the group has
-/// moved on without it (its generation or membership is gone).
-fn retriable_commit_error(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    !matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::IllegalGeneration
-                | C::UnknownMemberId
-                | C::RebalanceInProgress
-                | C::FencedInstanceId
-                | C::StaleMemberEpoch
-        )
-    )
 }
 
 /// Spawn the processing of ready units: one batch per group, retried units one by one
@@ -550,25 +738,78 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
             "batch done"
         );
     }
-    let fenced = || slot.lock().fenced;
-    let mut handed_off = true;
-    for f in &failures {
-        handed_off &= hand_off(&shared, &units[f.event], &events[f.event], f, &fenced).await;
+    if failures.is_empty() {
+        finish(&shared, &slot, &units);
+        slot.end();
+        shared.wake.notify();
+        return;
     }
-
-    let (ready, finished) = {
-        let mut st = slot.lock();
-        if st.fenced || !handed_off {
-            drop(st);
-            shared
-                .metrics
-                .fenced
-                .get_or_create(&slot.labels)
-                .inc_by(units.len() as u64);
+    // Hand the failures off in the open transaction, and finish the batch's units before
+    // a commit can come in between (the gate): every record committed belongs to a unit
+    // whose offset the same commit finishes.
+    let fenced = || slot.lock().fenced;
+    let mut waiting: Vec<&Failure> = failures.iter().collect();
+    let mut pending: Vec<Unit> = units.clone();
+    loop {
+        if fenced() {
+            break; // Rewound or revoked: the units are redone from the last commit.
+        }
+        let Some(gate) = shared.txn.enter().await else {
+            // Between transactions (one is being committed or aborted): wait for the next.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        // Fencing happens under the exclusive gate: checked here, it holds until the units
+        // are finished.
+        if fenced() {
+            break;
+        }
+        slot.in_txn.store(true, AtomicOrdering::SeqCst);
+        let mut wait = Duration::ZERO;
+        let mut still = Vec::new();
+        for f in waiting {
+            match hand_off(&shared, &units[f.event], &events[f.event], f, &fenced).await {
+                HandOff::Done => {}
+                HandOff::Wait(d) => {
+                    wait = wait.max(d);
+                    still.push(f);
+                }
+                HandOff::GaveUp => return unfinished(&shared, &slot, units.len()),
+                HandOff::Abort(reason) => {
+                    shared.txn.poison(reason);
+                    return unfinished(&shared, &slot, units.len());
+                }
+            }
+        }
+        // Finish all but the units still waiting for the dead-letter topic.
+        let (ready, rest): (Vec<Unit>, Vec<Unit>) = pending
+            .into_iter()
+            .partition(|u| !still.iter().any(|f| units[f.event].offset == u.offset));
+        if !finish(&shared, &slot, &ready) {
+            drop(gate);
+            return unfinished(&shared, &slot, rest.len());
+        }
+        drop(gate);
+        if still.is_empty() {
             slot.end();
+            shared.wake.notify();
             return;
         }
-        let finished = st.complete(&units);
+        (waiting, pending) = (still, rest);
+        tokio::time::sleep(wait).await;
+    }
+    unfinished(&shared, &slot, pending.len());
+}
+
+/// Finish `units` (written or handed off) and dispatch what became ready; false (nothing
+/// finished) if the partition was fenced.
+fn finish(shared: &Arc<Shared>, slot: &Arc<Slot>, units: &[Unit]) -> bool {
+    let (ready, finished) = {
+        let mut st = slot.lock();
+        if st.fenced {
+            return false;
+        }
+        let finished = st.complete(units);
         let ready = st.take_ready();
         shared
             .metrics
@@ -584,23 +825,30 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
         .inc_by(finished as u64);
     // Dispatch what became ready before this batch stops counting as running: a revoke
     // draining the partition must not see it idle in between.
-    spawn_ready(&shared, &slot, ready);
+    spawn_ready(shared, slot, ready);
+    true
+}
+
+/// A batch whose units do not finish here (fenced, or its transaction aborted): the next
+/// owner, or this one after the rewind, redoes them.
+fn unfinished(shared: &Shared, slot: &Slot, units: usize) {
+    shared
+        .metrics
+        .fenced
+        .get_or_create(&slot.labels)
+        .inc_by(units as u64);
     slot.end();
     shared.wake.notify();
 }
 
-/// Send a failed unit to its group's retry topic, or dead-letter it. Returns false if the
-/// partition was fenced before the broker acknowledged (the unit must not finish).
+/// Send a failed unit to its group's retry topic, or dead-letter it.
 async fn hand_off(
     shared: &Shared,
     unit: &Unit,
     event: &Event,
     failure: &Failure,
     fenced: &impl Fn() -> bool,
-) -> bool {
-    if fenced() {
-        return false; // The next owner re-reads it; a hand-off now would be a duplicate.
-    }
+) -> HandOff {
     let runtime = shared.pipeline.runtime(unit.group);
     let def = &runtime.def;
     let now = now_ms();
@@ -636,7 +884,8 @@ async fn hand_off(
         }
     };
     super::handoff::hand_off(
-        &shared.republisher,
+        shared.txn.republisher(),
+        &shared.txn.refusals,
         &shared.metrics,
         def,
         event,
@@ -663,7 +912,7 @@ pub async fn run(
     consume(
         &client,
         &run.kafka_group_id,
-        StreamSettings::from_run(run),
+        StreamSettings::from_run(run)?,
         pipeline,
         shutdown,
     )
@@ -688,8 +937,17 @@ pub async fn consume(
     }
     super::topics::provision(client, pipeline.runtimes().iter().map(|g| &g.def)).await?;
     let metrics = pipeline.metrics().clone();
+    let max_buffered_bytes = settings.limits.max_buffered_bytes;
+    let transactional_id = settings
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("feature-host-{group_id}-{:016x}", rand::random::<u64>()));
+    let txn = Transactions::new(client, &transactional_id, settings.transaction_timeout)?;
+    let txn = tokio::task::spawn_blocking(move || txn.start().map(|()| txn)).await??;
+    tracing::info!(%transactional_id, "hand-off transactions ready");
     let shared = Arc::new(Shared {
-        republisher: Republisher::new(client)?,
+        txn,
+        failed: Mutex::new(None),
         pipeline: pipeline.clone(),
         settings,
         runtime: tokio::runtime::Handle::current(),
@@ -699,6 +957,7 @@ pub async fn consume(
         wake: Arc::new(Wake::default()),
         retry_topics,
         metrics,
+        maps_refused: AtomicBool::new(false),
     });
     let mut consumer_cfg = client.cfg.clone();
     consumer_cfg
@@ -706,14 +965,17 @@ pub async fn consume(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Retry topics: only hand-offs whose transaction committed (with the offsets that
+        // finished their source events) are read.
+        .set("isolation.level", "read_committed");
     if consumer_cfg.get("statistics.interval.ms").is_none() {
         consumer_cfg.set("statistics.interval.ms", "5000");
     }
     // The client's prefetch per partition is the other half of the memory bound: it stops
     // fetching a partition whose local queue holds this much.
     if consumer_cfg.get("queued.max.messages.kbytes").is_none() {
-        let kb = (settings.limits.max_buffered_bytes / 1024).clamp(1, 2_097_151);
+        let kb = (max_buffered_bytes / 1024).clamp(1, 2_097_151);
         consumer_cfg.set("queued.max.messages.kbytes", kb.to_string());
     }
     let mut consumer: BaseConsumer<Ctx> = consumer_cfg
@@ -734,7 +996,7 @@ pub async fn consume(
     consumer
         .subscribe(&refs)
         .with_context(|| format!("cannot subscribe to {topics:?}"))?;
-    tracing::info!(?topics, group_id, ?settings, "consuming");
+    tracing::info!(?topics, group_id, settings = ?shared.settings, "consuming");
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = {
@@ -744,11 +1006,27 @@ pub async fn consume(
             .spawn(move || poll_loop(shared, consumer, stop))
             .context("cannot start the Kafka poll thread")?
     };
-    let _ = shutdown.wait_for(|s| *s).await;
-    stop.store(true, AtomicOrdering::SeqCst);
-    tokio::task::spawn_blocking(move || poller.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the Kafka poll thread panicked"))?;
+    // Until shutdown, or until the poll thread stops on its own (the consumer failed).
+    let mut poller = tokio::task::spawn_blocking(move || poller.join());
+    let requested = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    let joined = tokio::select! {
+        () = requested => {
+            stop.store(true, AtomicOrdering::SeqCst);
+            poller.await
+        }
+        joined = &mut poller => joined,
+    };
+    joined?.map_err(|_| anyhow::anyhow!("the Kafka poll thread panicked"))?;
+    if let Some(reason) = shared
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        anyhow::bail!("the Kafka consumer stopped: {reason}");
+    }
     tracing::info!("consumer stopped");
     Ok(())
 }
@@ -822,13 +1100,19 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
             shared.wake.wait(Duration::from_millis(20));
         }
         if last_commit.elapsed() >= shared.settings.commit_interval {
-            let slots: Vec<_> = shared.slots().values().cloned().collect();
-            // Synchronous: one broker round trip per interval on this thread (fetching goes on
-            // in librdkafka's threads meanwhile), and a failed commit is known here and
-            // retried by the next one. (Async commit results never reach this consumer: its
-            // partition queues are split off the main queue.)
-            let _ = shared.commit(&consumer, &slots);
+            // Synchronous, on this thread: a transaction's round trips per interval (fetching
+            // goes on in librdkafka's threads meanwhile); a failed commit is known here, and
+            // the next one carries its offsets.
+            let _ = shared.commit(&consumer, &[]);
             last_commit = Instant::now();
+        }
+        if shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            break;
         }
     }
     tracing::info!("shutting down: draining in-flight work");
@@ -885,14 +1169,50 @@ fn deliver_to(shared: &Shared, slot: &Arc<Slot>, event: Event, touched: &mut Vec
     let units = shared.units(&event);
     shared.metrics.events.get_or_create(&slot.labels).inc();
     let mut st = slot.lock();
-    if let Err(e) = st.deliver(event.offset, event.payload.len(), units) {
-        // Only a client bug could cause this; nothing past this offset is committed without
-        // the tracker's say, so it is not lost.
-        tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
-        return;
+    match st.deliver(event.offset, event.payload.len(), units) {
+        Ok(Delivered::Skipped) => {
+            shared.metrics.skipped.get_or_create(&slot.labels).inc();
+        }
+        Ok(Delivered::Queued | Delivered::Unrouted) => {}
+        Err(e) => {
+            // Only a client bug could cause this; nothing past this offset is committed
+            // without the tracker's say, so it is not lost.
+            tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
+            return;
+        }
     }
     drop(st);
     if !touched.iter().any(|s| Arc::ptr_eq(s, slot)) {
         touched.push(slot.clone());
     }
+}
+
+/// Each partition's committed offset and metadata, the metadata as raw bytes: rust-rdkafka's
+/// `metadata()` panics on bytes that are not UTF-8, and whoever may commit for the group can
+/// write any. Partitions without a committed offset are left out.
+fn committed_metadata(tpl: &TopicPartitionList) -> Vec<(String, i32, i64, Vec<u8>)> {
+    // SAFETY: `tpl` owns a valid list of `cnt` elements for the whole borrow; each element's
+    // topic is a NUL-terminated string and a non-null `metadata` points at `metadata_size`
+    // bytes, all owned by the list.
+    let raw = unsafe { &*tpl.ptr() };
+    let elems: &[rdkafka::bindings::rd_kafka_topic_partition_t] = match raw.cnt {
+        n if n > 0 && !raw.elems.is_null() => unsafe {
+            std::slice::from_raw_parts(raw.elems, n as usize)
+        },
+        _ => &[],
+    };
+    elems
+        .iter()
+        .filter(|el| el.offset >= 0)
+        .map(|el| {
+            let topic = unsafe { std::ffi::CStr::from_ptr(el.topic) }.to_string_lossy();
+            let metadata = if el.metadata.is_null() {
+                Vec::new()
+            } else {
+                unsafe { std::slice::from_raw_parts(el.metadata.cast::<u8>(), el.metadata_size) }
+                    .to_vec()
+            };
+            (topic.into_owned(), el.partition, el.offset, metadata)
+        })
+        .collect()
 }

@@ -246,34 +246,76 @@ pub fn to_event(m: &BorrowedMessage<'_>) -> Event {
     }
 }
 
-/// Publishes events to retry and dead-letter topics and waits for the acknowledgement.
+/// Publishes events to retry and dead-letter topics and waits for the acknowledgement —
+/// inside the consumer's open transaction ([`super::transaction`]) or, for `dlq replay`,
+/// on its own.
 #[derive(Clone)]
 pub struct Republisher {
     producer: FutureProducer<KafkaContext>,
+    transactional: bool,
 }
 
 impl Republisher {
+    /// A plain idempotent producer: each record is acknowledged on its own.
     pub fn new(client: &KafkaClient) -> anyhow::Result<Republisher> {
-        let producer = client
-            .cfg
-            .clone()
+        Republisher::create(client.cfg.clone(), client, false, Duration::from_secs(30))
+    }
+
+    /// A transactional producer with `transactional_id` whose transactions the broker aborts
+    /// `timeout` after they were opened unless committed (a crashed host's open one included).
+    /// [`super::transaction::Transactions::start`] opens the first transaction.
+    pub fn transactional(
+        client: &KafkaClient,
+        transactional_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Republisher> {
+        let mut cfg = client.cfg.clone();
+        cfg.set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", timeout.as_millis().to_string());
+        Republisher::create(cfg, client, true, timeout)
+    }
+
+    /// `delivery_timeout`: how long the client tries to deliver a record (librdkafka
+    /// requires at most the transaction timeout).
+    fn create(
+        mut cfg: ClientConfig,
+        client: &KafkaClient,
+        transactional: bool,
+        delivery_timeout: Duration,
+    ) -> anyhow::Result<Republisher> {
+        let producer = cfg
             // Idempotent: the client's own resends after a lost acknowledgement are not
             // appended twice (acks=all comes with it).
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
+            .set(
+                "message.timeout.ms",
+                delivery_timeout
+                    .min(Duration::from_secs(30))
+                    .as_millis()
+                    .to_string(),
+            )
             .create_with_context(client.context())
             .context("cannot create Kafka producer")?;
-        Ok(Republisher { producer })
+        Ok(Republisher {
+            producer,
+            transactional,
+        })
+    }
+
+    pub fn producer(&self) -> &FutureProducer<KafkaContext> {
+        &self.producer
     }
 
     /// Publish `event`'s key and payload with `headers` to `topic`, stamped with the time of
-    /// the hand-off (the event time travels in `headers`: see [`super::envelope`]), retrying
-    /// transient failures with backoff until the broker acknowledges. A permanent refusal
-    /// ([`permanent`]: too large for the topic, not authorized, an invalid record) returns at
-    /// once — resending would never succeed and would hold the partition's low watermark
-    /// forever. Gives up if `give_up` turns true first (the partition was revoked and will be
-    /// re-read).
+    /// the hand-off (the event time travels in `headers`: see [`super::envelope`]).
+    ///
+    /// A permanent refusal ([`permanent`]: too large for the topic, not authorized, an
+    /// invalid record) returns at once — resending would never succeed and would hold the
+    /// partition's low watermark forever. Otherwise a plain producer retries with backoff
+    /// until the broker acknowledges, or `give_up` turns true (the partition was revoked and
+    /// will be re-read). A transactional one makes one attempt: a failed delivery fails the
+    /// whole transaction, which is aborted and redone ([`Published::Aborts`]).
     pub async fn publish(
         &self,
         topic: &str,
@@ -297,18 +339,45 @@ impl Republisher {
             if let Some(k) = &event.key {
                 record = record.key(k);
             }
-            match self.producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return Published::Acknowledged,
+            // Refused when queued (the client's own size check, say): nothing entered the
+            // transaction, so a fallback may follow in it.
+            let delivery = match self.producer.send_result(record) {
+                Ok(d) => d,
                 Err((e, _)) => match e.rdkafka_error_code().filter(|c| permanent(*c)) {
                     Some(code) => {
-                        tracing::error!(error = %e, topic, "the broker refused the republish for good");
+                        tracing::error!(error = %e, topic, "the client refused the republish for good");
                         return Published::Refused(code);
                     }
                     None => {
-                        tracing::error!(error = %e, topic, "republish failed; retrying (the source offset stays uncommitted)");
+                        tracing::warn!(error = %e, topic, "republish not queued; retrying");
+                        if give_up() {
+                            return Published::GaveUp;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
                     }
                 },
+            };
+            let failed = match delivery.await {
+                Ok(Ok(_)) => return Published::Acknowledged,
+                Ok(Err((e, _))) => e,
+                Err(_canceled) => rdkafka::error::KafkaError::Canceled,
+            };
+            let code = failed.rdkafka_error_code();
+            let refused = code.filter(|c| permanent(*c));
+            if self.transactional {
+                tracing::error!(error = %failed, topic, "republish failed; its transaction is aborted and redone");
+                return Published::Aborts {
+                    refused,
+                    reason: failed.to_string(),
+                };
             }
+            if let Some(code) = refused {
+                tracing::error!(error = %failed, topic, "the broker refused the republish for good");
+                return Published::Refused(code);
+            }
+            tracing::error!(error = %failed, topic, "republish failed; retrying (the source offset stays uncommitted)");
             if give_up() {
                 return Published::GaveUp;
             }
@@ -319,13 +388,20 @@ impl Republisher {
 }
 
 /// How a republish ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Published {
     Acknowledged,
     /// The caller stopped waiting (revoke): nothing is known about the message.
     GaveUp,
-    /// The broker (or the client, for an oversized record) will never accept it.
+    /// The broker (or the client, for an oversized record) will never accept it; nothing
+    /// else was affected.
     Refused(RDKafkaErrorCode),
+    /// Transactional only: the delivery failed, and with it the open transaction, which must
+    /// be aborted. `refused`: the broker will never accept this record.
+    Aborts {
+        refused: Option<RDKafkaErrorCode>,
+        reason: String,
+    },
 }
 
 /// Produce errors that no resend can cure.

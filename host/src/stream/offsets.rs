@@ -74,6 +74,15 @@ impl OffsetTracker {
         }
     }
 
+    /// Finished offsets above the low watermark, increasing: what a new owner may skip
+    /// ([`super::offset_map`]).
+    pub fn finished_above(&self) -> impl Iterator<Item = i64> + '_ {
+        self.window
+            .iter()
+            .filter(|(_, done)| *done)
+            .map(|(o, _)| *o)
+    }
+
     /// Messages delivered and not finished.
     pub fn in_flight(&self) -> usize {
         self.window.len() - self.done_in_window
@@ -126,10 +135,12 @@ mod tests {
         t.finish(15).unwrap();
         t.finish(11).unwrap();
         assert_eq!(t.committable(), Some(10), "10 still in flight");
+        assert_eq!(t.finished_above().collect::<Vec<_>>(), vec![11, 15]);
         t.finish(10).unwrap();
         assert_eq!(t.committable(), Some(16), "gap 12..14 does not block");
         t.finish(16).unwrap();
         assert_eq!(t.committable(), Some(17));
+        assert_eq!(t.finished_above().count(), 0);
         assert_eq!(t.in_flight(), 0);
     }
 

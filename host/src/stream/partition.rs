@@ -1,10 +1,12 @@
 //! The bookkeeping of one assigned partition: delivered offsets and the low watermark
 //! ([`OffsetTracker`]), which units may run ([`Lanes`]), how many events and bytes are in
-//! flight (backpressure), and whether the partition was revoked (fencing).
+//! flight (backpressure), what the previous owner finished above its commit
+//! ([`FinishedMap`]: skipped), and whether the partition was revoked (fencing).
 //!
 //! Pure state with no I/O, so every rule is unit-tested; the consumer holds it under a mutex.
 
 use super::lanes::{LaneKey, Lanes};
+use super::offset_map::FinishedMap;
 use super::offsets::{OffsetError, OffsetTracker};
 use crate::event::Event;
 use std::collections::HashMap;
@@ -48,6 +50,25 @@ pub struct Unit {
     pub poison: Option<String>,
 }
 
+/// What became of a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Its units wait in their lanes.
+    Queued,
+    /// Routed to no group: finished at once.
+    Unrouted,
+    /// The previous owner finished it (its commit's map says so): finished at once.
+    Skipped,
+}
+
+/// An offset commit to send: the low watermark and the finished offsets above it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub offset: i64,
+    /// [`FinishedMap::encode`] of the offsets finished above `offset`.
+    pub metadata: String,
+}
+
 #[derive(Debug)]
 struct Pending {
     groups_left: usize,
@@ -64,8 +85,10 @@ pub struct PartitionState {
     pub paused: bool,
     /// Revoked or lost: results that arrive now are dropped, nothing is committed.
     pub fenced: bool,
-    /// Last offset committed (or known committed) for this partition.
-    pub committed: Option<i64>,
+    /// Last commit sent (or known committed) for this partition.
+    pub committed: Option<Commit>,
+    /// Offsets the previous owner finished above its commit.
+    skip: FinishedMap,
 }
 
 impl Default for PartitionState {
@@ -78,22 +101,34 @@ impl Default for PartitionState {
             paused: false,
             fenced: false,
             committed: None,
+            skip: FinishedMap::default(),
         }
     }
 }
 
 impl PartitionState {
+    /// Resume where the previous owner committed: `skip` holds what it finished above its
+    /// committed offset.
+    pub fn resume(&mut self, skip: FinishedMap) {
+        self.skip = skip;
+    }
+
     /// Register a delivered message (`bytes` of payload) and its units. A message with no
-    /// units (routed nowhere) finishes at once.
+    /// units (routed nowhere), or one the previous owner finished, finishes at once.
     pub fn deliver(
         &mut self,
         offset: i64,
         bytes: usize,
         units: Vec<Unit>,
-    ) -> Result<(), OffsetError> {
+    ) -> Result<Delivered, OffsetError> {
         self.tracker.deliver(offset)?;
+        if self.skip.contains(offset) {
+            self.tracker.finish(offset)?;
+            return Ok(Delivered::Skipped);
+        }
         if units.is_empty() {
-            return self.tracker.finish(offset);
+            self.tracker.finish(offset)?;
+            return Ok(Delivered::Unrouted);
         }
         self.buffered_bytes += bytes;
         self.pending.insert(
@@ -106,7 +141,7 @@ impl PartitionState {
         for u in units {
             self.lanes.submit(u.lane, u);
         }
-        Ok(())
+        Ok(Delivered::Queued)
     }
 
     /// Units that may run now.
@@ -153,10 +188,17 @@ impl PartitionState {
         self.tracker.committable()
     }
 
-    /// The offset to commit if it moved since the last commit.
-    pub fn to_commit(&self) -> Option<i64> {
-        let c = self.low_watermark()?;
-        (self.committed.is_none_or(|done| c > done)).then_some(c)
+    /// The commit to send if the low watermark or the finished offsets above it changed
+    /// since the last one. The map is what lets a revoke hand over the work finished behind
+    /// a waiting event, so it is committed even when the watermark stands still.
+    pub fn to_commit(&self) -> Option<Commit> {
+        let offset = self.low_watermark()?;
+        let metadata = FinishedMap::new(offset, self.tracker.finished_above()).encode();
+        let next = Commit { offset, metadata };
+        match &self.committed {
+            Some(done) if done.offset > offset || *done == next => None,
+            _ => Some(next),
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -233,15 +275,73 @@ mod tests {
         let mut p = PartitionState::default();
         let e5 = event(5, "a", 1);
         p.deliver(e5.offset, e5.payload.len(), vec![]).unwrap();
-        assert_eq!(p.to_commit(), Some(6));
-        p.committed = Some(6);
+        let at = |offset: i64| Commit {
+            offset,
+            metadata: String::new(),
+        };
+        assert_eq!(p.to_commit(), Some(at(6)));
+        p.committed = Some(at(6));
         assert_eq!(p.to_commit(), None, "nothing new to commit");
         let e9 = event(9, "a", 1);
         p.deliver(e9.offset, e9.payload.len(), vec![unit(&e9, 0)])
             .unwrap();
         let r = p.take_ready();
         p.complete(&r);
-        assert_eq!(p.to_commit(), Some(10));
+        assert_eq!(p.to_commit(), Some(at(10)));
+    }
+
+    /// Deliver `offsets` (one unit of group 0 each, distinct keys) and finish `done`.
+    fn run(p: &mut PartitionState, offsets: std::ops::Range<i64>, done: &[i64]) {
+        for o in offsets {
+            let e = event(o, &format!("k{o}"), 1);
+            p.deliver(o, 1, vec![unit(&e, 0)]).unwrap();
+        }
+        let ready = p.take_ready();
+        let finished: Vec<Unit> = ready
+            .into_iter()
+            .filter(|u| done.contains(&u.offset))
+            .collect();
+        p.complete(&finished);
+    }
+
+    #[test]
+    fn work_finished_behind_a_waiting_event_is_committed_in_the_map() {
+        let mut p = PartitionState::default();
+        run(&mut p, 0..6, &[1, 2, 4]);
+        let c = p.to_commit().unwrap();
+        assert_eq!(c.offset, 0, "offset 0 waits");
+        assert_eq!(c.metadata, FinishedMap::new(0, [1, 2, 4]).encode());
+        p.committed = Some(c);
+        assert_eq!(p.to_commit(), None);
+        // More finished behind the waiting one: a new commit though the watermark stands.
+        let e5 = event(5, "k5", 1);
+        p.complete(&[unit(&e5, 0)]);
+        let c = p.to_commit().expect("the map changed");
+        assert_eq!(
+            (c.offset, c.metadata),
+            (0, FinishedMap::new(0, [1, 2, 4, 5]).encode())
+        );
+    }
+
+    #[test]
+    fn a_new_owner_skips_what_the_map_says_was_finished() {
+        let mut previous = PartitionState::default();
+        run(&mut previous, 0..6, &[1, 2, 4]);
+        let commit = previous.to_commit().unwrap();
+
+        let mut next = PartitionState::default();
+        next.resume(FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap());
+        let mut skipped = Vec::new();
+        for o in commit.offset..6 {
+            let e = event(o, &format!("k{o}"), 1);
+            if next.deliver(o, 1, vec![unit(&e, 0)]).unwrap() == Delivered::Skipped {
+                skipped.push(o);
+            }
+        }
+        assert_eq!(skipped, vec![1, 2, 4]);
+        let ready: Vec<i64> = next.take_ready().iter().map(|u| u.offset).collect();
+        assert_eq!(ready, vec![0, 3, 5], "only the unfinished run again");
+        assert_eq!(next.in_flight(), 3);
     }
 
     #[test]

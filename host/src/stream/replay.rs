@@ -103,7 +103,11 @@ pub async fn replay(
             format!("feature-host-dlq-replay-{:08x}", rand::random::<u32>()),
         )
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
+        // Hand-offs are transactional: only committed dead letters are replayed, and a
+        // partition's end may be a transaction marker, which is never delivered — the
+        // end-of-partition event says the reader got there.
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
         .create_with_context(client.context())
         .context("cannot create the replay consumer")?;
     let (topic, consumer) = (dead_letter_topic.to_owned(), std::sync::Arc::new(consumer));
@@ -162,7 +166,13 @@ pub async fn replay(
             .await?
         };
         let Some(message) = message else { continue };
-        let message = message.with_context(|| format!("reading {topic}"))?;
+        let message = match message {
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                remaining.remove(&p);
+                continue;
+            }
+            m => m.with_context(|| format!("reading {topic}"))?,
+        };
         if let Some(end) = remaining.get(&message.partition)
             && message.offset + 1 >= *end
         {
@@ -224,7 +234,8 @@ pub async fn replay(
                         "the retry topic refused a replayed dead letter; it stays in the dead-letter topic");
                     summary.refused += 1;
                 }
-                super::kafka::Published::GaveUp => {}
+                // A plain producer neither gives up (`|| false`) nor aborts.
+                super::kafka::Published::GaveUp | super::kafka::Published::Aborts { .. } => {}
             }
         }
     }

@@ -1,0 +1,268 @@
+//! Transactional hand-off: the records a host hands to retry and dead-letter topics and the
+//! offset commits that finish their source events are committed in one Kafka transaction.
+//!
+//! **Guarantee.** A hand-off record becomes visible to `read_committed` readers — the host's
+//! own retry consumer, `dlq replay`, and anyone reading the topics with that isolation level —
+//! exactly when the commit that finishes its source offset (in the low watermark or the
+//! finished-offset map, [`super::offset_map`]) is. A host that dies leaves its open
+//! transaction to the broker, which aborts it `FH_KAFKA_TRANSACTION_TIMEOUT` after it was
+//! opened (at once when a host with the same `FH_KAFKA_TRANSACTIONAL_ID` starts); the next
+//! owner hands the events off again — for the first time, as far as any reader can tell. A
+//! zombie (a member the group has moved on from) is fenced: its offsets carry its group
+//! generation (KIP-447), the coordinator refuses them, and its transaction aborts.
+//!
+//! **How.** A transaction is open between commits. A batch's hand-offs and the finishing of
+//! its units happen under a shared [`gate`](Transactions::enter), only while the transaction
+//! is open; a commit takes the gate exclusively, so every record in the transaction belongs
+//! to a finished unit, and the offsets sent with it cover that unit. A failed delivery fails
+//! the transaction (Kafka cannot drop one record of it): the hand-off
+//! [poisons](Transactions::poison) it, and the commit aborts it instead; the consumer then
+//! rewinds every partition that handed off in it to its last commit, as a rebalance would.
+//! A commit or abort the brokers cannot answer now (an outage) is retried at the next
+//! interval; hand-offs wait for the next transaction meanwhile.
+//!
+//! **Limit.** `read_committed` readers of a partition wait behind an open transaction: after
+//! a crash, a retry or dead letter of the crashed host's partitions is read up to
+//! `FH_KAFKA_TRANSACTION_TIMEOUT` late.
+
+use super::handoff::Refusals;
+use super::kafka::{KafkaClient, Republisher};
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why a commit did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// The transaction was aborted (and the next one opened): its records are gone, its
+    /// offsets not committed. Partitions that handed off in it must be rewound.
+    #[error("transaction aborted: {reason}")]
+    Aborted {
+        reason: String,
+        /// The brokers refused the offsets' metadata as too large.
+        metadata_too_large: bool,
+    },
+    /// The brokers did not answer in time: the commit (or the abort) is retried by the next
+    /// call; nothing is decided yet.
+    #[error("transaction not finished yet: {0}")]
+    Pending(String),
+    /// The producer cannot go on (fenced by another producer with its transactional id, or
+    /// an unrecoverable client error): the consumer must stop.
+    #[error("transactional producer failed for good: {0}")]
+    Fatal(String),
+}
+
+/// Where the transaction is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Hand-offs may add records.
+    Open,
+    /// `commit_transaction` did not finish; call it again.
+    Committing,
+    /// Must be aborted (a delivery or the commit failed).
+    Doomed {
+        reason: String,
+        metadata_too_large: bool,
+    },
+}
+
+/// The consumer's transactional producer and the open transaction's state.
+pub struct Transactions {
+    republisher: Republisher,
+    gate: tokio::sync::RwLock<()>,
+    state: Mutex<State>,
+    /// Permanent refusals kept across aborts ([`super::handoff`]).
+    pub refusals: Refusals,
+    /// How long one transactional call may block the poll thread.
+    call_timeout: Duration,
+}
+
+impl Transactions {
+    /// A transactional producer with `id` (unique per live host) and the broker-side
+    /// `timeout` of its transactions. Call [`start`](Self::start) before the first hand-off.
+    pub fn new(client: &KafkaClient, id: &str, timeout: Duration) -> anyhow::Result<Self> {
+        Ok(Transactions {
+            republisher: Republisher::transactional(client, id, timeout)?,
+            gate: tokio::sync::RwLock::new(()),
+            state: Mutex::new(State::Open),
+            refusals: Refusals::default(),
+            call_timeout: timeout.min(Duration::from_secs(10)),
+        })
+    }
+
+    /// Register the transactional id (fencing an earlier producer with it, whose open
+    /// transaction is aborted) and open the first transaction. Blocking.
+    pub fn start(&self) -> anyhow::Result<()> {
+        let p = self.republisher.producer();
+        p.init_transactions(Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("cannot initialize Kafka transactions: {e} (the brokers must allow transactions, and the principal needs Write and Describe on its transactional id)"))?;
+        p.begin_transaction()
+            .map_err(|e| anyhow::anyhow!("cannot begin a Kafka transaction: {e}"))
+    }
+
+    pub fn republisher(&self) -> &Republisher {
+        &self.republisher
+    }
+
+    /// Enter the shared gate: hold it from a batch's first hand-off until its units are
+    /// finished, so that no commit falls in between. `None` while no transaction takes
+    /// records (one is being committed or must be aborted): try again shortly.
+    pub async fn enter(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let gate = self.gate.read().await;
+        (*self.state() == State::Open).then_some(gate)
+    }
+
+    /// A delivery in the open transaction failed: the next commit aborts it.
+    pub fn poison(&self, reason: String) {
+        let mut state = self.state();
+        if !matches!(*state, State::Doomed { .. }) {
+            *state = State::Doomed {
+                reason,
+                metadata_too_large: false,
+            };
+        }
+    }
+
+    /// Whether the open transaction must be aborted.
+    pub fn poisoned(&self) -> bool {
+        matches!(*self.state(), State::Doomed { .. })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold the gate exclusively: no hand-off is in progress or starts until it is dropped.
+    /// Blocking (the poll thread): waits for the hand-offs in progress.
+    pub fn exclusive(&self) -> Exclusive<'_> {
+        Exclusive {
+            txn: self,
+            _gate: self.gate.blocking_write(),
+        }
+    }
+}
+
+/// The transaction with no hand-off in progress: what to commit is read under it.
+pub struct Exclusive<'a> {
+    txn: &'a Transactions,
+    _gate: tokio::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl Exclusive<'_> {
+    /// Whether the transaction must be aborted (or its commit finished) before anything else.
+    pub fn unsettled(&self) -> bool {
+        *self.txn.state() != State::Open
+    }
+
+    /// Commit the open transaction with `offsets` (and their metadata) for `group`, then open
+    /// the next. A transaction that must be aborted is aborted instead, and one whose commit
+    /// did not finish is finished (`offsets` wait for the next call). Blocking.
+    pub fn commit(
+        &self,
+        offsets: &TopicPartitionList,
+        group: Option<&ConsumerGroupMetadata>,
+    ) -> Result<(), TxnError> {
+        let txn = self.txn;
+        let p = txn.republisher.producer();
+        let state = txn.state().clone();
+        match state {
+            State::Doomed {
+                reason,
+                metadata_too_large,
+            } => return txn.abort(reason, metadata_too_large),
+            State::Committing => return txn.finish_commit(),
+            State::Open => {}
+        }
+        if offsets.count() > 0 {
+            let Some(group) = group else {
+                return Err(TxnError::Pending(
+                    "the consumer has no group metadata yet".into(),
+                ));
+            };
+            if let Err(e) = p.send_offsets_to_transaction(offsets, group, txn.call_timeout) {
+                return match classify(&e) {
+                    Class::Retry => Err(TxnError::Pending(format!("offsets not sent: {e}"))),
+                    Class::Fatal => Err(TxnError::Fatal(e.to_string())),
+                    Class::Abort => {
+                        let too_large = e.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::OffsetMetadataTooLarge);
+                        txn.abort(format!("offsets refused: {e}"), too_large)
+                    }
+                };
+            }
+        }
+        *txn.state() = State::Committing;
+        txn.finish_commit()
+    }
+}
+
+impl Transactions {
+    /// `commit_transaction`, then the next transaction.
+    fn finish_commit(&self) -> Result<(), TxnError> {
+        let p = self.republisher.producer();
+        if let Err(e) = p.commit_transaction(self.call_timeout) {
+            return match classify(&e) {
+                Class::Retry => Err(TxnError::Pending(format!("commit not finished: {e}"))),
+                Class::Fatal => Err(TxnError::Fatal(e.to_string())),
+                Class::Abort => self.abort(format!("commit failed: {e}"), false),
+            };
+        }
+        self.refusals.committed();
+        self.begin()
+    }
+
+    /// Abort the transaction and open the next: `Aborted`, or `Pending` (the state stays
+    /// doomed) when the brokers do not answer.
+    fn abort(&self, reason: String, metadata_too_large: bool) -> Result<(), TxnError> {
+        *self.state() = State::Doomed {
+            reason: reason.clone(),
+            metadata_too_large,
+        };
+        let p = self.republisher.producer();
+        if let Err(e) = p.abort_transaction(self.call_timeout) {
+            return match classify(&e) {
+                Class::Fatal => Err(TxnError::Fatal(format!(
+                    "cannot abort the transaction: {e}"
+                ))),
+                _ => Err(TxnError::Pending(format!("abort not finished: {e}"))),
+            };
+        }
+        tracing::warn!(%reason, "Kafka transaction aborted; partitions that handed off in it are rewound to their last commit");
+        self.refusals.aborted();
+        self.begin()?;
+        Err(TxnError::Aborted {
+            reason,
+            metadata_too_large,
+        })
+    }
+
+    fn begin(&self) -> Result<(), TxnError> {
+        self.republisher
+            .producer()
+            .begin_transaction()
+            .map_err(|e| TxnError::Fatal(format!("cannot begin the next transaction: {e}")))?;
+        *self.state() = State::Open;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Retry,
+    Abort,
+    Fatal,
+}
+
+fn classify(e: &KafkaError) -> Class {
+    match e {
+        KafkaError::Transaction(t) if t.is_fatal() => Class::Fatal,
+        KafkaError::Transaction(t) if t.txn_requires_abort() => Class::Abort,
+        KafkaError::Transaction(t) if t.is_retriable() => Class::Retry,
+        KafkaError::Transaction(_) => Class::Abort,
+        // The flush before a commit timed out: not decided yet.
+        _ => Class::Retry,
+    }
+}
