@@ -177,8 +177,10 @@ pub struct RunSettings {
     pub kafka_transactional_id: Option<String>,
 
     /// Kafka: how long the broker lets a hand-off transaction stay open before aborting it
-    /// (a crashed host's: retries and dead letters behind it are read this late).
-    #[arg(long, env = "FH_KAFKA_TRANSACTION_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    /// (a crashed host's: retries and dead letters behind it are read up to this late, unless
+    /// a host with the same FH_KAFKA_TRANSACTIONAL_ID starts first). At least twice
+    /// FH_COMMIT_INTERVAL; at most the brokers' transaction.max.timeout.ms (15 min).
+    #[arg(long, env = "FH_KAFKA_TRANSACTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub kafka_transaction_timeout: Duration,
 
     /// Kafka: attempts of a failing store write (in place, 100 ms backoff doubling) before

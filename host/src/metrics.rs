@@ -190,6 +190,8 @@ pub struct Metrics {
     pub transaction_aborts: Counter,
     /// Times a partition was rewound to its last commit after an aborted transaction.
     pub rewinds: Family<PartitionLabels, Counter>,
+    /// Hand-offs acknowledged in the open transaction, not committed yet.
+    pub transaction_pending_records: Gauge,
     /// Hand-offs a retry or dead-letter topic refused for good (too large, not authorized):
     /// the event went to the dead-letter topic, as a stub, or waits.
     pub handoff_refusals: Family<GroupLabels, Counter>,
@@ -263,7 +265,7 @@ impl Metrics {
             ),
             fenced: reg!(
                 "consumer_fenced_results",
-                "Late results of revoked partitions dropped, not committed"
+                "Late results dropped, not committed: of revoked partitions, or of aborted transactions"
             ),
             plugin_call_seconds: reg!(
                 "plugin_call_seconds",
@@ -313,6 +315,10 @@ impl Metrics {
             rewinds: reg!(
                 "consumer_rewinds",
                 "Times a partition was rewound to its last commit after an aborted transaction"
+            ),
+            transaction_pending_records: reg!(
+                "kafka_transaction_pending_records",
+                "Hand-offs acknowledged in the open transaction, not committed yet"
             ),
             commit_seconds: reg!(
                 "consumer_commit_seconds",

@@ -223,14 +223,21 @@ async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
         },
     )
     .await;
-    let metrics = http_get(port, "/metrics").await.expect("metrics served");
-    for want in [
+    // The host counts hand-offs and commits once the broker has answered the commit that
+    // the checks above saw.
+    let wants = [
         format!(r#"fh_dead_letters_total{{group="{group}"}} 2"#),
         format!(r#"fh_retries_total{{group="{group}"}} 4"#),
         format!(r#"fh_consumer_committed_offset{{topic="{topic}",partition="0"}} 23"#),
         format!(r#"fh_consumer_events_total{{topic="{topic}",partition="0"}} 23"#),
-    ] {
-        assert!(metrics.contains(&want), "{want} missing from\n{metrics}");
+    ];
+    let metrics = eventually(Duration::from_secs(10), "the counts", || async {
+        let m = http_get(port, "/metrics").await?;
+        wants.iter().all(|w| m.contains(w)).then_some(m)
+    })
+    .await;
+    for want in &wants {
+        assert!(metrics.contains(want), "{want} missing from\n{metrics}");
     }
     assert!(host.terminate().success(), "host exits 0 on SIGTERM");
     let _ = std::fs::remove_dir_all(tmp);
@@ -383,14 +390,19 @@ async fn a_new_owner_does_not_hand_off_again_what_the_previous_one_handed_off() 
         || async { (s.stack.read_all(&retry).len() >= 11).then_some(()) },
     )
     .await;
-    let before = http_get(port_a, "/metrics").await.expect("metrics of A");
-    assert_eq!(
-        metric(
-            &before,
-            &format!(r#"fh_retries_total{{group="{}"}}"#, s.group)
-        ),
-        5.0
-    );
+    // Counted when their transaction commits, with the offsets that finish them.
+    let retries = format!(r#"fh_retries_total{{group="{}"}}"#, s.group);
+    eventually(
+        Duration::from_secs(30),
+        "A counting its hand-offs",
+        || async {
+            let m = http_get(port_a, "/metrics").await?;
+            (metric(&m, &retries) >= 5.0).then_some(())
+        },
+    )
+    .await;
+    let counted = metric(&http_get(port_a, "/metrics").await.unwrap(), &retries);
+    assert_eq!(counted, 5.0, "hand-offs of A");
     // A leaves (revoke: drain, commit); r0 still waits, so the watermark is at 0.
     assert!(a.terminate().success());
 
@@ -444,27 +456,34 @@ async fn a_crash_between_hand_off_and_commit_applies_nothing_twice() {
     )
     .await;
     let group_id = format!("crashoff-{}", s.id);
-    // A commits only on revoke, so when it is killed nothing of its work is committed.
+    // A's first commit is due 30 s after it starts: it is killed long before, with its
+    // hand-offs acknowledged in its open transaction. B takes over A's transactional id, as
+    // a restarted replica of a StatefulSet would, which aborts A's transaction at once.
+    let txn_id = [
+        ("FH_KAFKA_TRANSACTIONAL_ID", format!("crashoff-{}", s.id)),
+        ("FH_KAFKA_TRANSACTION_TIMEOUT", "120s".into()),
+    ];
     let (mut env_a, port_a) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
-    env_a.push(("FH_COMMIT_INTERVAL", "1h".into()));
+    env_a.push(("FH_COMMIT_INTERVAL", "30s".into()));
+    env_a.extend(txn_id.clone());
     let mut a = Host::spawn(&["run"], &env_a);
     let p = s.stack.producer();
     for i in 0..N {
         produce(&p, &s.topic, "k", ts(i as i64), "flaky:1", &[]).await;
     }
-    let retries = format!(r#"fh_retries_total{{group="{}"}}"#, s.group);
     eventually(
-        Duration::from_secs(60),
-        "host A handing every event off",
+        Duration::from_secs(25),
+        "host A handing every event off (acknowledged, not committed)",
         || async {
             let m = http_get(port_a, "/metrics").await?;
-            (metric(&m, &retries) >= N as f64).then_some(())
+            (metric(&m, "fh_kafka_transaction_pending_records") >= N as f64).then_some(())
         },
     )
     .await;
     a.kill();
 
-    let (env_b, port_b) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
+    let (mut env_b, port_b) = s.stack.host_env_on_port(&s.tmp, &s.spec_dir, &group_id);
+    env_b.extend(txn_id);
     let mut b = Host::spawn(&["run"], &env_b);
     eventually(
         Duration::from_secs(90),

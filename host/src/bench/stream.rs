@@ -274,7 +274,7 @@ async fn parallel(
         drain_timeout: Duration::from_secs(10),
         store_attempts: 1,
         transactional_id: None,
-        transaction_timeout: Duration::from_secs(15),
+        transaction_timeout: Duration::from_secs(60),
     };
     let labels = crate::metrics::PartitionLabels::new(topic, 0);
     let finished = pipeline.metrics().finished.get_or_create(&labels).clone();

@@ -42,7 +42,7 @@ use super::kafka::{KafkaClient, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::offset_map::FinishedMap;
 use super::partition::{Delivered, Limits, PartitionState, RetryMeta, Unit};
-use super::transaction::{Exclusive, Transactions, TxnError};
+use super::transaction::{Committed, Exclusive, Transactions, TxnError};
 use crate::config::RunSettings;
 use crate::event::Event;
 use crate::metrics::{Metrics, PartitionLabels};
@@ -88,6 +88,13 @@ impl StreamSettings {
                 super::offset_map::MAX_SPAN
             );
         }
+        if run.commit_interval * 2 > run.kafka_transaction_timeout {
+            anyhow::bail!(
+                "FH_COMMIT_INTERVAL={:?} is more than half of FH_KAFKA_TRANSACTION_TIMEOUT={:?}: each commit ends the open hand-off transaction, and one the broker times out first cannot be committed; lower the interval or raise the timeout",
+                run.commit_interval,
+                run.kafka_transaction_timeout
+            );
+        }
         Ok(StreamSettings {
             fetch_size: run.fetch_size.max(1),
             limits: Limits {
@@ -99,7 +106,7 @@ impl StreamSettings {
             drain_timeout: run.drain_timeout,
             store_attempts: run.store_attempts.max(1),
             transactional_id: run.kafka_transactional_id.clone(),
-            transaction_timeout: run.kafka_transaction_timeout.max(Duration::from_secs(1)),
+            transaction_timeout: run.kafka_transaction_timeout,
         })
     }
 }
@@ -117,6 +124,8 @@ struct Slot {
     changed: Condvar,
     /// Handed off in the open transaction: rewound if it aborts.
     in_txn: AtomicBool,
+    /// The previous owner's finished map was read (or there is none to read).
+    resumed: AtomicBool,
 }
 
 /// Dispatches of a partition that are running (spawned and not finished; retried units
@@ -136,6 +145,7 @@ impl Slot {
             activity: Mutex::new(Activity::default()),
             changed: Condvar::new(),
             in_txn: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
         }
     }
 
@@ -272,7 +282,7 @@ impl ClientContext for Ctx {
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Ctx>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.assign(consumer, tpl),
+            Rebalance::Assign(tpl) => self.shared.assign(tpl),
             Rebalance::Revoke(tpl) => self
                 .shared
                 .revoke(consumer, tpl, consumer.assignment_lost()),
@@ -287,10 +297,10 @@ impl Shared {
     }
 
     /// New partitions get their state and their own queue, split off before librdkafka
-    /// starts fetching them (so no message of theirs reaches the main queue), and what the
-    /// previous owner finished above its commit (skipped when delivered).
-    fn assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
-        let maps = self.finished_maps(consumer, tpl);
+    /// starts fetching them (so no message of theirs reaches the main queue). What the
+    /// previous owner finished above its commit is read at the first delivery
+    /// ([`Shared::resume`]).
+    fn assign(&self, tpl: &TopicPartitionList) {
         self.metrics.consumer_joined.set(1);
         let consumer = self.consumer.get().and_then(Weak::upgrade);
         let mut slots = self.slots();
@@ -306,11 +316,23 @@ impl Shared {
                 q.set_nonempty_callback(move || wake.notify());
                 queues.insert(tp.clone(), q);
             }
-            let slot = Slot::new(&tp.0, tp.1);
-            if let Some(map) = maps.get(&tp) {
-                slot.lock().resume(map.clone());
-            }
-            slots.insert(tp.clone(), Arc::new(slot));
+            slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1)));
+        }
+    }
+
+    /// Before a partition's first delivery: read the finished-offset map committed with its
+    /// offset. Not at assignment: a `read_committed` consumer reads only stable offsets, and
+    /// while a crashed owner's transaction is still open they are not; by the first
+    /// delivery librdkafka has read them itself.
+    fn resume(&self, consumer: &BaseConsumer<Ctx>, slot: &Slot) {
+        if slot.resumed.swap(true, AtomicOrdering::SeqCst) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&slot.labels.topic, slot.labels.partition);
+        let mut maps = self.finished_maps(consumer, &tpl);
+        if let Some(map) = maps.remove(&(slot.labels.topic.clone(), slot.labels.partition)) {
+            slot.lock().resume(map);
         }
     }
 
@@ -409,6 +431,16 @@ impl Shared {
         // hand-off can follow; if it fails, the next owner redoes their work since the last.
         if !lost && let Err(e) = self.commit(consumer, &revoked) {
             tracing::warn!(error = %e, "commit on revoke failed; the next owner redoes what this one finished since its last commit");
+            // Undecided, with their offsets unsent: the revoked partitions' hand-offs must
+            // not commit later without them (a commit already under way carries both).
+            if matches!(e, TxnError::Pending(_))
+                && revoked
+                    .iter()
+                    .any(|s| s.in_txn.load(AtomicOrdering::SeqCst))
+            {
+                self.txn
+                    .poison("partitions revoked with hand-offs in the transaction".into());
+            }
         }
         for slot in &revoked {
             fence(slot);
@@ -475,15 +507,16 @@ impl Shared {
         }
         let issued = Instant::now();
         let result = txn.commit(&tpl, consumer.group_metadata().as_ref());
-        if let Err(e) = &result {
+        if !matches!(result, Ok(Committed::Now)) {
+            // Not sent (or not committed): the next commit sends them again.
             for (slot, _) in &moved {
                 slot.lock().committed = None;
             }
-            if let TxnError::Pending(reason) = e {
-                // Undecided: the records stay in the transaction, and so do their flags.
-                tracing::warn!(%reason, "offset commit not finished; the next commit retries it");
-                return result;
-            }
+        }
+        if let Err(TxnError::Pending(reason)) = &result {
+            // Undecided: the records stay in the transaction, and so do their flags.
+            tracing::warn!(%reason, "offset commit not finished; the next commit retries it");
+            return result.map(|_| ());
         }
         // Decided: the next transaction is open, and nothing has handed off in it yet.
         let in_txn: Vec<Arc<Slot>> = slots
@@ -491,8 +524,16 @@ impl Shared {
             .filter(|s| s.in_txn.swap(false, AtomicOrdering::SeqCst))
             .cloned()
             .collect();
+        for slot in &slots {
+            let mut st = slot.lock();
+            match result {
+                Ok(_) => st.transaction_committed(),
+                Err(_) => st.transaction_aborted(),
+            }
+        }
         match &result {
-            Ok(()) => {
+            Ok(Committed::Earlier) => {}
+            Ok(Committed::Now) => {
                 self.metrics
                     .commit_seconds
                     .observe(issued.elapsed().as_secs_f64());
@@ -521,7 +562,7 @@ impl Shared {
             Err(TxnError::Fatal(reason)) => self.fail(reason.clone()),
             Err(TxnError::Pending(_)) => {} // Returned above.
         }
-        result
+        result.map(|_| ())
     }
 
     /// Start `slots` over from what the broker has committed for them, as a new owner would:
@@ -531,8 +572,11 @@ impl Shared {
         if slots.is_empty() {
             return;
         }
+        // Fenced before anything can fail: their in-memory progress includes hand-offs that
+        // were just aborted, so none of it may ever be committed.
         let mut tpl = TopicPartitionList::new();
         for slot in slots {
+            fence(slot);
             tpl.add_partition(&slot.labels.topic, slot.labels.partition);
         }
         let committed = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
@@ -549,8 +593,9 @@ impl Shared {
             if !current.get(&tp).is_some_and(|s| Arc::ptr_eq(s, old)) {
                 continue; // Revoked meanwhile.
             }
-            fence(old);
             let fresh = Slot::new(&tp.0, tp.1);
+            fresh.resumed.store(true, AtomicOrdering::SeqCst);
+            fresh.lock().skip_units(old.lock().committed_hand_offs());
             let point = committed
                 .iter()
                 .find(|(t, p, _, _)| *t == tp.0 && *p == tp.1);
@@ -764,19 +809,30 @@ async fn run_batch(shared: Arc<Shared>, slot: Arc<Slot>, group: usize, units: Ve
         if fenced() {
             break;
         }
-        slot.in_txn.store(true, AtomicOrdering::SeqCst);
         let mut wait = Duration::ZERO;
         let mut still = Vec::new();
+        // Set before the gate opens again whenever a record may be in the transaction: an
+        // abort must rewind this partition (its units are redone from the last commit).
+        let in_txn = || slot.in_txn.store(true, AtomicOrdering::SeqCst);
         for f in waiting {
             match hand_off(&shared, &units[f.event], &events[f.event], f, &fenced).await {
-                HandOff::Done => {}
+                HandOff::Done => {
+                    in_txn();
+                    slot.lock().handed_off(units[f.event].offset, group);
+                }
                 HandOff::Wait(d) => {
                     wait = wait.max(d);
                     still.push(f);
                 }
-                HandOff::GaveUp => return unfinished(&shared, &slot, units.len()),
-                HandOff::Abort(reason) => {
+                outcome @ (HandOff::GaveUp | HandOff::Abort(_)) => {
+                    // The gate is only open while the transaction is: this dooms it, and
+                    // the abort rewinds this partition.
+                    let reason = match outcome {
+                        HandOff::Abort(reason) => reason,
+                        _ => "a hand-off gave up".into(),
+                    };
                     shared.txn.poison(reason);
+                    in_txn();
                     return unfinished(&shared, &slot, units.len());
                 }
             }
@@ -942,7 +998,12 @@ pub async fn consume(
         .transactional_id
         .clone()
         .unwrap_or_else(|| format!("feature-host-{group_id}-{:016x}", rand::random::<u64>()));
-    let txn = Transactions::new(client, &transactional_id, settings.transaction_timeout)?;
+    let txn = Transactions::new(
+        client,
+        &transactional_id,
+        settings.transaction_timeout,
+        metrics.clone(),
+    )?;
     let txn = tokio::task::spawn_blocking(move || txn.start().map(|()| txn)).await??;
     tracing::info!(%transactional_id, "hand-off transactions ready");
     let shared = Arc::new(Shared {
@@ -1049,7 +1110,7 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
                 Some(Ok(m)) => {
                     let event = to_event(&m);
                     drop(m);
-                    deliver(&shared, event, &mut touched);
+                    deliver(&shared, &consumer, event, &mut touched);
                     delivered += 1;
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "Kafka consume error"),
@@ -1070,7 +1131,7 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
                         Some(Ok(m)) => {
                             let event = to_event(&m);
                             drop(m);
-                            deliver_to(&shared, &slot, event, &mut touched);
+                            deliver_to(&shared, &consumer, &slot, event, &mut touched);
                             delivered += 1;
                         }
                         Some(Err(e)) => {
@@ -1153,17 +1214,29 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<Ctx>>, stop: Arc<At
 }
 
 /// Register a message from the main queue with its partition.
-fn deliver(shared: &Shared, event: Event, touched: &mut Vec<Arc<Slot>>) {
+fn deliver(
+    shared: &Shared,
+    consumer: &BaseConsumer<Ctx>,
+    event: Event,
+    touched: &mut Vec<Arc<Slot>>,
+) {
     let tp = (event.topic.clone(), event.partition);
     let Some(slot) = shared.slots().get(&tp).cloned() else {
         tracing::error!(topic = %tp.0, partition = tp.1, "message of an unassigned partition ignored");
         return;
     };
-    deliver_to(shared, &slot, event, touched);
+    deliver_to(shared, consumer, &slot, event, touched);
 }
 
 /// Register one consumed message with its (known) partition.
-fn deliver_to(shared: &Shared, slot: &Arc<Slot>, event: Event, touched: &mut Vec<Arc<Slot>>) {
+fn deliver_to(
+    shared: &Shared,
+    consumer: &BaseConsumer<Ctx>,
+    slot: &Arc<Slot>,
+    event: Event,
+    touched: &mut Vec<Arc<Slot>>,
+) {
+    shared.resume(consumer, slot);
     let tp = (&slot.labels.topic, slot.labels.partition);
     let event = Arc::new(event);
     let units = shared.units(&event);

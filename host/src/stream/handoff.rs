@@ -21,7 +21,8 @@
 //! nothing is dropped, the partition's low watermark waits, reading stops at the in-flight
 //! bounds, and each try that the broker refuses aborts the open transaction (every
 //! partition redoes what it did since its last commit; the stores deduplicate it).
-//! `fh_handoff_refusals_total` counts every permanent refusal.
+//! `fh_handoff_refusals_total` counts every permanent refusal; `fh_retries_total` and
+//! `fh_dead_letters_total` count hand-offs when their transaction commits.
 
 use super::envelope::{self, Envelope};
 use super::kafka::{Published, Republisher, too_large};
@@ -66,9 +67,10 @@ type EventKey = (String, String, i32, i64);
 #[derive(Debug, Default)]
 pub struct Refusals {
     events: Mutex<HashMap<EventKey, Refused>>,
-    /// Handed off in the open transaction: forgotten when it commits, kept if it aborts
-    /// (the event comes back, and its fallback must not be learnt again).
-    handed_off: Mutex<Vec<EventKey>>,
+    /// Handed off in the open transaction, and where to: counted and their refusals
+    /// forgotten when it commits; if it aborts the events come back, and their fallbacks
+    /// must not be learnt again.
+    handed_off: Mutex<Vec<(EventKey, Destination)>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -101,22 +103,24 @@ impl Refusals {
         f(events.entry(key.clone()).or_default());
     }
 
-    fn handed_off(&self, key: &EventKey) {
-        if self.lock().contains_key(key) {
-            self.handed_off
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(key.clone());
-        }
+    fn handed_off(&self, key: &EventKey, to: Destination) {
+        self.handed_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key.clone(), to));
     }
 
-    /// The open transaction committed: its events' refusals are history.
-    pub fn committed(&self) {
+    /// The open transaction committed: its events' refusals are history. Returns each
+    /// hand-off's group and destination.
+    pub fn committed(&self) -> Vec<(String, Destination)> {
         let done = std::mem::take(&mut *self.handed_off.lock().unwrap_or_else(|p| p.into_inner()));
         let mut events = self.lock();
-        for key in done {
-            events.remove(&key);
-        }
+        done.into_iter()
+            .map(|(key, to)| {
+                events.remove(&key);
+                (key.0, to)
+            })
+            .collect()
     }
 
     /// The open transaction aborted: its events come back, with what was learnt.
@@ -162,8 +166,8 @@ pub async fn hand_off(
                 .await
             {
                 Published::Acknowledged => {
-                    metrics.retries.get_or_create(&labels).inc();
-                    refusals.handed_off(&key);
+                    metrics.transaction_pending_records.inc();
+                    refusals.handed_off(&key, Destination::Retry);
                     return HandOff::Done;
                 }
                 Published::GaveUp => return HandOff::GaveUp,
@@ -252,8 +256,8 @@ pub async fn hand_off(
             .await
         {
             Published::Acknowledged => {
-                metrics.dead_letters.get_or_create(&labels).inc();
-                refusals.handed_off(&key);
+                metrics.transaction_pending_records.inc();
+                refusals.handed_off(&key, Destination::DeadLetter);
                 return HandOff::Done;
             }
             Published::GaveUp => return HandOff::GaveUp,

@@ -348,6 +348,16 @@ impl Republisher {
                         tracing::error!(error = %e, topic, "the client refused the republish for good");
                         return Published::Refused(code);
                     }
+                    // A transaction that takes no more records (it failed, or the producer
+                    // is fenced) or a full queue behind one: waiting would hold the
+                    // transaction's gate for ever; it is aborted and redone instead.
+                    None if self.transactional => {
+                        tracing::error!(error = %e, topic, "republish not queued; its transaction is aborted and redone");
+                        return Published::Aborts {
+                            refused: None,
+                            reason: e.to_string(),
+                        };
+                    }
                     None => {
                         tracing::warn!(error = %e, topic, "republish not queued; retrying");
                         if give_up() {

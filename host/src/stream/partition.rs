@@ -89,6 +89,13 @@ pub struct PartitionState {
     pub committed: Option<Commit>,
     /// Offsets the previous owner finished above its commit.
     skip: FinishedMap,
+    /// Units (offset, group) handed off in the open transaction.
+    txn_hand_offs: Vec<(i64, usize)>,
+    /// Units of unfinished offsets whose hand-off was committed: after a rewind they are
+    /// not handed off again (the finished map holds whole offsets only).
+    committed_hand_offs: HashMap<i64, Vec<usize>>,
+    /// Carried over by a rewind: units not to run again.
+    skip_units: HashMap<i64, Vec<usize>>,
 }
 
 impl Default for PartitionState {
@@ -102,6 +109,9 @@ impl Default for PartitionState {
             fenced: false,
             committed: None,
             skip: FinishedMap::default(),
+            txn_hand_offs: Vec::new(),
+            committed_hand_offs: HashMap::new(),
+            skip_units: HashMap::new(),
         }
     }
 }
@@ -111,6 +121,41 @@ impl PartitionState {
     /// committed offset.
     pub fn resume(&mut self, skip: FinishedMap) {
         self.skip = skip;
+    }
+
+    /// A unit of `offset` for `group` was handed off in the open transaction.
+    pub fn handed_off(&mut self, offset: i64, group: usize) {
+        self.txn_hand_offs.push((offset, group));
+    }
+
+    /// The open transaction committed: its hand-offs of offsets still unfinished must not
+    /// be made again if this partition is rewound.
+    pub fn transaction_committed(&mut self) {
+        for (offset, group) in std::mem::take(&mut self.txn_hand_offs) {
+            self.committed_hand_offs
+                .entry(offset)
+                .or_default()
+                .push(group);
+        }
+        let pending = &self.pending;
+        self.committed_hand_offs
+            .retain(|o, _| pending.contains_key(o));
+    }
+
+    /// The open transaction aborted: its hand-offs are gone.
+    pub fn transaction_aborted(&mut self) {
+        self.txn_hand_offs.clear();
+    }
+
+    /// For the state that replaces this one after a rewind: the committed hand-offs of
+    /// offsets still unfinished.
+    pub fn committed_hand_offs(&self) -> HashMap<i64, Vec<usize>> {
+        self.committed_hand_offs.clone()
+    }
+
+    /// Resume after a rewind: `units` are not to run again.
+    pub fn skip_units(&mut self, units: HashMap<i64, Vec<usize>>) {
+        self.skip_units = units;
     }
 
     /// Register a delivered message (`bytes` of payload) and its units. A message with no
@@ -126,6 +171,20 @@ impl PartitionState {
             self.tracker.finish(offset)?;
             return Ok(Delivered::Skipped);
         }
+        let units = match self.skip_units.remove(&offset) {
+            Some(done) => {
+                let left: Vec<Unit> = units
+                    .into_iter()
+                    .filter(|u| !done.contains(&u.group))
+                    .collect();
+                if left.is_empty() {
+                    self.tracker.finish(offset)?;
+                    return Ok(Delivered::Skipped);
+                }
+                left
+            }
+            None => units,
+        };
         if units.is_empty() {
             self.tracker.finish(offset)?;
             return Ok(Delivered::Unrouted);
@@ -320,6 +379,31 @@ mod tests {
         assert_eq!(
             (c.offset, c.metadata),
             (0, FinishedMap::new(0, [1, 2, 4, 5]).encode())
+        );
+    }
+
+    #[test]
+    fn a_rewind_does_not_redo_committed_hand_offs_of_unfinished_offsets() {
+        let mut p = PartitionState::default();
+        let e = event(0, "k", 1);
+        p.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();
+        let ready = p.take_ready();
+        // Group 0 failed and was handed off; group 1 is still running.
+        p.handed_off(0, 0);
+        let g0: Vec<Unit> = ready.iter().filter(|u| u.group == 0).cloned().collect();
+        p.complete(&g0);
+        p.transaction_committed();
+        // A later transaction aborts: the partition starts over from its commit.
+        p.handed_off(0, 1);
+        p.transaction_aborted();
+        let mut next = PartitionState::default();
+        next.skip_units(p.committed_hand_offs());
+        next.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();
+        let again: Vec<usize> = next.take_ready().iter().map(|u| u.group).collect();
+        assert_eq!(
+            again,
+            vec![1],
+            "group 0's hand-off is committed; only group 1 runs"
         );
     }
 

@@ -25,12 +25,14 @@
 //! a crash, a retry or dead letter of the crashed host's partitions is read up to
 //! `FH_KAFKA_TRANSACTION_TIMEOUT` late.
 
-use super::handoff::Refusals;
+use super::handoff::{Destination, Refusals};
 use super::kafka::{KafkaClient, Republisher};
+use crate::metrics::{GroupLabels, Metrics};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer as _;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -78,18 +80,26 @@ pub struct Transactions {
     pub refusals: Refusals,
     /// How long one transactional call may block the poll thread.
     call_timeout: Duration,
+    /// Hand-offs are counted when their transaction commits.
+    metrics: Arc<Metrics>,
 }
 
 impl Transactions {
     /// A transactional producer with `id` (unique per live host) and the broker-side
     /// `timeout` of its transactions. Call [`start`](Self::start) before the first hand-off.
-    pub fn new(client: &KafkaClient, id: &str, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        client: &KafkaClient,
+        id: &str,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         Ok(Transactions {
             republisher: Republisher::transactional(client, id, timeout)?,
             gate: tokio::sync::RwLock::new(()),
             state: Mutex::new(State::Open),
             refusals: Refusals::default(),
             call_timeout: timeout.min(Duration::from_secs(10)),
+            metrics,
         })
     }
 
@@ -115,14 +125,21 @@ impl Transactions {
         (*self.state() == State::Open).then_some(gate)
     }
 
-    /// A delivery in the open transaction failed: the next commit aborts it.
-    pub fn poison(&self, reason: String) {
+    /// A delivery in the open transaction failed, or its records must not become visible:
+    /// the next commit aborts it. A transaction whose commit is under way can no longer be
+    /// aborted (librdkafka only resumes the commit): false then.
+    pub fn poison(&self, reason: String) -> bool {
         let mut state = self.state();
-        if !matches!(*state, State::Doomed { .. }) {
-            *state = State::Doomed {
-                reason,
-                metadata_too_large: false,
-            };
+        match *state {
+            State::Open => {
+                *state = State::Doomed {
+                    reason,
+                    metadata_too_large: false,
+                };
+                true
+            }
+            State::Doomed { .. } => true,
+            State::Committing => false,
         }
     }
 
@@ -159,12 +176,12 @@ impl Exclusive<'_> {
 
     /// Commit the open transaction with `offsets` (and their metadata) for `group`, then open
     /// the next. A transaction that must be aborted is aborted instead, and one whose commit
-    /// did not finish is finished (`offsets` wait for the next call). Blocking.
+    /// did not finish is finished ([`Committed::Earlier`]: `offsets` were not sent). Blocking.
     pub fn commit(
         &self,
         offsets: &TopicPartitionList,
         group: Option<&ConsumerGroupMetadata>,
-    ) -> Result<(), TxnError> {
+    ) -> Result<Committed, TxnError> {
         let txn = self.txn;
         let p = txn.republisher.producer();
         let state = txn.state().clone();
@@ -172,8 +189,12 @@ impl Exclusive<'_> {
             State::Doomed {
                 reason,
                 metadata_too_large,
-            } => return txn.abort(reason, metadata_too_large),
-            State::Committing => return txn.finish_commit(),
+            } => {
+                return txn
+                    .abort(reason, metadata_too_large)
+                    .map(|()| Committed::Now);
+            }
+            State::Committing => return txn.finish_commit().map(|()| Committed::Earlier),
             State::Open => {}
         }
         if offsets.count() > 0 {
@@ -190,13 +211,24 @@ impl Exclusive<'_> {
                         let too_large = e.rdkafka_error_code()
                             == Some(rdkafka::types::RDKafkaErrorCode::OffsetMetadataTooLarge);
                         txn.abort(format!("offsets refused: {e}"), too_large)
+                            .map(|()| Committed::Now)
                     }
                 };
             }
         }
         *txn.state() = State::Committing;
-        txn.finish_commit()
+        txn.finish_commit().map(|()| Committed::Now)
     }
+}
+
+/// What a successful [`Exclusive::commit`] committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The given offsets, with the transaction's records.
+    Now,
+    /// An earlier call's offsets and records, whose commit had not finished; the given
+    /// offsets were not sent.
+    Earlier,
 }
 
 impl Transactions {
@@ -210,7 +242,14 @@ impl Transactions {
                 Class::Abort => self.abort(format!("commit failed: {e}"), false),
             };
         }
-        self.refusals.committed();
+        self.metrics.transaction_pending_records.set(0);
+        for (group, destination) in self.refusals.committed() {
+            let labels = GroupLabels::new(&group);
+            match destination {
+                Destination::Retry => self.metrics.retries.get_or_create(&labels).inc(),
+                Destination::DeadLetter => self.metrics.dead_letters.get_or_create(&labels).inc(),
+            };
+        }
         self.begin()
     }
 
@@ -232,6 +271,7 @@ impl Transactions {
         }
         tracing::warn!(%reason, "Kafka transaction aborted; partitions that handed off in it are rewound to their last commit");
         self.refusals.aborted();
+        self.metrics.transaction_pending_records.set(0);
         self.begin()?;
         Err(TxnError::Aborted {
             reason,
