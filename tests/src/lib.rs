@@ -155,6 +155,39 @@ pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) {
     }
 }
 
+/// Delete `topic` on `brokers` and create it again under its name with `partitions` (a new
+/// incarnation: its offsets start at 0, its topic id is new). Deletion finishes in the
+/// background, so the creation is tried until the name is free.
+pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for r in admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e}"));
+    }
+    let new = [NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))];
+    let start = Instant::now();
+    loop {
+        match admin
+            .create_topics(&new, &AdminOptions::new())
+            .await
+            .unwrap()
+            .remove(0)
+        {
+            Ok(_) => return,
+            Err((t, e)) if start.elapsed() > Duration::from_secs(60) => {
+                panic!("create topic {t} again: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Every message of every partition of `topic` on `brokers` up to the partitions' ends when
 /// the call starts, as a `read_committed` consumer sees them (partition by partition).
 pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {

@@ -527,3 +527,23 @@ async fn a_crash_between_hand_off_and_commit_applies_nothing_twice() {
     assert!(b.terminate().success());
     let _ = std::fs::remove_dir_all(&s.tmp);
 }
+
+/// A topic deleted and created again under its name (a common way to purge a backlog)
+/// restarts its offsets at 0, while the entities it wrote keep the old incarnation's
+/// watermarks, far above 0. Positions name the incarnation (the topic id), so the new
+/// topic's events are applied, each once — with the host running through the purge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_under_its_name_is_counted_as_new() {
+    let _serial = SERIAL.lock().await;
+    let (before, after) = (300, 120);
+    let s = Setup::clicks(Stack::from_env(), 1).await;
+    let group_id = format!("recreate-{}", s.id);
+    let host = Host::spawn(&["run"], &s.env(&group_id, "data"));
+    produce_clicks(&s.stack, &s.topic, 0..before, Duration::ZERO).await;
+    s.assert_exact_counts(&expected(before)).await;
+    recreate_topic(&s.stack.kafka, &s.topic, 1).await;
+    // Offsets 0..120 of the new incarnation: every one below the old watermark of 300.
+    produce_clicks(&s.stack, &s.topic, before..before + after, Duration::ZERO).await;
+    s.assert_exact_counts(&expected(before + after)).await;
+    s.stop_committed(host, &group_id, 1, after);
+}
