@@ -188,8 +188,13 @@ pub struct Metrics {
     /// Hand-off transactions aborted (a delivery or the commit failed, or a partition was
     /// lost with hand-offs in it); their partitions were rewound.
     pub transaction_aborts: Counter,
+    /// Transactional producers replaced because a call of theirs did not return.
+    pub kafka_producer_replacements: Counter,
     /// Times a partition was rewound to its last commit after an aborted transaction.
     pub rewinds: Family<PartitionLabels, Counter>,
+    /// Times a partition's offsets went back (its topic deleted and created again while
+    /// assigned) and its state started over.
+    pub log_resets: Family<PartitionLabels, Counter>,
     /// Hand-offs acknowledged in the open transaction, not committed yet.
     pub transaction_pending_records: Gauge,
     /// Hand-offs a retry or dead-letter topic refused for good (too large, not authorized):
@@ -311,6 +316,14 @@ impl Metrics {
             transaction_aborts: reg!(
                 "kafka_transaction_aborts",
                 "Hand-off transactions aborted; their partitions were rewound to their last commit"
+            ),
+            kafka_producer_replacements: reg!(
+                "kafka_producer_replacements",
+                "Transactional producers replaced because a call did not return in time (their transaction ended, their partitions rewound)"
+            ),
+            log_resets: reg!(
+                "consumer_log_resets",
+                "Times a partition's offsets went back (its topic deleted and created again while assigned) and its state started over"
             ),
             rewinds: reg!(
                 "consumer_rewinds",

@@ -170,7 +170,11 @@ pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
     {
         r.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e}"));
     }
-    let new = [NewTopic::new(topic, partitions, TopicReplication::Fixed(-1))];
+    let new = [NewTopic::new(
+        topic,
+        partitions,
+        TopicReplication::Fixed(-1),
+    )];
     let start = Instant::now();
     loop {
         match admin
@@ -186,6 +190,32 @@ pub async fn recreate_topic(brokers: &str, topic: &str, partitions: i32) {
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+/// The node that coordinates consumer group `group_id` on `brokers`: the leader of its
+/// partition of `__consumer_offsets` (Kafka places a group by the Java hash of its id).
+/// `None` until that topic exists (a group's first use creates it).
+pub fn group_coordinator(brokers: &str, group_id: &str) -> Option<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let m = c
+        .fetch_metadata(Some("__consumer_offsets"), Duration::from_secs(10))
+        .ok()?;
+    let partitions = m.topics().first()?.partitions();
+    if partitions.is_empty() {
+        return None;
+    }
+    let at = (java_hash(group_id) & 0x7fff_ffff) % partitions.len() as i32;
+    partitions.iter().find(|p| p.id() == at).map(|p| p.leader())
+}
+
+/// Java's `String.hashCode`, which Kafka places groups and transactional ids by.
+pub fn java_hash(s: &str) -> i32 {
+    s.encode_utf16()
+        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32))
 }
 
 /// Every message of every partition of `topic` on `brokers` up to the partitions' ends when
@@ -938,4 +968,14 @@ pub fn expected_clicks(n: usize, users: usize) -> std::collections::BTreeMap<Str
         *m.entry(click(i, users).0).or_insert(0) += 1;
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn java_hash_is_javas() {
+        // "abc".hashCode() is 96354 on every JVM; the second sum wraps past i32::MAX.
+        assert_eq!(super::java_hash("abc"), 96354);
+        assert_eq!(super::java_hash("consumer-group-1"), 147_483_020);
+    }
 }

@@ -4,8 +4,9 @@
 //!
 //! - one broker of one SIGKILLed and restarted on its port and log dir: the host stalls while
 //!   it is gone and resumes by itself; the time to recover is printed;
-//! - one broker of three SIGKILLed, topics at replication factor 3 / `min.insync.replicas` 2:
-//!   ingestion (hand-offs to the dead-letter topic included) goes on while it is down;
+//! - one broker of three SIGKILLed — the one coordinating the host's group — topics at
+//!   replication factor 3 / `min.insync.replicas` 2: ingestion (hand-offs to the dead-letter
+//!   topic included) goes on while it is down;
 //! - and what the broker's time-based retention does to hand-offs of old events: nothing.
 
 use feature_host_e2e::delivery::*;
@@ -106,7 +107,12 @@ async fn one_of_three_brokers_killed_under_load_ingestion_goes_on() {
         3
     );
 
-    kafka.kill(1);
+    // The worst broker to lose: the one coordinating the host's group, to which each
+    // commit's offsets go inside the hand-off transaction.
+    let coordinator =
+        group_coordinator(&kafka.brokers, &group_id).expect("the group has a coordinator");
+    eprintln!("killing broker {coordinator}, the group's coordinator");
+    kafka.kill(coordinator as usize);
     let at_kill = s.stored(&ddb).await;
     let t = Instant::now();
     eventually(
@@ -143,7 +149,7 @@ async fn one_of_three_brokers_killed_under_load_ingestion_goes_on() {
         (0..N).filter(|&i| poison(i)).count(),
         "every poison event dead-lettered exactly once"
     );
-    kafka.restart(1);
+    kafka.restart(coordinator as usize);
     s.assert_exact_counts(&want).await;
     s.stop_committed(host, &group_id, 3, N);
 }

@@ -3,7 +3,8 @@
 //!
 //! Offsets are committed in [`consumer`] (the low watermark from [`offsets`]); ordering
 //! inside a partition is [`lanes`]; failed events travel in an [`envelope`] to the retry
-//! and dead-letter topics, and [`replay`] brings dead letters back after a fix.
+//! and dead-letter topics, and [`replay`] brings dead letters back after a fix. Positions
+//! name the topic's incarnation ([`topic_ids`]).
 
 pub mod consumer;
 pub mod dead_letter;
@@ -18,5 +19,6 @@ pub mod offset_map;
 pub mod offsets;
 pub mod partition;
 pub mod replay;
+pub mod topic_ids;
 pub mod topics;
 pub mod transaction;

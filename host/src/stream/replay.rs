@@ -56,7 +56,8 @@ pub struct ReplaySummary {
     pub dead_letters: Vec<DeadLetter>,
 }
 
-/// The header value naming a dead letter.
+/// The header value naming a dead letter; `topic` is the dead-letter topic's source name
+/// ([`super::topic_ids::source_name`]).
 pub fn replay_of(topic: &str, partition: i32, offset: i64) -> String {
     format!("{topic}/{partition}/{offset}")
 }
@@ -113,9 +114,24 @@ pub async fn replay(
     let (topic, consumer) = (dead_letter_topic.to_owned(), std::sync::Arc::new(consumer));
     // The end of each partition now: the replay stops there, even while new dead letters
     // keep arriving.
-    let ends: Vec<(i32, i64)> = {
+    // The dead-letter topic's incarnation names the replayed events' positions
+    // (`replay:<topic>~<id>`): a dead-letter topic created again restarts its offsets at 0.
+    let (source, ends): (String, Vec<(i32, i64)>) = {
         let (consumer, topic) = (consumer.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<(i32, i64)>)> {
+            // SAFETY: `consumer` outlives the call.
+            let ids = unsafe {
+                super::topic_ids::describe(
+                    consumer.client().native_ptr(),
+                    std::slice::from_ref(&topic),
+                    Duration::from_secs(10),
+                )
+            }
+            .with_context(|| format!("cannot read the id of {topic}"))?;
+            let source = super::topic_ids::source_name(
+                &topic,
+                ids.get(&topic).cloned().flatten().as_deref(),
+            );
             let meta = consumer
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
                 .with_context(|| format!("cannot read the metadata of {topic}"))?;
@@ -124,7 +140,8 @@ pub async fn replay(
                 .first()
                 .filter(|t| t.error().is_none() && !t.partitions().is_empty())
                 .with_context(|| format!("dead-letter topic {topic} does not exist"))?;
-            t.partitions()
+            let ends = t
+                .partitions()
                 .iter()
                 .map(|p| {
                     let (_, high) = consumer
@@ -132,7 +149,8 @@ pub async fn replay(
                         .with_context(|| format!("cannot read the end of {topic}/{}", p.id()))?;
                     Ok((p.id(), high))
                 })
-                .collect()
+                .collect::<anyhow::Result<_>>()?;
+            Ok((source, ends))
         })
         .await??
     };
@@ -224,7 +242,7 @@ pub async fn replay(
             if original.header(headers::REPLAY_OF).is_none() {
                 h.push((
                     headers::REPLAY_OF.into(),
-                    replay_of(&topic, message.partition, message.offset).into_bytes(),
+                    replay_of(&source, message.partition, message.offset).into_bytes(),
                 ));
             }
             match r.publish(retry_topic, &original, &h, || false).await {
@@ -245,6 +263,27 @@ pub async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recreated_dead_letter_topic_gives_its_replays_new_identities() {
+        let old = replay_of(
+            &super::super::topic_ids::source_name("users.dlq", Some("AAAA")),
+            0,
+            3,
+        );
+        let new = replay_of(
+            &super::super::topic_ids::source_name("users.dlq", Some("BBBB")),
+            0,
+            3,
+        );
+        let (old, new) = (
+            replay_position(old.as_bytes()).unwrap(),
+            replay_position(new.as_bytes()).unwrap(),
+        );
+        assert_eq!(old.source, "replay:users.dlq~AAAA");
+        assert_ne!(old.key(), new.key());
+        assert_eq!((old.partition, old.offset), (new.partition, new.offset));
+    }
 
     #[test]
     fn replay_identity_round_trips() {

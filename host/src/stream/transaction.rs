@@ -21,20 +21,37 @@
 //! A commit or abort the brokers cannot answer now (an outage) is retried at the next
 //! interval; hand-offs wait for the next transaction meanwhile.
 //!
+//! **A stuck producer is replaced.** librdkafka's transactional calls should return within
+//! their timeout, but `send_offsets_to_transaction` can wait for as long as the group's
+//! coordinator stays away when its broker dies (librdkafka issues 5456 and 5511, open in
+//! 2.12) — on the poll thread, that would stall every partition. Each call runs on a thread
+//! of its own and is waited for a bounded time; one that overruns marks the producer
+//! [wedged](State::Wedged), and the next commit replaces it with a new producer of the same
+//! transactional id, which fences the stuck one: its transaction is aborted (or, if its
+//! commit had reached the coordinator, completed) by the brokers, and the partitions that
+//! handed off in it are rewound to what the brokers say was committed.
+//!
 //! **Limit.** `read_committed` readers of a partition wait behind an open transaction: after
 //! a crash, a retry or dead letter of the crashed host's partitions is read up to
 //! `FH_KAFKA_TRANSACTION_TIMEOUT` late.
 
 use super::handoff::{Destination, Refusals};
-use super::kafka::{KafkaClient, Republisher};
+use super::kafka::{KafkaClient, KafkaContext, Republisher};
 use crate::metrics::{GroupLabels, Metrics};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::error::KafkaError;
-use rdkafka::producer::Producer as _;
-use std::sync::Arc;
-use std::sync::Mutex;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::producer::{FutureProducer, Producer as _};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+/// How much longer than its own timeout a transactional call is waited for before its
+/// producer counts as stuck.
+const CALL_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long registering a transactional id may take (the brokers abort a fenced
+/// producer's open transaction first).
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a commit did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +86,19 @@ enum State {
         reason: String,
         metadata_too_large: bool,
     },
+    /// A call did not return in time: the producer must be replaced, which ends its
+    /// transaction.
+    Wedged { reason: String },
 }
 
 /// The consumer's transactional producer and the open transaction's state.
 pub struct Transactions {
-    republisher: Republisher,
+    /// Swapped for a new one when it is stuck ([`State::Wedged`]); only under the exclusive
+    /// gate, so no hand-off is using it then.
+    republisher: RwLock<Arc<Republisher>>,
+    client: KafkaClient,
+    id: String,
+    timeout: Duration,
     gate: tokio::sync::RwLock<()>,
     state: Mutex<State>,
     /// Permanent refusals kept across aborts ([`super::handoff`]).
@@ -94,7 +119,10 @@ impl Transactions {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         Ok(Transactions {
-            republisher: Republisher::transactional(client, id, timeout)?,
+            republisher: RwLock::new(Arc::new(Republisher::transactional(client, id, timeout)?)),
+            client: client.clone(),
+            id: id.to_owned(),
+            timeout,
             gate: tokio::sync::RwLock::new(()),
             state: Mutex::new(State::Open),
             refusals: Refusals::default(),
@@ -106,15 +134,38 @@ impl Transactions {
     /// Register the transactional id (fencing an earlier producer with it, whose open
     /// transaction is aborted) and open the first transaction. Blocking.
     pub fn start(&self) -> anyhow::Result<()> {
-        let p = self.republisher.producer();
-        p.init_transactions(Duration::from_secs(30))
+        let r = self.current();
+        bounded(&r, "init_transactions", INIT_TIMEOUT, |p, t| p.init_transactions(t))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
             .map_err(|e| anyhow::anyhow!("cannot initialize Kafka transactions: {e} (the brokers must allow transactions, and the principal needs Write and Describe on its transactional id)"))?;
-        p.begin_transaction()
+        r.producer()
+            .begin_transaction()
             .map_err(|e| anyhow::anyhow!("cannot begin a Kafka transaction: {e}"))
     }
 
-    pub fn republisher(&self) -> &Republisher {
-        &self.republisher
+    /// The producer of the open transaction.
+    pub fn republisher(&self) -> Arc<Republisher> {
+        self.current()
+    }
+
+    fn current(&self) -> Arc<Republisher> {
+        self.republisher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Run `call` on the current producer with the call timeout; an overrun wedges it.
+    fn call<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        call: impl FnOnce(&FutureProducer<KafkaContext>, Duration) -> KafkaResult<T> + Send + 'static,
+    ) -> Result<KafkaResult<T>, TxnError> {
+        bounded(&self.current(), what, self.call_timeout, call).inspect_err(|e| {
+            *self.state() = State::Wedged {
+                reason: e.to_string(),
+            };
+        })
     }
 
     /// Enter the shared gate: hold it from a batch's first hand-off until its units are
@@ -138,14 +189,14 @@ impl Transactions {
                 };
                 true
             }
-            State::Doomed { .. } => true,
+            State::Doomed { .. } | State::Wedged { .. } => true,
             State::Committing => false,
         }
     }
 
     /// Whether the open transaction must be aborted.
     pub fn poisoned(&self) -> bool {
-        matches!(*self.state(), State::Doomed { .. })
+        matches!(*self.state(), State::Doomed { .. } | State::Wedged { .. })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -180,12 +231,12 @@ impl Exclusive<'_> {
     pub fn commit(
         &self,
         offsets: &TopicPartitionList,
-        group: Option<&ConsumerGroupMetadata>,
+        group: Option<ConsumerGroupMetadata>,
     ) -> Result<Committed, TxnError> {
         let txn = self.txn;
-        let p = txn.republisher.producer();
         let state = txn.state().clone();
         match state {
+            State::Wedged { reason } => return txn.replace(reason).map(|()| Committed::Now),
             State::Doomed {
                 reason,
                 metadata_too_large,
@@ -203,7 +254,11 @@ impl Exclusive<'_> {
                     "the consumer has no group metadata yet".into(),
                 ));
             };
-            if let Err(e) = p.send_offsets_to_transaction(offsets, group, txn.call_timeout) {
+            let offsets = offsets.clone();
+            let sent = txn.call("send_offsets_to_transaction", move |p, t| {
+                p.send_offsets_to_transaction(&offsets, &group, t)
+            })?;
+            if let Err(e) = sent {
                 return match classify(&e) {
                     Class::Retry => Err(TxnError::Pending(format!("offsets not sent: {e}"))),
                     Class::Fatal => Err(TxnError::Fatal(e.to_string())),
@@ -234,8 +289,7 @@ pub enum Committed {
 impl Transactions {
     /// `commit_transaction`, then the next transaction.
     fn finish_commit(&self) -> Result<(), TxnError> {
-        let p = self.republisher.producer();
-        if let Err(e) = p.commit_transaction(self.call_timeout) {
+        if let Err(e) = self.call("commit_transaction", |p, t| p.commit_transaction(t))? {
             return match classify(&e) {
                 Class::Retry => Err(TxnError::Pending(format!("commit not finished: {e}"))),
                 Class::Fatal => Err(TxnError::Fatal(e.to_string())),
@@ -260,8 +314,7 @@ impl Transactions {
             reason: reason.clone(),
             metadata_too_large,
         };
-        let p = self.republisher.producer();
-        if let Err(e) = p.abort_transaction(self.call_timeout) {
+        if let Err(e) = self.call("abort_transaction", |p, t| p.abort_transaction(t))? {
             return match classify(&e) {
                 Class::Fatal => Err(TxnError::Fatal(format!(
                     "cannot abort the transaction: {e}"
@@ -279,14 +332,76 @@ impl Transactions {
         })
     }
 
+    /// Replace a stuck producer with a new one of the same transactional id: registering it
+    /// fences the stuck one and ends its transaction, whose outcome the rewind reads back
+    /// from the brokers (`Aborted`), or `Pending` while the brokers cannot register it (the
+    /// producer stays wedged; the next commit tries again).
+    fn replace(&self, reason: String) -> Result<(), TxnError> {
+        let fresh = Republisher::transactional(&self.client, &self.id, self.timeout)
+            .map(Arc::new)
+            .map_err(|e| {
+                TxnError::Pending(format!("cannot create a new transactional producer: {e:#}"))
+            })?;
+        match bounded(&fresh, "init_transactions", INIT_TIMEOUT, |p, t| {
+            p.init_transactions(t)
+        })? {
+            Ok(()) => {}
+            Err(e) if classify(&e) == Class::Fatal => {
+                return Err(TxnError::Fatal(format!(
+                    "cannot register a new transactional producer: {e}"
+                )));
+            }
+            Err(e) => {
+                return Err(TxnError::Pending(format!(
+                    "a new transactional producer is not registered yet: {e}"
+                )));
+            }
+        }
+        *self.republisher.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        tracing::error!(%reason, "the transactional producer was stuck and is replaced; partitions that handed off in its transaction are rewound to their last commit");
+        self.metrics.kafka_producer_replacements.inc();
+        self.refusals.aborted();
+        self.metrics.transaction_pending_records.set(0);
+        self.begin()?;
+        Err(TxnError::Aborted {
+            reason,
+            metadata_too_large: false,
+        })
+    }
+
     fn begin(&self) -> Result<(), TxnError> {
-        self.republisher
+        self.current()
             .producer()
             .begin_transaction()
             .map_err(|e| TxnError::Fatal(format!("cannot begin the next transaction: {e}")))?;
         *self.state() = State::Open;
         Ok(())
     }
+}
+
+/// Run `call` on `republisher`'s producer with `timeout`, on a thread of its own, and wait
+/// for it `timeout` and [`CALL_MARGIN`]: an overrun is `Pending`, the thread is left to
+/// finish whenever librdkafka lets it (it holds its own handle on the producer).
+fn bounded<T: Send + 'static>(
+    republisher: &Arc<Republisher>,
+    what: &'static str,
+    timeout: Duration,
+    call: impl FnOnce(&FutureProducer<KafkaContext>, Duration) -> KafkaResult<T> + Send + 'static,
+) -> Result<KafkaResult<T>, TxnError> {
+    let r = republisher.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("fh-kafka-txn".into())
+        .spawn(move || {
+            let _ = tx.send(call(r.producer(), timeout));
+        })
+        .map_err(|e| TxnError::Pending(format!("cannot start a thread for {what}: {e}")))?;
+    rx.recv_timeout(timeout + CALL_MARGIN).map_err(|_| {
+        TxnError::Pending(format!(
+            "{what} did not return within {:?} (a coordinator that went away with its broker): the transactional producer is replaced",
+            timeout + CALL_MARGIN
+        ))
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

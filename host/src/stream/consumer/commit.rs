@@ -64,7 +64,7 @@ impl Shared {
             return Ok(());
         }
         let issued = Instant::now();
-        let result = txn.commit(&tpl, consumer.group_metadata().as_ref());
+        let result = txn.commit(&tpl, consumer.group_metadata());
         if !matches!(result, Ok(Committed::Now)) {
             // Not sent (or not committed): the next commit sends them again.
             for (slot, _) in &moved {
@@ -151,7 +151,7 @@ impl Shared {
             if !current.get(&tp).is_some_and(|s| Arc::ptr_eq(s, old)) {
                 continue; // Revoked meanwhile.
             }
-            let fresh = Slot::new(&tp.0, tp.1);
+            let fresh = Slot::new(&tp.0, tp.1, old.source.clone());
             fresh.resumed.store(true, AtomicOrdering::SeqCst);
             fresh.lock().skip_units(old.lock().committed_hand_offs());
             let point = committed

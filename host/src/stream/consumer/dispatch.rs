@@ -57,7 +57,7 @@ pub(super) async fn run_batch(
     for (i, u) in units.iter().enumerate() {
         let mut e = (*u.event).clone();
         if let (Some(p), Some(floor)) = (e.position.as_mut(), floor) {
-            p.set_floor(&slot.labels.topic, slot.labels.partition, floor);
+            p.set_floor(&slot.source, slot.labels.partition, floor);
         }
         events.push(e);
         match &u.poison {
@@ -247,7 +247,7 @@ pub(super) async fn hand_off(
         }
     };
     super::super::handoff::hand_off(
-        shared.txn.republisher(),
+        &shared.txn.republisher(),
         &shared.txn.refusals,
         &shared.metrics,
         def,

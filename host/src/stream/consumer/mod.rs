@@ -52,6 +52,7 @@ use super::kafka::{KafkaClient, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::offset_map::FinishedMap;
 use super::partition::{Delivered, Limits, PartitionState, RetryMeta, Unit};
+use super::topic_ids::{self, TopicIdError};
 use super::transaction::{Committed, Exclusive, Transactions, TxnError};
 use crate::config::RunSettings;
 use crate::event::Event;
@@ -131,6 +132,9 @@ type TopicPartition = (String, i32);
 /// One assigned partition.
 struct Slot {
     labels: PartitionLabels,
+    /// The source name of its positions: the topic and its incarnation
+    /// ([`super::topic_ids`]).
+    source: String,
     state: Mutex<PartitionState>,
     activity: Mutex<Activity>,
     /// Signalled (with `activity`) whenever a dispatch of this partition finishes.
@@ -151,9 +155,10 @@ struct Activity {
 }
 
 impl Slot {
-    fn new(topic: &str, partition: i32) -> Slot {
+    fn new(topic: &str, partition: i32, source: String) -> Slot {
         Slot {
             labels: PartitionLabels::new(topic, partition),
+            source,
             state: Mutex::new(PartitionState::default()),
             activity: Mutex::new(Activity::default()),
             changed: Condvar::new(),

@@ -35,7 +35,7 @@ pub(super) fn poll_loop(
         {
             let queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
             for (tp, queue) in queues.iter() {
-                let Some(slot) = shared.slots().get(tp).cloned() else {
+                let Some(mut slot) = shared.slots().get(tp).cloned() else {
                     continue;
                 };
                 for _ in 0..shared.settings.fetch_size {
@@ -46,7 +46,11 @@ pub(super) fn poll_loop(
                         Some(Ok(m)) => {
                             let event = to_event(&m);
                             drop(m);
-                            deliver_to(&shared, &consumer, &slot, event, &mut touched);
+                            if let Some(fresh) =
+                                deliver_to(&shared, &consumer, &slot, event, &mut touched)
+                            {
+                                slot = fresh;
+                            }
                             delivered += 1;
                         }
                         Some(Err(e)) => {
@@ -143,16 +147,30 @@ pub(super) fn deliver(
     deliver_to(shared, consumer, &slot, event, touched);
 }
 
-/// Register one consumed message with its (known) partition.
+/// Register one consumed message with its (known) partition. Returns the partition's new
+/// state if it had to start over ([`Shared::restart`]): the caller's `slot` is fenced then.
 pub(super) fn deliver_to(
     shared: &Shared,
     consumer: &BaseConsumer<Ctx>,
     slot: &Arc<Slot>,
     event: Event,
     touched: &mut Vec<Arc<Slot>>,
-) {
+) -> Option<Arc<Slot>> {
+    let last = slot.lock().last_delivered();
+    let restarted = match last {
+        Some(last) if event.offset < last => {
+            // None: the consumer stops; nothing of the new log was taken.
+            Some(shared.restart(consumer, slot, event.offset, last)?)
+        }
+        _ => None,
+    };
+    let slot = restarted.as_ref().unwrap_or(slot);
     shared.resume(consumer, slot);
     let tp = (&slot.labels.topic, slot.labels.partition);
+    let mut event = event;
+    if let Some(p) = event.position.as_mut() {
+        p.source.clone_from(&slot.source);
+    }
     let event = Arc::new(event);
     let units = shared.units(&event);
     shared.metrics.events.get_or_create(&slot.labels).inc();
@@ -166,11 +184,13 @@ pub(super) fn deliver_to(
             // Only a client bug could cause this; nothing past this offset is committed
             // without the tracker's say, so it is not lost.
             tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
-            return;
+            drop(st);
+            return restarted.clone();
         }
     }
     drop(st);
     if !touched.iter().any(|s| Arc::ptr_eq(s, slot)) {
         touched.push(slot.clone());
     }
+    restarted.clone()
 }

@@ -11,11 +11,26 @@ impl Shared {
     pub(super) fn assign(&self, tpl: &TopicPartitionList) {
         self.metrics.consumer_joined.set(1);
         let consumer = self.consumer.get().and_then(Weak::upgrade);
+        let sources = match consumer.as_deref().map(|c| sources(c, tpl)) {
+            Some(Ok(s)) => s,
+            failed => {
+                // Not tracked: their messages are ignored (never processed, never
+                // committed) until the host restarts and asks again.
+                let why = match failed {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "the consumer is gone".into(),
+                };
+                return self.fail(format!(
+                    "cannot read the assigned topics' ids, which name their positions: {why}"
+                ));
+            }
+        };
         let mut slots = self.slots();
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         for el in tpl.elements() {
             let tp = (el.topic().to_owned(), el.partition());
-            tracing::info!(topic = %tp.0, partition = tp.1, "partition assigned");
+            let source = sources.get(&tp.0).cloned().unwrap_or_else(|| tp.0.clone());
+            tracing::info!(topic = %tp.0, partition = tp.1, %source, "partition assigned");
             if let Some(mut q) = consumer
                 .as_ref()
                 .and_then(|c| c.split_partition_queue(&tp.0, tp.1))
@@ -24,7 +39,7 @@ impl Shared {
                 q.set_nonempty_callback(move || wake.notify());
                 queues.insert(tp.clone(), q);
             }
-            slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1)));
+            slots.insert(tp.clone(), Arc::new(Slot::new(&tp.0, tp.1, source)));
         }
     }
 
@@ -78,6 +93,41 @@ impl Shared {
             }
         }
         maps
+    }
+
+    /// A partition whose offsets went back, from `last` delivered to `offset`: its topic was
+    /// deleted and created again while assigned (librdkafka reset the fetch position to the
+    /// new log's start; no rebalance happens), or its log was truncated. Its state belongs
+    /// to a log that is gone: fenced (never committed again), and the partition starts over
+    /// under its topic's new id. The committed offset and its map described the old log, so
+    /// no map is read. `None` (the consumer stops) if the id cannot be read.
+    pub(super) fn restart(
+        &self,
+        consumer: &BaseConsumer<Ctx>,
+        old: &Arc<Slot>,
+        offset: i64,
+        last: i64,
+    ) -> Option<Arc<Slot>> {
+        let (topic, partition) = (old.labels.topic.clone(), old.labels.partition);
+        tracing::warn!(%topic, partition, offset, last, unfinished = old.lock().in_flight(),
+            "the partition's offsets went back: its topic was deleted and created again (or its log truncated); its state starts over, and what was unfinished of the old log is dropped");
+        fence(old);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, partition);
+        let source = match sources(consumer, &tpl) {
+            Ok(mut s) => s.remove(&topic).unwrap_or_else(|| topic.clone()),
+            Err(e) => {
+                self.fail(format!(
+                    "cannot read the id of {topic}, whose offsets went back: {e}"
+                ));
+                return None;
+            }
+        };
+        let fresh = Arc::new(Slot::new(&topic, partition, source));
+        fresh.resumed.store(true, AtomicOrdering::SeqCst);
+        self.metrics.log_resets.get_or_create(&old.labels).inc();
+        self.slots().insert((topic, partition), fresh.clone());
+        Some(fresh)
     }
 
     /// Drain (bounded by `drain_timeout`), commit, fence, forget. Runs on the poll thread
@@ -161,6 +211,52 @@ impl Shared {
             tracing::info!(topic = %slot.labels.topic, partition = slot.labels.partition, lost,
                 committed = ?st.committed.as_ref().map(|c| c.offset), unfinished = st.in_flight(), "partition revoked");
             self.metrics.drop_partition(&slot.labels);
+        }
+    }
+}
+
+/// The source name of each assigned topic's positions ([`super::super::topic_ids`]), read
+/// from the brokers at every assignment: a topic deleted and created again revokes its
+/// partitions and assigns them anew, with its new incarnation's id. Three tries of ten
+/// seconds (a rebalance during a broker failover), then an error.
+fn sources(
+    consumer: &BaseConsumer<Ctx>,
+    tpl: &TopicPartitionList,
+) -> Result<HashMap<String, String>, TopicIdError> {
+    let mut topics: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|el| el.topic().to_owned())
+        .collect();
+    topics.sort();
+    topics.dedup();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        // SAFETY: `consumer` outlives the call.
+        match unsafe {
+            topic_ids::describe(
+                consumer.client().native_ptr(),
+                &topics,
+                Duration::from_secs(10),
+            )
+        } {
+            Ok(ids) => {
+                return Ok(ids
+                    .into_iter()
+                    .map(|(topic, id)| {
+                        if id.is_none() {
+                            tracing::warn!(%topic, "the brokers give this topic no id (Kafka before 2.8): its positions carry the bare name, and a topic created again under it is read as the old one");
+                        }
+                        let source = topic_ids::source_name(&topic, id.as_deref());
+                        (topic, source)
+                    })
+                    .collect());
+            }
+            Err(e) if tries < 3 => {
+                tracing::warn!(error = %e, "cannot read topic ids yet; trying again");
+            }
+            Err(e) => return Err(e),
         }
     }
 }
