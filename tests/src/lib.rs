@@ -208,7 +208,9 @@ pub fn group_coordinator(brokers: &str, group_id: &str) -> Option<i32> {
     if partitions.is_empty() {
         return None;
     }
-    let at = (java_hash(group_id) & 0x7fff_ffff) % partitions.len() as i32;
+    // Kafka's `Utils.abs`: `Math.abs`, with `Integer.MIN_VALUE` mapped to 0.
+    let h = java_hash(group_id);
+    let at = if h == i32::MIN { 0 } else { h.abs() } % partitions.len() as i32;
     partitions.iter().find(|p| p.id() == at).map(|p| p.leader())
 }
 

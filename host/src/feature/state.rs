@@ -124,7 +124,8 @@ impl Position {
 /// popular entity of a daily ingestion would outgrow the store's item limit. Their entries
 /// carry the time of their last write and expire after a retention (see
 /// [`EntityState::expire_positions`]). Stream sources never expire: their entries are one per
-/// partition, and a committed offset or a replayed dead letter may come back at any time.
+/// partition and topic incarnation (a topic created again is a new source), and a committed
+/// offset or a replayed dead letter may come back at any time.
 pub const EXPIRING_SOURCE_PREFIX: &str = "batch:";
 
 /// The offsets of one source partition an entity has absorbed: all below `floor`, and those

@@ -29,11 +29,6 @@ pub fn source_name(topic: &str, id: Option<&str>) -> String {
     }
 }
 
-/// The topic name of a source name made by [`source_name`].
-pub fn topic_of(source: &str) -> &str {
-    source.split_once('~').map_or(source, |(topic, _)| topic)
-}
-
 /// Why the ids could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicIdError {
@@ -123,7 +118,7 @@ pub unsafe fn describe(
                 let id = (!uuid.is_null()
                     && (rd::rd_kafka_Uuid_most_significant_bits(uuid) != 0
                         || rd::rd_kafka_Uuid_least_significant_bits(uuid) != 0))
-                    .then(|| text(rd::rd_kafka_Uuid_base64str(uuid)));
+                    .then(|| url_safe(&text(rd::rd_kafka_Uuid_base64str(uuid))));
                 out.insert(topic, id);
             }
             match failed {
@@ -150,6 +145,19 @@ pub unsafe fn describe(
     Ok(out)
 }
 
+/// librdkafka prints ids in standard base64; Kafka's tools (`kafka-topics --describe`) in the
+/// URL-safe alphabet without padding. Positions use the form operators see.
+fn url_safe(id: &str) -> String {
+    id.trim_end_matches('=')
+        .chars()
+        .map(|c| match c {
+            '+' => '-',
+            '/' => '_',
+            c => c,
+        })
+        .collect()
+}
+
 /// # Safety
 /// `p` is null or a NUL-terminated string.
 unsafe fn text(p: *const std::os::raw::c_char) -> String {
@@ -170,9 +178,16 @@ mod tests {
             source_name("clicks", Some("AAECAwQFBgcICQoLDA0ODw")),
             "clicks~AAECAwQFBgcICQoLDA0ODw"
         );
-        assert_eq!(topic_of("clicks~AAECAwQFBgcICQoLDA0ODw"), "clicks");
         assert_eq!(source_name("clicks", None), "clicks");
-        assert_eq!(topic_of("clicks"), "clicks");
+    }
+
+    #[test]
+    fn ids_read_as_kafkas_tools_print_them() {
+        assert_eq!(
+            url_safe("MLezvaEuT963Z8jb4K1a/w=="),
+            "MLezvaEuT963Z8jb4K1a_w"
+        );
+        assert_eq!(url_safe("a+b"), "a-b");
     }
 
     #[test]

@@ -357,7 +357,12 @@ impl Transactions {
                 )));
             }
         }
-        *self.republisher.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        let stuck = std::mem::replace(
+            &mut *self.republisher.write().unwrap_or_else(|p| p.into_inner()),
+            fresh,
+        );
+        // Destroying a client waits for its threads, and this one's may be stuck.
+        std::thread::spawn(move || drop(stuck));
         tracing::error!(%reason, "the transactional producer was stuck and is replaced; partitions that handed off in its transaction are rewound to their last commit");
         self.metrics.kafka_producer_replacements.inc();
         self.refusals.aborted();

@@ -46,12 +46,12 @@ pub(super) fn poll_loop(
                         Some(Ok(m)) => {
                             let event = to_event(&m);
                             drop(m);
-                            if let Some(fresh) =
-                                deliver_to(&shared, &consumer, &slot, event, &mut touched)
-                            {
-                                slot = fresh;
-                            }
                             delivered += 1;
+                            match deliver_to(&shared, &consumer, &slot, event, &mut touched) {
+                                Delivery::Same => {}
+                                Delivery::Restarted(fresh) => slot = fresh,
+                                Delivery::Stopped => break,
+                            }
                         }
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "Kafka consume error");
@@ -144,25 +144,39 @@ pub(super) fn deliver(
         tracing::error!(topic = %tp.0, partition = tp.1, "message of an unassigned partition ignored");
         return;
     };
-    deliver_to(shared, consumer, &slot, event, touched);
+    let _ = deliver_to(shared, consumer, &slot, event, touched);
 }
 
-/// Register one consumed message with its (known) partition. Returns the partition's new
-/// state if it had to start over ([`Shared::restart`]): the caller's `slot` is fenced then.
+/// What became of a partition's state with a delivery.
+pub(super) enum Delivery {
+    Same,
+    /// It started over ([`Shared::restart`]): the caller's slot is fenced; use this one.
+    Restarted(Arc<Slot>),
+    /// It could not start over: the consumer stops; read no more of the partition.
+    Stopped,
+}
+
+/// Register one consumed message with its (known) partition.
 pub(super) fn deliver_to(
     shared: &Shared,
     consumer: &BaseConsumer<Ctx>,
     slot: &Arc<Slot>,
     event: Event,
     touched: &mut Vec<Arc<Slot>>,
-) -> Option<Arc<Slot>> {
+) -> Delivery {
     let last = slot.lock().last_delivered();
     let restarted = match last {
         Some(last) if event.offset < last => {
-            // None: the consumer stops; nothing of the new log was taken.
-            Some(shared.restart(consumer, slot, event.offset, last)?)
+            match shared.restart(consumer, slot, event.offset, last) {
+                Some(fresh) => Some(fresh),
+                None => return Delivery::Stopped,
+            }
         }
         _ => None,
+    };
+    let outcome = || match &restarted {
+        Some(fresh) => Delivery::Restarted(fresh.clone()),
+        None => Delivery::Same,
     };
     let slot = restarted.as_ref().unwrap_or(slot);
     shared.resume(consumer, slot);
@@ -185,12 +199,12 @@ pub(super) fn deliver_to(
             // without the tracker's say, so it is not lost.
             tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
             drop(st);
-            return restarted.clone();
+            return outcome();
         }
     }
     drop(st);
     if !touched.iter().any(|s| Arc::ptr_eq(s, slot)) {
         touched.push(slot.clone());
     }
-    restarted.clone()
+    outcome()
 }

@@ -97,10 +97,13 @@ impl Shared {
 
     /// A partition whose offsets went back, from `last` delivered to `offset`: its topic was
     /// deleted and created again while assigned (librdkafka reset the fetch position to the
-    /// new log's start; no rebalance happens), or its log was truncated. Its state belongs
-    /// to a log that is gone: fenced (never committed again), and the partition starts over
-    /// under its topic's new id. The committed offset and its map described the old log, so
-    /// no map is read. `None` (the consumer stops) if the id cannot be read.
+    /// new log's start; no rebalance happens). Its state belongs to a log that is gone:
+    /// fenced under the gate (a hand-off of the old log in the open transaction dooms it, so
+    /// none is committed later), and the partition starts over under its topic's new id. The
+    /// committed offset and its map described the old log, so no map is read. If the id did
+    /// not change — a truncated log, or brokers that have not seen the new topic yet — or
+    /// cannot be read, the consumer stops (`None`): its successor resumes from the last
+    /// commit, and nothing of the new log is taken meanwhile.
     pub(super) fn restart(
         &self,
         consumer: &BaseConsumer<Ctx>,
@@ -110,23 +113,49 @@ impl Shared {
     ) -> Option<Arc<Slot>> {
         let (topic, partition) = (old.labels.topic.clone(), old.labels.partition);
         tracing::warn!(%topic, partition, offset, last, unfinished = old.lock().in_flight(),
-            "the partition's offsets went back: its topic was deleted and created again (or its log truncated); its state starts over, and what was unfinished of the old log is dropped");
-        fence(old);
+            "the partition's offsets went back: its topic was deleted and created again; its state starts over, and what was unfinished of the old log is dropped");
+        {
+            let _no_hand_offs = self.txn.exclusive();
+            fence(old);
+            if old.in_txn.load(AtomicOrdering::SeqCst) {
+                self.txn.poison(format!(
+                    "partition {topic}/{partition} started over with hand-offs of its old log in the transaction"
+                ));
+            }
+        }
+        let tp = (topic.clone(), partition);
+        self.slots().remove(&tp);
+        self.metrics.drop_partition(&old.labels);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&topic, partition);
-        let source = match sources(consumer, &tpl) {
-            Ok(mut s) => s.remove(&topic).unwrap_or_else(|| topic.clone()),
-            Err(e) => {
-                self.fail(format!(
-                    "cannot read the id of {topic}, whose offsets went back: {e}"
-                ));
-                return None;
+        let mut tries = 0;
+        let source = loop {
+            match sources(consumer, &tpl) {
+                Ok(mut s) => {
+                    let source = s.remove(&topic).unwrap_or_else(|| topic.clone());
+                    if source != old.source {
+                        break source;
+                    }
+                    tries += 1;
+                    if tries == 5 {
+                        self.fail(format!("the offsets of {topic}/{partition} went back from {last} to {offset} but its topic id did not change (a truncated log, or a cluster without topic ids): stopping, to resume from the last commit"));
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    self.fail(format!(
+                        "cannot read the id of {topic}, whose offsets went back: {e}"
+                    ));
+                    return None;
+                }
             }
         };
+        tracing::info!(%topic, partition, %source, "partition started over under its topic's new id");
         let fresh = Arc::new(Slot::new(&topic, partition, source));
         fresh.resumed.store(true, AtomicOrdering::SeqCst);
         self.metrics.log_resets.get_or_create(&old.labels).inc();
-        self.slots().insert((topic, partition), fresh.clone());
+        self.slots().insert(tp, fresh.clone());
         Some(fresh)
     }
 
