@@ -109,8 +109,8 @@ impl Position {
 
     /// Set the floor to `low_watermark` (at most the offset), the consumer's low watermark
     /// of the partition being read (`source`, `partition`: the source name of its positions)
-    /// — only if this position is in that partition's offset space. A replayed dead letter read from a retry partition carries its
-    /// dead-letter offset: the retry partition's watermark says nothing about which dead
+    /// — only if this position is in that partition's offset space. A replayed dead letter
+    /// read from a retry partition carries its dead-letter offset: the retry partition's watermark says nothing about which dead
     /// letters are finished, and as a floor it would mark every lower one as applied.
     pub fn set_floor(&mut self, source: &str, partition: i32, low_watermark: i64) {
         if self.source == source && self.partition == partition {

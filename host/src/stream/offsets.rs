@@ -35,11 +35,6 @@ impl OffsetTracker {
         OffsetTracker::default()
     }
 
-    /// The highest delivered offset.
-    pub fn last_delivered(&self) -> Option<i64> {
-        self.last
-    }
-
     /// Register a delivered message.
     pub fn deliver(&mut self, offset: i64) -> Result<(), OffsetError> {
         if let Some(last) = self.last

@@ -264,11 +264,6 @@ impl PartitionState {
         self.tracker.in_flight()
     }
 
-    /// The highest delivered offset.
-    pub fn last_delivered(&self) -> Option<i64> {
-        self.tracker.last_delivered()
-    }
-
     pub fn buffered_bytes(&self) -> usize {
         self.buffered_bytes
     }

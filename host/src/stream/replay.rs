@@ -119,19 +119,14 @@ pub async fn replay(
     let (source, ends): (String, Vec<(i32, i64)>) = {
         let (consumer, topic) = (consumer.clone(), topic.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<(i32, i64)>)> {
-            // SAFETY: `consumer` outlives the call.
-            let ids = unsafe {
-                super::topic_ids::describe(
-                    consumer.client().native_ptr(),
-                    std::slice::from_ref(&topic),
-                    Duration::from_secs(10),
-                )
-            }
-            .with_context(|| format!("cannot read the id of {topic}"))?;
-            let source = super::topic_ids::source_name(
-                &topic,
-                ids.get(&topic).cloned().flatten().as_deref(),
-            );
+            let source = super::topic_ids::sources(
+                consumer.client(),
+                std::slice::from_ref(&topic),
+                Duration::from_secs(10),
+            )
+            .with_context(|| format!("cannot read the id of {topic}"))?
+            .remove(&topic)
+            .unwrap_or_else(|| topic.clone());
             let meta = consumer
                 .fetch_metadata(Some(&topic), Duration::from_secs(10))
                 .with_context(|| format!("cannot read the metadata of {topic}"))?;

@@ -12,8 +12,11 @@
 //! **Limit.** Brokers older than Kafka 2.8 have no topic ids: their topics keep the bare
 //! name (as every position did before ids), so a recreated topic there is still read as the
 //! old one. Watermarks written under the bare name before an upgrade are left in the
-//! entities, unused: events finished in the last commit interval before a crash *during*
-//! the upgrade may be applied again (a graceful rollout commits everything first).
+//! entities, unused: events finished but not committed when a partition moves between an
+//! old and a new host *during* the upgrade (a crash, a drain timeout) may be applied again
+//! (a graceful rollout commits first), and so is a dead letter replayed before the upgrade
+//! and replayed again after it (its identity now names the dead-letter topic's id). Each
+//! incarnation leaves one watermark entry per partition in every entity it wrote.
 
 use rdkafka::bindings as rd;
 use std::collections::HashMap;
@@ -40,12 +43,33 @@ pub enum TopicIdError {
     Topic { topic: String, reason: String },
 }
 
+/// The source name ([`source_name`]) of each of `topics`' positions, asked through `client`
+/// (any consumer or producer). Blocking, up to `timeout`.
+pub fn sources<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<HashMap<String, String>, TopicIdError> {
+    // SAFETY: `client` is borrowed, so its handle lives through the call.
+    let ids = unsafe { describe(client.native_ptr(), topics, timeout) }?;
+    Ok(ids
+        .into_iter()
+        .map(|(topic, id)| {
+            if id.is_none() {
+                tracing::warn!(%topic, "the brokers give this topic no id (Kafka before 2.8): its positions carry the bare name, and a topic created again under it is read as the old one");
+            }
+            let source = source_name(&topic, id.as_deref());
+            (topic, source)
+        })
+        .collect())
+}
+
 /// The ids of `topics` (those the brokers give none, `None`), asked through the client
 /// `rk` (any consumer or producer handle). Blocking, up to `timeout`.
 ///
 /// # Safety
 /// `rk` must be a live client handle for the whole call.
-pub unsafe fn describe(
+unsafe fn describe(
     rk: *mut rd::rd_kafka_t,
     topics: &[String],
     timeout: Duration,

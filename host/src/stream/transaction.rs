@@ -134,7 +134,7 @@ impl Transactions {
     /// Register the transactional id (fencing an earlier producer with it, whose open
     /// transaction is aborted) and open the first transaction. Blocking.
     pub fn start(&self) -> anyhow::Result<()> {
-        let r = self.current();
+        let r = self.republisher();
         bounded(&r, "init_transactions", INIT_TIMEOUT, |p, t| p.init_transactions(t))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map_err(|e| anyhow::anyhow!("cannot initialize Kafka transactions: {e} (the brokers must allow transactions, and the principal needs Write and Describe on its transactional id)"))?;
@@ -145,10 +145,6 @@ impl Transactions {
 
     /// The producer of the open transaction.
     pub fn republisher(&self) -> Arc<Republisher> {
-        self.current()
-    }
-
-    fn current(&self) -> Arc<Republisher> {
         self.republisher
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -161,7 +157,7 @@ impl Transactions {
         what: &'static str,
         call: impl FnOnce(&FutureProducer<KafkaContext>, Duration) -> KafkaResult<T> + Send + 'static,
     ) -> Result<KafkaResult<T>, TxnError> {
-        bounded(&self.current(), what, self.call_timeout, call).inspect_err(|e| {
+        bounded(&self.republisher(), what, self.call_timeout, call).inspect_err(|e| {
             *self.state() = State::Wedged {
                 reason: e.to_string(),
             };
@@ -192,11 +188,6 @@ impl Transactions {
             State::Doomed { .. } | State::Wedged { .. } => true,
             State::Committing => false,
         }
-    }
-
-    /// Whether the open transaction must be aborted.
-    pub fn poisoned(&self) -> bool {
-        matches!(*self.state(), State::Doomed { .. } | State::Wedged { .. })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -375,7 +366,7 @@ impl Transactions {
     }
 
     fn begin(&self) -> Result<(), TxnError> {
-        self.current()
+        self.republisher()
             .producer()
             .begin_transaction()
             .map_err(|e| TxnError::Fatal(format!("cannot begin the next transaction: {e}")))?;

@@ -51,6 +51,7 @@ use super::handoff::HandOff;
 use super::kafka::{KafkaClient, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::offset_map::FinishedMap;
+use super::offsets::OffsetError;
 use super::partition::{Delivered, Limits, PartitionState, RetryMeta, Unit};
 use super::topic_ids::{self, TopicIdError};
 use super::transaction::{Committed, Exclusive, Transactions, TxnError};

@@ -156,32 +156,18 @@ pub(super) enum Delivery {
     Stopped,
 }
 
-/// Register one consumed message with its (known) partition.
+/// Register one consumed message with its (known) partition. An offset below the last one
+/// delivered means the partition's log is a new one ([`Shared::restart`]): the message goes
+/// to the partition's fresh state.
 pub(super) fn deliver_to(
     shared: &Shared,
     consumer: &BaseConsumer<Ctx>,
     slot: &Arc<Slot>,
-    event: Event,
+    mut event: Event,
     touched: &mut Vec<Arc<Slot>>,
 ) -> Delivery {
-    let last = slot.lock().last_delivered();
-    let restarted = match last {
-        Some(last) if event.offset < last => {
-            match shared.restart(consumer, slot, event.offset, last) {
-                Some(fresh) => Some(fresh),
-                None => return Delivery::Stopped,
-            }
-        }
-        _ => None,
-    };
-    let outcome = || match &restarted {
-        Some(fresh) => Delivery::Restarted(fresh.clone()),
-        None => Delivery::Same,
-    };
-    let slot = restarted.as_ref().unwrap_or(slot);
     shared.resume(consumer, slot);
     let tp = (&slot.labels.topic, slot.labels.partition);
-    let mut event = event;
     if let Some(p) = event.position.as_mut() {
         p.source.clone_from(&slot.source);
     }
@@ -194,17 +180,26 @@ pub(super) fn deliver_to(
             shared.metrics.skipped.get_or_create(&slot.labels).inc();
         }
         Ok(Delivered::Queued | Delivered::Unrouted) => {}
+        Err(OffsetError::OutOfOrder { offset, last }) if offset < last => {
+            drop(st);
+            let Some(fresh) = shared.restart(consumer, slot, offset, last) else {
+                return Delivery::Stopped;
+            };
+            let event = Arc::unwrap_or_clone(event);
+            // The fresh state has delivered nothing: this cannot restart again.
+            let _ = deliver_to(shared, consumer, &fresh, event, touched);
+            return Delivery::Restarted(fresh);
+        }
         Err(e) => {
             // Only a client bug could cause this; nothing past this offset is committed
             // without the tracker's say, so it is not lost.
             tracing::error!(error = %e, topic = %tp.0, partition = tp.1, "message out of order; ignored");
-            drop(st);
-            return outcome();
+            return Delivery::Same;
         }
     }
     drop(st);
     if !touched.iter().any(|s| Arc::ptr_eq(s, slot)) {
         touched.push(slot.clone());
     }
-    outcome()
+    Delivery::Same
 }

@@ -126,11 +126,10 @@ impl Shared {
         let tp = (topic.clone(), partition);
         self.slots().remove(&tp);
         self.metrics.drop_partition(&old.labels);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, partition);
+        let topics = [topic.clone()];
         let mut tries = 0;
         let source = loop {
-            match sources(consumer, &tpl) {
+            match topic_ids::sources(consumer.client(), &topics, Duration::from_secs(10)) {
                 Ok(mut s) => {
                     let source = s.remove(&topic).unwrap_or_else(|| topic.clone());
                     if source != old.source {
@@ -244,10 +243,10 @@ impl Shared {
     }
 }
 
-/// The source name of each assigned topic's positions ([`super::super::topic_ids`]), read
-/// from the brokers at every assignment: a topic deleted and created again revokes its
-/// partitions and assigns them anew, with its new incarnation's id. Three tries of ten
-/// seconds (a rebalance during a broker failover), then an error.
+/// The source name of each assigned topic's positions ([`topic_ids`]), read from the
+/// brokers at every assignment: a topic deleted and created again revokes its partitions and
+/// assigns them anew, with its new incarnation's id. Three tries of ten seconds (a
+/// rebalance during a broker failover), then an error.
 fn sources(
     consumer: &BaseConsumer<Ctx>,
     tpl: &TopicPartitionList,
@@ -262,30 +261,11 @@ fn sources(
     let mut tries = 0;
     loop {
         tries += 1;
-        // SAFETY: `consumer` outlives the call.
-        match unsafe {
-            topic_ids::describe(
-                consumer.client().native_ptr(),
-                &topics,
-                Duration::from_secs(10),
-            )
-        } {
-            Ok(ids) => {
-                return Ok(ids
-                    .into_iter()
-                    .map(|(topic, id)| {
-                        if id.is_none() {
-                            tracing::warn!(%topic, "the brokers give this topic no id (Kafka before 2.8): its positions carry the bare name, and a topic created again under it is read as the old one");
-                        }
-                        let source = topic_ids::source_name(&topic, id.as_deref());
-                        (topic, source)
-                    })
-                    .collect());
-            }
+        match topic_ids::sources(consumer.client(), &topics, Duration::from_secs(10)) {
             Err(e) if tries < 3 => {
                 tracing::warn!(error = %e, "cannot read topic ids yet; trying again");
             }
-            Err(e) => return Err(e),
+            result => return result,
         }
     }
 }
