@@ -26,6 +26,7 @@ pub mod feature;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
+pub mod retry;
 pub mod sink;
 pub mod spec;
 pub mod stream;

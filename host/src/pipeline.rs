@@ -8,6 +8,7 @@ use crate::event::Event;
 use crate::feature::{Mutation, Write, check_write};
 use crate::metrics::{GroupLabels, Metrics, VersionLabels};
 use crate::plugin::{EventFailure, Plugin};
+use crate::retry::{Cause, Failure, FailureKind, InPlace, RetryPolicy};
 use crate::sink::SinkError;
 use crate::sink::writer::{FeatureWriter, GroupSink, WriteReport};
 use crate::spec::GroupDef;
@@ -24,50 +25,6 @@ pub struct GroupRuntime {
     pub plugin: Plugin,
     pub sink: GroupSink,
 }
-
-/// Why an event failed for one group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// Cannot succeed: dead-letter at once.
-    Invalid,
-    /// Transient: retry.
-    Retryable,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Invalid => "invalid",
-            FailureKind::Retryable => "retryable",
-        }
-    }
-}
-
-/// One event that failed for one group.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
-    pub event: usize,
-    pub group: usize,
-    pub kind: FailureKind,
-    pub reason: String,
-    /// The store write failed (the plugin's part succeeded): worth retrying in place.
-    pub store: bool,
-}
-
-/// Which failures [`Pipeline::process_with_retries`] retries in place before returning them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InPlace {
-    /// Every retryable failure, up to its group's `retry.maxAttempts`, with the group's
-    /// backoff: for sources without a retry topic (files, HTTP push).
-    All,
-    /// Store failures only, up to this many attempts with a short backoff; plugin failures
-    /// return at once (the Kafka consumer hands them to the retry topic, which does not hold
-    /// up the partition).
-    StoreOnly(u32),
-}
-
-/// First backoff of in-place store retries; doubles per attempt.
-const STORE_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Totals of one batch.
 #[derive(Debug, Clone, Default)]
@@ -230,35 +187,26 @@ impl Pipeline {
         let (mut failures, mut stats) = self.process(events, pairs, overwrite).await;
         let mut attempts: HashMap<(usize, usize), u32> = HashMap::new();
         loop {
-            for f in &failures {
-                *attempts.entry((f.event, f.group)).or_insert(0) += 1;
-            }
-            let again = |f: &Failure| {
-                let n = attempts[&(f.event, f.group)];
-                f.kind == FailureKind::Retryable
-                    && match in_place {
-                        InPlace::All => n < self.runtime(f.group).def.spec.retry.max_attempts,
-                        InPlace::StoreOnly(max) => f.store && n < max,
+            let mut retry = Vec::new();
+            let mut done = Vec::new();
+            let mut wait: Option<std::time::Duration> = None;
+            for f in failures {
+                let n = attempts.entry((f.event, f.group)).or_insert(0);
+                *n += 1;
+                let policy = RetryPolicy::of(&self.runtime(f.group).def);
+                match policy.in_place(&f, *n, in_place) {
+                    Some(w) => {
+                        wait = Some(wait.map_or(w, |x| x.min(w)));
+                        retry.push(f);
                     }
-            };
-            let (retry, done): (Vec<Failure>, Vec<Failure>) = failures.into_iter().partition(again);
-            if retry.is_empty() {
-                return (done, stats);
+                    None => done.push(f),
+                }
             }
-            let backoff = retry
-                .iter()
-                .map(|f| {
-                    let n = attempts[&(f.event, f.group)];
-                    let first = match in_place {
-                        InPlace::All => self.runtime(f.group).def.retry_backoff,
-                        InPlace::StoreOnly(_) => STORE_RETRY_BACKOFF,
-                    };
-                    first.saturating_mul(1 << (n - 1).min(6))
-                })
-                .min()
-                .unwrap_or_default()
-                // Jitter: batches that failed together (a throttled table) retry apart.
-                .mul_f64(rand::random_range(0.5..1.0));
+            let Some(wait) = wait else {
+                return (done, stats);
+            };
+            // Jitter: batches that failed together (a throttled table) retry apart.
+            let backoff = wait.mul_f64(rand::random_range(0.5..1.0));
             tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events in place");
             tokio::time::sleep(backoff).await;
             let pairs: Vec<(usize, usize)> = retry.iter().map(|f| (f.event, f.group)).collect();
@@ -284,12 +232,12 @@ impl Pipeline {
         // Loaded once: the whole batch runs on one version of the group.
         let group = self.runtime(g);
         let labels = GroupLabels::new(&group.def.name);
-        let failure = |event, kind, reason: String| Failure {
+        let failure = |event, kind, cause, reason: String| Failure {
             event,
             group: g,
             kind,
+            cause,
             reason,
-            store: false,
         };
         let input: Arc<Vec<Event>> = if idx.len() == events.len() {
             events.clone() // idx is exactly 0..n
@@ -325,7 +273,7 @@ impl Pipeline {
                 Err(e) => {
                     tracing::error!(group = %group.def.name, topic = %event.topic, partition = event.partition,
                         offset = event.offset, error = %e, "plugin call failed on this event");
-                    failures.push(failure(i, FailureKind::Retryable, e.to_string()));
+                    failures.push(failure(i, FailureKind::Retryable, Cause::Plugin, e.to_string()));
                     continue;
                 }
             };
@@ -340,16 +288,20 @@ impl Pipeline {
                             mutations.push((entity, m));
                         }
                     }
-                    Err(reason) => failures.push(failure(i, FailureKind::Invalid, reason)),
+                    Err(reason) => {
+                        failures.push(failure(i, FailureKind::Invalid, Cause::Check, reason))
+                    }
                 },
                 Err(EventFailure::Invalid(m)) => failures.push(failure(
                     i,
                     FailureKind::Invalid,
+                    Cause::Plugin,
                     format!("plugin rejected the event: {m}"),
                 )),
                 Err(EventFailure::Retryable(m)) => failures.push(failure(
                     i,
                     FailureKind::Retryable,
+                    Cause::Plugin,
                     format!("plugin asked to retry: {m}"),
                 )),
             }
@@ -419,10 +371,7 @@ impl Pipeline {
         failures.extend(
             failed_events
                 .into_iter()
-                .map(|(i, (kind, reason))| Failure {
-                    store: true,
-                    ..failure(i, kind, reason)
-                }),
+                .map(|(i, (kind, reason))| failure(i, kind, Cause::Store, reason)),
         );
         (failures, Some(report))
     }

@@ -13,7 +13,7 @@ use super::format::{Record, decode_unit};
 use super::run::{Checkpoint, RunRecord, ShardRecord, Status, Trigger, now_ms, shard_pk, shard_sk};
 use crate::event::Event;
 use crate::feature::Position;
-use crate::pipeline::{Failure, FailureKind, InPlace};
+use crate::retry::{Cause, Failure, FailureKind, InPlace};
 use crate::stream::dead_letter::to_json_line;
 use anyhow::Context as _;
 use std::sync::Arc;
@@ -151,8 +151,8 @@ pub async fn run_shard(
                 event: i,
                 group: g,
                 kind: FailureKind::Invalid,
+                cause: Cause::Check,
                 reason: format!("undecodable record: {reason}"),
-                store: false,
             }));
             if let Some(f) = failures.iter().find(|f| f.kind == FailureKind::Retryable) {
                 return Err(ShardError::Failed(anyhow::anyhow!(
@@ -286,7 +286,7 @@ async fn process(
     loop {
         let (outage, rest): (Vec<Failure>, Vec<Failure>) = failures
             .into_iter()
-            .partition(|f| f.store && f.kind == FailureKind::Retryable);
+            .partition(Failure::is_outage);
         if outage.is_empty() {
             return Ok(rest);
         }

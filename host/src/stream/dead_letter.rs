@@ -3,7 +3,7 @@
 //! default. Nothing is dropped silently.
 
 use crate::event::Event;
-use crate::pipeline::Failure;
+use crate::retry::Failure;
 use base64::Engine as _;
 use std::io::Write as _;
 use std::path::PathBuf;

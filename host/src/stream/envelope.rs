@@ -13,8 +13,7 @@
 //! segment rolls, after its source offset was committed.
 
 use crate::event::Event;
-use crate::pipeline::FailureKind;
-use std::time::Duration;
+use crate::retry::FailureKind;
 
 /// Header names.
 pub mod headers {
@@ -53,48 +52,6 @@ pub struct Envelope {
     pub attempts: u32,
     pub first_failure_ms: i64,
     pub due_ms: Option<i64>,
-}
-
-/// Where a failed event goes next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NextStep {
-    /// To the retry topic, due at this time.
-    Retry {
-        due_ms: i64,
-    },
-    DeadLetter,
-}
-
-/// Decide the next step after the `attempts`-th failed attempt (1 = the first processing):
-/// invalid events and those out of attempts are dead-lettered; others wait `backoff`,
-/// doubling per attempt (at most 64× and one hour).
-pub fn next_step(
-    kind: FailureKind,
-    attempts: u32,
-    max_attempts: u32,
-    backoff: Duration,
-    now_ms: i64,
-) -> NextStep {
-    if kind == FailureKind::Invalid || attempts >= max_attempts {
-        return NextStep::DeadLetter;
-    }
-    let delay = backoff
-        .saturating_mul(1 << attempts.saturating_sub(1).min(6))
-        .min(Duration::from_secs(3600));
-    NextStep::Retry {
-        due_ms: now_ms + delay.as_millis() as i64,
-    }
-}
-
-/// Attempts an event gets for one group. A store outage (`store`: the plugin succeeded and
-/// the store write failed transiently) is not the event's fault: it cycles through the retry
-/// topic at the capped backoff until the store is back, instead of running out of attempts.
-pub fn attempt_limit(kind: FailureKind, store: bool, max_attempts: u32) -> u32 {
-    if store && kind == FailureKind::Retryable {
-        u32::MAX
-    } else {
-        max_attempts
-    }
 }
 
 /// The longest `fh-error` a hand-off carries: reasons come from plugins and stores, and a
@@ -327,58 +284,6 @@ mod tests {
             unwrap(&msg)
                 .unwrap_err()
                 .contains("fh-source-offset is not a number")
-        );
-    }
-
-    #[test]
-    fn store_outages_never_run_out_of_attempts() {
-        let limit = attempt_limit(FailureKind::Retryable, true, 2);
-        assert!(matches!(
-            next_step(
-                FailureKind::Retryable,
-                1_000,
-                limit,
-                Duration::from_secs(1),
-                0
-            ),
-            NextStep::Retry { due_ms: 64_000 }
-        ));
-        assert_eq!(attempt_limit(FailureKind::Retryable, false, 2), 2);
-        assert_eq!(
-            next_step(
-                FailureKind::Invalid,
-                1,
-                attempt_limit(FailureKind::Invalid, true, 2),
-                Duration::from_secs(1),
-                0
-            ),
-            NextStep::DeadLetter,
-            "a rejected store write is dead-lettered at once"
-        );
-    }
-
-    #[test]
-    fn backoff_doubles_and_attempts_run_out() {
-        let b = Duration::from_secs(1);
-        assert_eq!(
-            next_step(FailureKind::Retryable, 1, 3, b, 0),
-            NextStep::Retry { due_ms: 1000 }
-        );
-        assert_eq!(
-            next_step(FailureKind::Retryable, 2, 3, b, 0),
-            NextStep::Retry { due_ms: 2000 }
-        );
-        assert_eq!(
-            next_step(FailureKind::Retryable, 3, 3, b, 0),
-            NextStep::DeadLetter
-        );
-        assert_eq!(
-            next_step(FailureKind::Invalid, 1, 3, b, 0),
-            NextStep::DeadLetter
-        );
-        assert_eq!(
-            next_step(FailureKind::Retryable, 30, 100, Duration::from_secs(600), 0),
-            NextStep::Retry { due_ms: 3_600_000 }
         );
     }
 }

@@ -15,7 +15,8 @@
 use super::dead_letter::{DeadLetterFile, to_json_line};
 use crate::event::Event;
 use crate::feature::Position;
-use crate::pipeline::{FailureKind, InPlace, Pipeline};
+use crate::pipeline::Pipeline;
+use crate::retry::{FailureKind, InPlace};
 use anyhow::Context as _;
 use serde::Deserialize;
 use std::collections::BTreeMap;

@@ -43,11 +43,19 @@ pub struct Unit {
     pub event: Arc<Event>,
     pub group: usize,
     pub lane: Option<LaneKey>,
-    /// Set for events read from a retry topic.
-    pub retry: Option<RetryMeta>,
-    /// A message that cannot be processed at all (an unreadable retry message): goes to the
+    pub origin: Origin,
+}
+
+/// Where a unit's message came from: the cases are exclusive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A source topic: processed as soon as its lane lets it.
+    Source,
+    /// A retry topic: its history, from the record's headers; waits until due.
+    Retry(RetryMeta),
+    /// A message that cannot be processed at all (an unreadable retry record): goes to the
     /// dead-letter topic with this reason.
-    pub poison: Option<String>,
+    Poison(String),
 }
 
 /// What became of a delivered message.
@@ -242,9 +250,16 @@ impl PartitionState {
         finished
     }
 
-    /// Every offset below this is finished: what to commit, and the floor of positions.
+    /// Every offset below this is finished: what to commit.
     pub fn low_watermark(&self) -> Option<i64> {
         self.tracker.committable()
+    }
+
+    /// The floor of the positions a batch starting now writes ([`Position::floor`]).
+    ///
+    /// [`Position::floor`]: crate::feature::Position::floor
+    pub fn floor(&self) -> Option<i64> {
+        self.low_watermark()
     }
 
     /// The commit to send if the low watermark or the finished offsets above it changed
@@ -299,8 +314,7 @@ mod tests {
             event: e.clone(),
             group,
             lane: Some(LaneKey::for_key(group, e.key.as_deref())),
-            retry: None,
-            poison: None,
+            origin: Origin::Source,
         }
     }
 

@@ -9,7 +9,7 @@
 use super::envelope::{self, Envelope, headers};
 use super::kafka::{KafkaClient, KafkaContext, Republisher, to_event};
 use crate::feature::Position;
-use crate::pipeline::FailureKind;
+use crate::retry::FailureKind;
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};

@@ -11,10 +11,10 @@ pub(super) fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Uni
     }
     let mut batches: BTreeMap<usize, Vec<(Option<LaneKey>, Unit)>> = BTreeMap::new();
     for u in ready {
-        if u.retry.is_some() || u.poison.is_some() {
+        if u.origin != Origin::Source {
             let (shared, slot) = (shared.clone(), slot.clone());
             shared.runtime.clone().spawn(async move {
-                if let Some(r) = u.retry {
+                if let Origin::Retry(r) = &u.origin {
                     let wait = r.due_ms - now_ms();
                     if wait > 0 {
                         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
@@ -50,7 +50,7 @@ pub(super) async fn run_batch(
     group: usize,
     units: Vec<Unit>,
 ) {
-    let floor = slot.lock().low_watermark();
+    let floor = slot.lock().floor();
     let mut events = Vec::with_capacity(units.len());
     let mut failures: Vec<Failure> = Vec::new();
     let mut pairs = Vec::with_capacity(units.len());
@@ -60,15 +60,15 @@ pub(super) async fn run_batch(
             p.set_floor(&slot.source, slot.labels.partition, floor);
         }
         events.push(e);
-        match &u.poison {
-            Some(reason) => failures.push(Failure {
+        match &u.origin {
+            Origin::Poison(reason) => failures.push(Failure {
                 event: i,
                 group,
                 kind: FailureKind::Invalid,
+                cause: Cause::Check,
                 reason: reason.clone(),
-                store: false,
             }),
-            None => pairs.push((i, group)),
+            Origin::Source | Origin::Retry(_) => pairs.push((i, group)),
         }
     }
     let events = Arc::new(events);
@@ -215,13 +215,12 @@ pub(super) async fn hand_off(
     let runtime = shared.pipeline.runtime(unit.group);
     let def = &runtime.def;
     let now = now_ms();
-    let (before, first_failure_ms) = unit
-        .retry
-        .map_or((0, now), |r| (r.attempts, r.first_failure_ms));
+    let (before, first_failure_ms) = match &unit.origin {
+        Origin::Retry(r) => (r.attempts, r.first_failure_ms),
+        _ => (0, now),
+    };
     let attempts = before + 1;
-    let max_attempts =
-        envelope::attempt_limit(failure.kind, failure.store, def.spec.retry.max_attempts);
-    let step = envelope::next_step(failure.kind, attempts, max_attempts, def.retry_backoff, now);
+    let step = RetryPolicy::of(def).next_step(failure.kind, failure.cause, attempts, now);
     let mut env = Envelope {
         group: def.name.clone(),
         kind: failure.kind,

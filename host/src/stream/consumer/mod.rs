@@ -45,20 +45,21 @@ mod dispatch;
 mod poll;
 mod rebalance;
 
-use super::envelope::{self, Envelope, NextStep};
+use super::envelope::{self, Envelope};
 use super::handoff::Destination;
 use super::handoff::HandOff;
 use super::kafka::{KafkaClient, to_event};
 use super::lanes::{LaneKey, split_batches};
 use super::offset_map::FinishedMap;
 use super::offsets::OffsetError;
-use super::partition::{Delivered, Limits, PartitionState, RetryMeta, Unit};
+use super::partition::{Delivered, Limits, Origin, PartitionState, RetryMeta, Unit};
 use super::topic_ids::{self, TopicIdError};
 use super::transaction::{Committed, Exclusive, Transactions, TxnError};
 use crate::config::RunSettings;
 use crate::event::Event;
 use crate::metrics::{Metrics, PartitionLabels};
-use crate::pipeline::{Failure, FailureKind, InPlace, Pipeline};
+use crate::pipeline::Pipeline;
+use crate::retry::{Cause, Failure, FailureKind, InPlace, NextStep, RetryPolicy};
 use crate::spec::Ordering;
 use anyhow::Context as _;
 use commit::committed_metadata;
@@ -335,8 +336,7 @@ impl Shared {
                     event: event.clone(),
                     group: g,
                     lane,
-                    retry: None,
-                    poison: None,
+                    origin: Origin::Source,
                 }
             })
             .collect()
@@ -351,8 +351,7 @@ impl Shared {
             event: message.clone(),
             group: groups[0],
             lane: None,
-            retry: None,
-            poison: Some(reason),
+            origin: Origin::Poison(reason),
         };
         let (mut original, env) = match envelope::unwrap(message) {
             Ok(x) => x,
@@ -377,12 +376,11 @@ impl Shared {
             event: Arc::new(original),
             group,
             lane: None,
-            retry: Some(RetryMeta {
+            origin: Origin::Retry(RetryMeta {
                 attempts: env.attempts,
                 first_failure_ms: env.first_failure_ms,
                 due_ms: env.due_ms.unwrap_or(0),
             }),
-            poison: None,
         }
     }
 }
