@@ -8,6 +8,8 @@
 
 pub mod consumer;
 pub mod dead_letter;
+#[cfg(test)]
+mod delivery_model;
 pub mod envelope;
 pub mod handoff;
 pub mod kafka;
