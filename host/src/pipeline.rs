@@ -273,7 +273,12 @@ impl Pipeline {
                 Err(e) => {
                     tracing::error!(group = %group.def.name, topic = %event.topic, partition = event.partition,
                         offset = event.offset, error = %e, "plugin call failed on this event");
-                    failures.push(failure(i, FailureKind::Retryable, Cause::Plugin, e.to_string()));
+                    failures.push(failure(
+                        i,
+                        FailureKind::Retryable,
+                        Cause::Plugin,
+                        e.to_string(),
+                    ));
                     continue;
                 }
             };

@@ -103,7 +103,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextStep {
     /// To the retry topic, due at this time (ms since the epoch).
-    Retry { due_ms: i64 },
+    Retry {
+        due_ms: i64,
+    },
     DeadLetter,
 }
 

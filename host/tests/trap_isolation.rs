@@ -5,7 +5,7 @@
 
 use feature_host::event::Event;
 use feature_host::feature::Position;
-use feature_host::pipeline::{FailureKind, InPlace};
+use feature_host::retry::{FailureKind, InPlace};
 use feature_host::sink::memory_cache::MemoryCache;
 use feature_host::sink::writer::FeatureWriter;
 use std::path::Path;

@@ -284,9 +284,8 @@ async fn process(
         .await;
     let mut wait = Duration::from_secs(1);
     loop {
-        let (outage, rest): (Vec<Failure>, Vec<Failure>) = failures
-            .into_iter()
-            .partition(Failure::is_outage);
+        let (outage, rest): (Vec<Failure>, Vec<Failure>) =
+            failures.into_iter().partition(Failure::is_outage);
         if outage.is_empty() {
             return Ok(rest);
         }

@@ -19,9 +19,19 @@
 //! (`FH_MAX_OFFSET_SPAN`, validated against it): the back-pressure that keeps the map inside
 //! the limit.
 //!
+//! **Partly finished offsets.** An event routed to several groups finishes when all of them
+//! are done; one group may have handed it off (committed) while another still runs. The map
+//! also names, per group, the offsets whose unit for that group was handed off: `.` then
+//! `<group>=` and the same encoding of its offsets, for each such group. The next owner runs
+//! only their other groups, so the hand-off is not repeated. Group names cannot hold `.` or
+//! `=`, base64 cannot either. If the sections would push the metadata past
+//! [`METADATA_LIMIT`], they are left out (the offsets are then redone for every group).
+//!
 //! **Guarantee.** An offset in a committed map was finished by the member that committed
-//! it, so skipping it loses nothing. **Limit:** only what was committed — events finished
-//! after the last commit (a crash) are processed again, and their hand-offs repeated.
+//! it, and a unit named in it was handed off in the same transaction or an earlier one, so
+//! skipping them loses nothing. **Limit:** only what was committed — events finished
+//! after the last commit (a crash) are processed again; their hand-offs were in the open
+//! transaction, which aborts with the crash.
 //!
 //! Metadata is read as untrusted bytes: anyone who may commit for the consumer group can
 //! write it. A malformed, stale or over-wide map is ignored (the events are processed
@@ -30,6 +40,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use std::collections::BTreeMap;
 
 /// The widest window a map covers: every map this wide fits Kafka's default
 /// `offset.metadata.max.bytes` (4096) as a bitset.
@@ -39,6 +50,12 @@ pub const MAX_SPAN: u64 = 24_000;
 const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 const PREFIX: &str = "fh1:";
+
+/// Kafka's default `offset.metadata.max.bytes` (also Amazon MSK's): what a map must fit.
+pub const METADATA_LIMIT: usize = 4096;
+
+/// Hand-off sections read at most: more groups than any host serves from one partition.
+const MAX_SECTIONS: usize = 256;
 
 /// Why committed metadata was not taken as a map.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,65 +70,100 @@ pub enum MapError {
     TooWide,
 }
 
-/// Finished offsets above a committed offset (`base`).
+/// Finished offsets above a committed offset (`base`), and the units of unfinished ones that
+/// were handed off.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FinishedMap {
     base: i64,
     /// Half-open `[start, end)` ranges, increasing, disjoint and not touching, all ≥ `base`.
     ranges: Vec<(i64, i64)>,
+    /// Per group name: unfinished offsets (≥ `base`) whose unit for it was handed off, as
+    /// ranges like `ranges`.
+    handed_off: BTreeMap<String, Vec<(i64, i64)>>,
 }
 
 impl FinishedMap {
     /// The map of `finished` (increasing offsets ≥ `base`; others are ignored) above `base`.
     pub fn new(base: i64, finished: impl IntoIterator<Item = i64>) -> FinishedMap {
-        let mut ranges: Vec<(i64, i64)> = Vec::new();
-        for o in finished {
-            if o < base {
-                continue;
-            }
-            match ranges.last_mut() {
-                Some((_, end)) if o == *end => *end += 1,
-                Some((_, end)) if o < *end => {}
-                _ => ranges.push((o, o + 1)),
+        FinishedMap {
+            base,
+            ranges: ranges(base, finished),
+            handed_off: BTreeMap::new(),
+        }
+    }
+
+    /// Add units `(offset, group name)` that were handed off while their offset is not
+    /// finished; offsets below the base or finished are ignored.
+    pub fn with_hand_offs<'a>(
+        mut self,
+        units: impl IntoIterator<Item = (i64, &'a str)>,
+    ) -> FinishedMap {
+        let mut by_group: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for (offset, group) in units {
+            if offset >= self.base && !self.contains(offset) {
+                by_group.entry(group).or_default().push(offset);
             }
         }
-        FinishedMap { base, ranges }
+        for (group, mut offsets) in by_group {
+            offsets.sort_unstable();
+            self.handed_off
+                .insert(group.to_owned(), ranges(self.base, offsets));
+        }
+        self
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        self.ranges.is_empty() && self.handed_off.is_empty()
     }
 
-    /// How many offsets the map holds.
+    /// How many offsets the map holds as finished.
     pub fn len(&self) -> u64 {
         self.ranges.iter().map(|(s, e)| (e - s) as u64).sum()
     }
 
     /// Whether `offset` was finished.
     pub fn contains(&self, offset: i64) -> bool {
-        let i = self.ranges.partition_point(|&(_, end)| end <= offset);
-        self.ranges
-            .get(i)
-            .is_some_and(|&(start, _)| start <= offset)
+        contains(&self.ranges, offset)
     }
 
-    /// The commit metadata: empty when nothing is finished above `base`.
+    /// The finished offsets, increasing.
+    pub fn offsets(&self) -> impl Iterator<Item = i64> + '_ {
+        self.ranges.iter().flat_map(|&(start, end)| start..end)
+    }
+
+    /// The handed-off units of unfinished offsets: `(offset, group name)`.
+    pub fn hand_offs(&self) -> impl Iterator<Item = (i64, &str)> + '_ {
+        self.handed_off.iter().flat_map(|(group, ranges)| {
+            ranges
+                .iter()
+                .flat_map(|&(start, end)| start..end)
+                .map(move |o| (o, group.as_str()))
+        })
+    }
+
+    /// The commit metadata: empty when nothing is finished or handed off above `base`. At
+    /// most [`METADATA_LIMIT`] bytes whenever the finished offsets span at most
+    /// [`MAX_SPAN`]: hand-off sections that would not fit are left out.
     pub fn encode(&self) -> String {
-        if self.ranges.is_empty() {
+        if self.is_empty() {
             return String::new();
         }
-        let runs = self.runs();
-        let bits = self.bits();
-        let (tag, bytes) = if runs.len() <= bits.len() {
-            ('r', runs)
-        } else {
-            ('b', bits)
-        };
-        format!(
-            "{PREFIX}{}:{tag}{}",
+        let mut text = format!(
+            "{PREFIX}{}:{}",
             self.base,
-            URL_SAFE_NO_PAD.encode(bytes)
-        )
+            encode_set(self.base, &self.ranges)
+        );
+        let plain = text.len();
+        for (group, ranges) in &self.handed_off {
+            text.push('.');
+            text.push_str(group);
+            text.push('=');
+            text.push_str(&encode_set(self.base, ranges));
+        }
+        if text.len() > METADATA_LIMIT {
+            text.truncate(plain);
+        }
+        text
     }
 
     /// Read the metadata committed with offset `committed`. Empty metadata is an empty map.
@@ -129,90 +181,149 @@ impl FinishedMap {
         if base != committed {
             return Err(MapError::Stale { base, committed });
         }
-        let mut chars = body.chars();
-        let tag = chars.next().ok_or(MapError::Malformed("no encoding"))?;
-        let bytes = URL_SAFE_NO_PAD
-            .decode(chars.as_str())
-            .map_err(|_| MapError::Malformed("base64"))?;
+        let mut sections = body.split('.');
+        let finished = sections.next().unwrap_or_default();
         let mut map = FinishedMap {
             base,
-            ranges: vec![],
+            ranges: decode_set(base, finished)?,
+            handed_off: BTreeMap::new(),
         };
-        let mut push = |start: i64, end: i64| -> Result<(), MapError> {
-            if end.abs_diff(base) > MAX_SPAN {
-                return Err(MapError::TooWide);
+        for (i, section) in sections.enumerate() {
+            if i >= MAX_SECTIONS {
+                return Err(MapError::Malformed("too many hand-off sections"));
             }
-            match map.ranges.last_mut() {
-                Some((_, last)) if *last == start => *last = end,
-                _ => map.ranges.push((start, end)),
+            let (group, set) = section
+                .split_once('=')
+                .ok_or(MapError::Malformed("a hand-off section without its group"))?;
+            if group.is_empty()
+                || group.len() > 63
+                || !group
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(MapError::Malformed("a hand-off section's group name"));
             }
-            Ok(())
-        };
-        match tag {
-            'r' => {
-                let mut values = Varints(&bytes);
-                let mut at = base;
-                while let Some(gap) = values.next().transpose()? {
-                    let len = values
-                        .next()
-                        .transpose()?
-                        .ok_or(MapError::Malformed("a gap without its run"))?;
-                    if len == 0 {
-                        return Err(MapError::Malformed("an empty run"));
-                    }
-                    if gap > MAX_SPAN || len > MAX_SPAN {
-                        return Err(MapError::TooWide);
-                    }
-                    let start = at.checked_add(gap as i64).ok_or(MapError::TooWide)?;
-                    let end = start.checked_add(len as i64).ok_or(MapError::TooWide)?;
-                    push(start, end)?;
-                    at = end;
-                }
-            }
-            'b' => {
-                if bytes.len() as u64 * 8 > MAX_SPAN + 8 {
-                    return Err(MapError::TooWide);
-                }
-                for (i, byte) in bytes.iter().enumerate() {
-                    for bit in 0..8 {
-                        if byte & (1 << bit) != 0 {
-                            let o = base
-                                .checked_add((i * 8 + bit) as i64 + 1)
-                                .ok_or(MapError::TooWide)?;
-                            push(o - 1, o)?;
-                        }
-                    }
-                }
-            }
-            _ => return Err(MapError::Malformed("unknown encoding")),
+            map.handed_off
+                .insert(group.to_owned(), decode_set(base, set)?);
         }
         Ok(map)
     }
+}
 
-    fn runs(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.ranges.len() * 4);
-        let mut at = self.base;
-        for &(start, end) in &self.ranges {
-            leb128((start - at) as u64, &mut out);
-            leb128((end - start) as u64, &mut out);
-            at = end;
+/// Increasing offsets as ranges; those below `base` are ignored.
+fn ranges(base: i64, offsets: impl IntoIterator<Item = i64>) -> Vec<(i64, i64)> {
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for o in offsets {
+        if o < base {
+            continue;
         }
-        out
+        match ranges.last_mut() {
+            Some((_, end)) if o == *end => *end += 1,
+            Some((_, end)) if o < *end => {}
+            _ => ranges.push((o, o + 1)),
+        }
     }
+    ranges
+}
 
-    fn bits(&self) -> Vec<u8> {
-        let Some(&(_, end)) = self.ranges.last() else {
-            return Vec::new();
-        };
-        let mut out = vec![0u8; ((end - self.base) as usize).div_ceil(8)];
-        for &(start, end) in &self.ranges {
-            for o in start..end {
-                let i = (o - self.base) as usize;
-                out[i / 8] |= 1 << (i % 8);
+fn contains(ranges: &[(i64, i64)], offset: i64) -> bool {
+    let i = ranges.partition_point(|&(_, end)| end <= offset);
+    ranges.get(i).is_some_and(|&(start, _)| start <= offset)
+}
+
+/// A set of offsets above `base`: `r` and runs or `b` and a bitset, whichever is shorter.
+fn encode_set(base: i64, ranges: &[(i64, i64)]) -> String {
+    let runs = runs(base, ranges);
+    let bits = bits(base, ranges);
+    let (tag, bytes) = if runs.len() <= bits.len() {
+        ('r', runs)
+    } else {
+        ('b', bits)
+    };
+    format!("{tag}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+fn decode_set(base: i64, body: &str) -> Result<Vec<(i64, i64)>, MapError> {
+    let mut chars = body.chars();
+    let tag = chars.next().ok_or(MapError::Malformed("no encoding"))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(chars.as_str())
+        .map_err(|_| MapError::Malformed("base64"))?;
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    let mut push = |start: i64, end: i64| -> Result<(), MapError> {
+        if end.abs_diff(base) > MAX_SPAN {
+            return Err(MapError::TooWide);
+        }
+        match out.last_mut() {
+            Some((_, last)) if *last == start => *last = end,
+            _ => out.push((start, end)),
+        }
+        Ok(())
+    };
+    match tag {
+        'r' => {
+            let mut values = Varints(&bytes);
+            let mut at = base;
+            while let Some(gap) = values.next().transpose()? {
+                let len = values
+                    .next()
+                    .transpose()?
+                    .ok_or(MapError::Malformed("a gap without its run"))?;
+                if len == 0 {
+                    return Err(MapError::Malformed("an empty run"));
+                }
+                if gap > MAX_SPAN || len > MAX_SPAN {
+                    return Err(MapError::TooWide);
+                }
+                let start = at.checked_add(gap as i64).ok_or(MapError::TooWide)?;
+                let end = start.checked_add(len as i64).ok_or(MapError::TooWide)?;
+                push(start, end)?;
+                at = end;
             }
         }
-        out
+        'b' => {
+            if bytes.len() as u64 * 8 > MAX_SPAN + 8 {
+                return Err(MapError::TooWide);
+            }
+            for (i, byte) in bytes.iter().enumerate() {
+                for bit in 0..8 {
+                    if byte & (1 << bit) != 0 {
+                        let o = base
+                            .checked_add((i * 8 + bit) as i64 + 1)
+                            .ok_or(MapError::TooWide)?;
+                        push(o - 1, o)?;
+                    }
+                }
+            }
+        }
+        _ => return Err(MapError::Malformed("unknown encoding")),
     }
+    Ok(out)
+}
+
+fn runs(base: i64, ranges: &[(i64, i64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ranges.len() * 4);
+    let mut at = base;
+    for &(start, end) in ranges {
+        leb128((start - at) as u64, &mut out);
+        leb128((end - start) as u64, &mut out);
+        at = end;
+    }
+    out
+}
+
+fn bits(base: i64, ranges: &[(i64, i64)]) -> Vec<u8> {
+    let Some(&(_, end)) = ranges.last() else {
+        return Vec::new();
+    };
+    let mut out = vec![0u8; ((end - base) as usize).div_ceil(8)];
+    for &(start, end) in ranges {
+        for o in start..end {
+            let i = (o - base) as usize;
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
 }
 
 fn leb128(mut v: u64, out: &mut Vec<u8>) {
@@ -329,6 +440,80 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn hand_offs_of_unfinished_offsets_round_trip_by_group() {
+        let map = FinishedMap::new(10, [12, 13]).with_hand_offs([
+            (11, "clicks"),
+            (15, "views"),
+            (11, "views"),
+            (12, "views"),
+            (9, "clicks"),
+        ]);
+        let text = map.encode();
+        assert!(text.starts_with("fh1:10:"), "{text}");
+        assert!(
+            text.contains(".clicks=") && text.contains(".views="),
+            "{text}"
+        );
+        let back = FinishedMap::decode(text.as_bytes(), 10).unwrap();
+        assert_eq!(back, map);
+        let mut units: Vec<(i64, &str)> = back.hand_offs().collect();
+        units.sort();
+        assert_eq!(
+            units,
+            vec![(11, "clicks"), (11, "views"), (15, "views")],
+            "finished (12) and committed (9) offsets need no hand-off entry"
+        );
+        let only = FinishedMap::new(10, []).with_hand_offs([(10, "clicks")]);
+        assert!(!only.is_empty());
+        assert_eq!(FinishedMap::decode(only.encode().as_bytes(), 10), Ok(only));
+    }
+
+    #[test]
+    fn hand_off_sections_that_do_not_fit_are_left_out() {
+        let base = 1_000;
+        let finished = (base..base + MAX_SPAN as i64).step_by(2);
+        let names: Vec<String> = (0..8).map(|i| format!("group-{i}")).collect();
+        let units = (base + 1..base + MAX_SPAN as i64)
+            .step_by(2)
+            .flat_map(|o| names.iter().map(move |n| (o, n.as_str())));
+        let map = FinishedMap::new(base, finished.clone()).with_hand_offs(units);
+        let text = map.encode();
+        assert!(text.len() <= METADATA_LIMIT, "{} bytes", text.len());
+        let back = FinishedMap::decode(text.as_bytes(), base).unwrap();
+        assert_eq!(back, FinishedMap::new(base, finished));
+    }
+
+    #[test]
+    fn hostile_hand_off_sections_are_refused() {
+        for bad in [
+            "fh1:10:r.=rAAE",
+            "fh1:10:r.clicks",
+            "fh1:10:r.Clicks=rAAE",
+            "fh1:10:r.a.b=rAAE",
+            "fh1:10:r.clicks=z",
+            "fh1:10:r.clicks=r!!",
+        ] {
+            assert!(
+                matches!(
+                    FinishedMap::decode(bad.as_bytes(), 10),
+                    Err(MapError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+        let many = format!("fh1:10:r{}", ".g=r".repeat(MAX_SECTIONS + 1));
+        assert!(FinishedMap::decode(many.as_bytes(), 10).is_err());
+        let mut runs = Vec::new();
+        leb128(0, &mut runs);
+        leb128(1 << 40, &mut runs);
+        let wide = format!("fh1:10:r.g=r{}", URL_SAFE_NO_PAD.encode(&runs));
+        assert_eq!(
+            FinishedMap::decode(wide.as_bytes(), 10),
+            Err(MapError::TooWide)
+        );
     }
 
     proptest! {

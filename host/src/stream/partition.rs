@@ -125,10 +125,16 @@ impl Default for PartitionState {
 }
 
 impl PartitionState {
-    /// Resume where the previous owner committed: `skip` holds what it finished above its
-    /// committed offset.
-    pub fn resume(&mut self, skip: FinishedMap) {
-        self.skip = skip;
+    /// Resume where the previous owner committed: `map` holds what it finished above its
+    /// committed offset, and the units of unfinished offsets it handed off (by group name;
+    /// `groups` names this host's group indices).
+    pub fn resume(&mut self, map: FinishedMap, groups: &[String]) {
+        for (offset, name) in map.hand_offs() {
+            if let Some(g) = groups.iter().position(|n| n == name) {
+                self.skip_units.entry(offset).or_default().push(g);
+            }
+        }
+        self.skip = map;
     }
 
     /// A unit of `offset` for `group` was handed off in the open transaction.
@@ -156,14 +162,21 @@ impl PartitionState {
     }
 
     /// For the state that replaces this one after a rewind: the committed hand-offs of
-    /// offsets still unfinished.
+    /// offsets still unfinished, and those the previous owner's map named that were not
+    /// delivered yet.
     pub fn committed_hand_offs(&self) -> HashMap<i64, Vec<usize>> {
-        self.committed_hand_offs.clone()
+        let mut all = self.committed_hand_offs.clone();
+        for (&offset, groups) in &self.skip_units {
+            all.entry(offset).or_default().extend(groups);
+        }
+        all
     }
 
     /// Resume after a rewind: `units` are not to run again.
     pub fn skip_units(&mut self, units: HashMap<i64, Vec<usize>>) {
-        self.skip_units = units;
+        for (offset, groups) in units {
+            self.skip_units.entry(offset).or_default().extend(groups);
+        }
     }
 
     /// Register a delivered message (`bytes` of payload) and its units. A message with no
@@ -189,6 +202,9 @@ impl PartitionState {
                     self.tracker.finish(offset)?;
                     return Ok(Delivered::Skipped);
                 }
+                // Still handed off while the rest runs: every commit until it finishes
+                // says so.
+                self.committed_hand_offs.insert(offset, done);
                 left
             }
             None => units,
@@ -255,19 +271,48 @@ impl PartitionState {
         self.tracker.committable()
     }
 
-    /// The floor of the positions a batch starting now writes ([`Position::floor`]).
+    /// The floor of the positions a batch starting now writes ([`Position::floor`]): the
+    /// low watermark, but never above an offset handed off in the open transaction. A floor
+    /// claims that every lower offset will never be applied again; a hand-off that is not
+    /// committed yet may still abort (or die with the host), and then its event is redone
+    /// from the commit and must apply.
     ///
     /// [`Position::floor`]: crate::feature::Position::floor
     pub fn floor(&self) -> Option<i64> {
-        self.low_watermark()
+        let open = self.txn_hand_offs.iter().map(|&(o, _)| o).min();
+        match (self.low_watermark(), open) {
+            (Some(w), Some(o)) => Some(w.min(o)),
+            (w, _) => w,
+        }
     }
 
     /// The commit to send if the low watermark or the finished offsets above it changed
     /// since the last one. The map is what lets a revoke hand over the work finished behind
     /// a waiting event, so it is committed even when the watermark stands still.
-    pub fn to_commit(&self) -> Option<Commit> {
+    /// `groups` names the group indices: the map names the handed-off units of unfinished
+    /// offsets by group, so that the next owner does not hand them off again.
+    pub fn to_commit(&self, groups: &[String]) -> Option<Commit> {
         let offset = self.low_watermark()?;
-        let metadata = FinishedMap::new(offset, self.tracker.finished_above()).encode();
+        let in_txn = self.txn_hand_offs.iter().copied();
+        let kept = self
+            .committed_hand_offs
+            .iter()
+            .chain(&self.skip_units)
+            .flat_map(|(&o, gs)| gs.iter().map(move |&g| (o, g)));
+        let hand_offs = in_txn
+            .chain(kept)
+            .filter_map(|(o, g)| groups.get(g).map(|name| (o, name.as_str())));
+        // What the previous owner finished and this one has not read yet stays finished:
+        // a commit without it would make the next owner redo it, hand-offs included.
+        let mut finished: Vec<i64> = self
+            .tracker
+            .finished_above()
+            .chain(self.skip.offsets().filter(|&o| o >= offset))
+            .collect();
+        finished.sort_unstable();
+        let metadata = FinishedMap::new(offset, finished)
+            .with_hand_offs(hand_offs)
+            .encode();
         let next = Commit { offset, metadata };
         match &self.committed {
             Some(done) if done.offset > offset || *done == next => None,
@@ -352,15 +397,15 @@ mod tests {
             offset,
             metadata: String::new(),
         };
-        assert_eq!(p.to_commit(), Some(at(6)));
+        assert_eq!(p.to_commit(&[]), Some(at(6)));
         p.committed = Some(at(6));
-        assert_eq!(p.to_commit(), None, "nothing new to commit");
+        assert_eq!(p.to_commit(&[]), None, "nothing new to commit");
         let e9 = event(9, "a", 1);
         p.deliver(e9.offset, e9.payload.len(), vec![unit(&e9, 0)])
             .unwrap();
         let r = p.take_ready();
         p.complete(&r);
-        assert_eq!(p.to_commit(), Some(at(10)));
+        assert_eq!(p.to_commit(&[]), Some(at(10)));
     }
 
     /// Deliver `offsets` (one unit of group 0 each, distinct keys) and finish `done`.
@@ -381,15 +426,15 @@ mod tests {
     fn work_finished_behind_a_waiting_event_is_committed_in_the_map() {
         let mut p = PartitionState::default();
         run(&mut p, 0..6, &[1, 2, 4]);
-        let c = p.to_commit().unwrap();
+        let c = p.to_commit(&[]).unwrap();
         assert_eq!(c.offset, 0, "offset 0 waits");
         assert_eq!(c.metadata, FinishedMap::new(0, [1, 2, 4]).encode());
         p.committed = Some(c);
-        assert_eq!(p.to_commit(), None);
+        assert_eq!(p.to_commit(&[]), None);
         // More finished behind the waiting one: a new commit though the watermark stands.
         let e5 = event(5, "k5", 1);
         p.complete(&[unit(&e5, 0)]);
-        let c = p.to_commit().expect("the map changed");
+        let c = p.to_commit(&[]).expect("the map changed");
         assert_eq!(
             (c.offset, c.metadata),
             (0, FinishedMap::new(0, [1, 2, 4, 5]).encode())
@@ -422,13 +467,64 @@ mod tests {
     }
 
     #[test]
+    fn a_new_owner_does_not_repeat_the_hand_offs_the_map_names() {
+        let groups = ["clicks".to_owned(), "views".to_owned()];
+        let mut previous = PartitionState::default();
+        let e = event(0, "k", 1);
+        previous
+            .deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)])
+            .unwrap();
+        let ready = previous.take_ready();
+        previous.handed_off(0, 0);
+        let g0: Vec<Unit> = ready.iter().filter(|u| u.group == 0).cloned().collect();
+        previous.complete(&g0);
+        // Committed with the hand-off (same transaction); then the host dies.
+        let commit = previous.to_commit(&groups).unwrap();
+        assert_eq!(
+            commit.offset, 0,
+            "offset 0 is not finished: views still runs"
+        );
+
+        // The next owner serves the groups in another order: names, not indices, count.
+        let reordered = ["views".to_owned(), "clicks".to_owned()];
+        let mut next = PartitionState::default();
+        let map = FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap();
+        next.resume(map, &reordered);
+        next.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();
+        let again: Vec<usize> = next.take_ready().iter().map(|u| u.group).collect();
+        assert_eq!(again, vec![0], "only views (index 0 here) runs again");
+        // Until offset 0 finishes, every commit still names the hand-off.
+        let c = next.to_commit(&reordered).unwrap();
+        let map = FinishedMap::decode(c.metadata.as_bytes(), c.offset).unwrap();
+        assert_eq!(map.hand_offs().collect::<Vec<_>>(), vec![(0, "clicks")]);
+    }
+
+    #[test]
+    fn the_floor_stays_below_hand_offs_not_yet_committed() {
+        let mut p = PartitionState::default();
+        run(&mut p, 0..3, &[0, 1, 2]);
+        let e = event(3, "k", 1);
+        p.deliver(3, 1, vec![unit(&e, 0)]).unwrap();
+        let u = p.take_ready();
+        p.handed_off(3, 0);
+        p.complete(&u);
+        assert_eq!(p.low_watermark(), Some(4));
+        assert_eq!(p.floor(), Some(3), "the hand-off may still abort");
+        p.transaction_committed();
+        assert_eq!(p.floor(), Some(4));
+    }
+
+    #[test]
     fn a_new_owner_skips_what_the_map_says_was_finished() {
         let mut previous = PartitionState::default();
         run(&mut previous, 0..6, &[1, 2, 4]);
-        let commit = previous.to_commit().unwrap();
+        let commit = previous.to_commit(&[]).unwrap();
 
         let mut next = PartitionState::default();
-        next.resume(FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap());
+        next.resume(
+            FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap(),
+            &[],
+        );
         let mut skipped = Vec::new();
         for o in commit.offset..6 {
             let e = event(o, &format!("k{o}"), 1);

@@ -42,7 +42,7 @@ impl Shared {
             if st.fenced {
                 continue;
             }
-            if let Some(next) = st.to_commit() {
+            if let Some(next) = st.to_commit(self.pipeline.router().groups()) {
                 let (topic, partition) = (&slot.labels.topic, slot.labels.partition);
                 if let Err(e) =
                     tpl.add_partition_offset(topic, partition, Offset::Offset(next.offset))
@@ -160,7 +160,7 @@ impl Shared {
             let offset = match point {
                 Some((_, _, offset, metadata)) => {
                     if let Ok(map) = FinishedMap::decode(metadata, *offset) {
-                        fresh.lock().resume(map);
+                        fresh.lock().resume(map, self.pipeline.router().groups());
                     }
                     Offset::Offset(*offset)
                 }

@@ -55,7 +55,7 @@ impl Shared {
         tpl.add_partition(&slot.labels.topic, slot.labels.partition);
         let mut maps = self.finished_maps(consumer, &tpl);
         if let Some(map) = maps.remove(&(slot.labels.topic.clone(), slot.labels.partition)) {
-            slot.lock().resume(map);
+            slot.lock().resume(map, self.pipeline.router().groups());
         }
     }
 
