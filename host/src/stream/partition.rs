@@ -500,6 +500,24 @@ mod tests {
     }
 
     #[test]
+    fn a_new_owner_commits_the_finished_offsets_it_has_not_read_yet() {
+        let mut previous = PartitionState::default();
+        run(&mut previous, 0..6, &[2, 3, 5]);
+        let commit = previous.to_commit(&[]).unwrap();
+        // The next owner reads offset 0 and commits before it reaches 2: the commit must
+        // still say that 2, 3 and 5 are finished, or a second move redoes them.
+        let mut next = PartitionState::default();
+        next.resume(
+            FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap(),
+            &[],
+        );
+        let e = event(0, "k0", 1);
+        next.deliver(0, 1, vec![unit(&e, 0)]).unwrap();
+        let again = next.to_commit(&[]).unwrap();
+        assert_eq!(again, commit);
+    }
+
+    #[test]
     fn the_floor_stays_below_hand_offs_not_yet_committed() {
         let mut p = PartitionState::default();
         run(&mut p, 0..3, &[0, 1, 2]);
