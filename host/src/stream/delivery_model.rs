@@ -64,7 +64,7 @@ enum Fault {
     LostAnswer,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum Action {
     /// Deliver the next committed record of a log (`zombie`: to the zombie).
     Read {
@@ -648,38 +648,26 @@ proptest! {
     }
 }
 
+/// The owner's steps on the source log, first pick: for the scenarios below.
+const READ: Action = Action::Read {
+    log: SOURCE,
+    zombie: false,
+};
+const START: Action = Action::Start {
+    pick: 0,
+    zombie: false,
+};
+const FINISH: Action = Action::Finish {
+    pick: 0,
+    zombie: false,
+};
+
 #[test]
 fn a_failure_finished_in_an_aborted_transaction_is_not_covered_by_a_later_floor() {
     // Offset 0 fails and is handed off in the open transaction; offset 1 (same entity)
     // writes with the floor of a watermark past 0; the transaction aborts and the rewind
     // redoes 0, which now succeeds: it must apply.
-    let actions = [
-        Action::Read {
-            log: SOURCE,
-            zombie: false,
-        },
-        Action::Read {
-            log: SOURCE,
-            zombie: false,
-        },
-        Action::Start {
-            pick: 0,
-            zombie: false,
-        },
-        Action::Finish {
-            pick: 0,
-            zombie: false,
-        },
-        Action::Start {
-            pick: 0,
-            zombie: false,
-        },
-        Action::Finish {
-            pick: 0,
-            zombie: false,
-        },
-        Action::Abort,
-    ];
+    let actions = [READ, READ, START, FINISH, START, FINISH, Action::Abort];
     let keys = [(0, true, false), (0, true, false)];
     run(&keys, vec![Fault::StoreDown], &actions).unwrap();
 }
@@ -688,22 +676,10 @@ fn a_failure_finished_in_an_aborted_transaction_is_not_covered_by_a_later_floor(
 fn a_new_owner_does_not_hand_off_again_what_a_partly_finished_event_handed_off() {
     // One event for two groups: the first fails and is handed off (committed) while the
     // second has not run; the host dies. The next owner redoes only the second.
-    let read = Action::Read {
-        log: SOURCE,
-        zombie: false,
-    };
-    let start = Action::Start {
-        pick: 0,
-        zombie: false,
-    };
-    let finish = Action::Finish {
-        pick: 0,
-        zombie: false,
-    };
     let actions = [
-        read,
-        start,
-        finish,
+        READ,
+        START,
+        FINISH,
         Action::Commit,
         Action::Crash { zombie: false },
     ];

@@ -369,6 +369,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn assert_malformed(texts: &[&str]) {
+        for bad in texts {
+            assert!(
+                matches!(
+                    FinishedMap::decode(bad.as_bytes(), 10),
+                    Err(MapError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn nothing_finished_is_no_metadata() {
         let m = FinishedMap::new(7, []);
@@ -424,22 +436,14 @@ mod tests {
             FinishedMap::decode(wide.as_bytes(), 10),
             Err(MapError::TooWide)
         );
-        for bad in [
+        assert_malformed(&[
             "fh1:10",
             "fh1:x:r",
             "fh1:10:z",
             "fh1:10:r!!",
             "fh1:10:rgA",
             "fh1:10:rAAA",
-        ] {
-            assert!(
-                matches!(
-                    FinishedMap::decode(bad.as_bytes(), 10),
-                    Err(MapError::Malformed(_))
-                ),
-                "{bad}"
-            );
-        }
+        ]);
     }
 
     #[test]
@@ -488,22 +492,14 @@ mod tests {
 
     #[test]
     fn hostile_hand_off_sections_are_refused() {
-        for bad in [
+        assert_malformed(&[
             "fh1:10:r.=rAAE",
             "fh1:10:r.clicks",
             "fh1:10:r.Clicks=rAAE",
             "fh1:10:r.a.b=rAAE",
             "fh1:10:r.clicks=z",
             "fh1:10:r.clicks=r!!",
-        ] {
-            assert!(
-                matches!(
-                    FinishedMap::decode(bad.as_bytes(), 10),
-                    Err(MapError::Malformed(_))
-                ),
-                "{bad}"
-            );
-        }
+        ]);
         let many = format!("fh1:10:r{}", ".g=r".repeat(MAX_SECTIONS + 1));
         assert!(FinishedMap::decode(many.as_bytes(), 10).is_err());
         let mut runs = Vec::new();

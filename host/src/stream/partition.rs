@@ -499,6 +499,16 @@ mod tests {
         assert_eq!(map.hand_offs().collect::<Vec<_>>(), vec![(0, "clicks")]);
     }
 
+    /// A new owner's state, resumed from `commit`.
+    fn resumed_from(commit: &Commit) -> PartitionState {
+        let mut next = PartitionState::default();
+        next.resume(
+            FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap(),
+            &[],
+        );
+        next
+    }
+
     #[test]
     fn a_new_owner_commits_the_finished_offsets_it_has_not_read_yet() {
         let mut previous = PartitionState::default();
@@ -506,11 +516,7 @@ mod tests {
         let commit = previous.to_commit(&[]).unwrap();
         // The next owner reads offset 0 and commits before it reaches 2: the commit must
         // still say that 2, 3 and 5 are finished, or a second move redoes them.
-        let mut next = PartitionState::default();
-        next.resume(
-            FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap(),
-            &[],
-        );
+        let mut next = resumed_from(&commit);
         let e = event(0, "k0", 1);
         next.deliver(0, 1, vec![unit(&e, 0)]).unwrap();
         let again = next.to_commit(&[]).unwrap();
@@ -538,11 +544,7 @@ mod tests {
         run(&mut previous, 0..6, &[1, 2, 4]);
         let commit = previous.to_commit(&[]).unwrap();
 
-        let mut next = PartitionState::default();
-        next.resume(
-            FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap(),
-            &[],
-        );
+        let mut next = resumed_from(&commit);
         let mut skipped = Vec::new();
         for o in commit.offset..6 {
             let e = event(o, &format!("k{o}"), 1);
