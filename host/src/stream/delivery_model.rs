@@ -428,9 +428,6 @@ impl Owner {
 
     fn abort(&mut self, world: &World) {
         self.txn.clear();
-        for st in &mut self.states {
-            st.transaction_aborted();
-        }
         for log in 0..LOGS {
             if std::mem::take(&mut self.in_txn[log]) {
                 self.rewind(world, log);

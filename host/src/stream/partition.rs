@@ -131,7 +131,7 @@ impl PartitionState {
     pub fn resume(&mut self, map: FinishedMap, groups: &[String]) {
         for (offset, name) in map.hand_offs() {
             if let Some(g) = groups.iter().position(|n| n == name) {
-                self.skip_units.entry(offset).or_default().push(g);
+                self.skip_unit(offset, g);
             }
         }
         self.skip = map;
@@ -156,11 +156,6 @@ impl PartitionState {
             .retain(|o, _| pending.contains_key(o));
     }
 
-    /// The open transaction aborted: its hand-offs are gone.
-    pub fn transaction_aborted(&mut self) {
-        self.txn_hand_offs.clear();
-    }
-
     /// For the state that replaces this one after a rewind: the committed hand-offs of
     /// offsets still unfinished, and those the previous owner's map named that were not
     /// delivered yet.
@@ -175,7 +170,16 @@ impl PartitionState {
     /// Resume after a rewind: `units` are not to run again.
     pub fn skip_units(&mut self, units: HashMap<i64, Vec<usize>>) {
         for (offset, groups) in units {
-            self.skip_units.entry(offset).or_default().extend(groups);
+            for g in groups {
+                self.skip_unit(offset, g);
+            }
+        }
+    }
+
+    fn skip_unit(&mut self, offset: i64, group: usize) {
+        let groups = self.skip_units.entry(offset).or_default();
+        if !groups.contains(&group) {
+            groups.push(group);
         }
     }
 
@@ -189,6 +193,7 @@ impl PartitionState {
     ) -> Result<Delivered, OffsetError> {
         self.tracker.deliver(offset)?;
         if self.skip.contains(offset) {
+            self.skip_units.remove(&offset);
             self.tracker.finish(offset)?;
             return Ok(Delivered::Skipped);
         }
@@ -454,7 +459,6 @@ mod tests {
         p.transaction_committed();
         // A later transaction aborts: the partition starts over from its commit.
         p.handed_off(0, 1);
-        p.transaction_aborted();
         let mut next = PartitionState::default();
         next.skip_units(p.committed_hand_offs());
         next.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();

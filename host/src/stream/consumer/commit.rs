@@ -82,11 +82,12 @@ impl Shared {
             .filter(|s| s.in_txn.swap(false, AtomicOrdering::SeqCst))
             .cloned()
             .collect();
-        for slot in &slots {
-            let mut st = slot.lock();
-            match result {
-                Ok(_) => st.transaction_committed(),
-                Err(_) => st.transaction_aborted(),
+        // An abort leaves its hand-offs recorded: every partition that handed off in it is
+        // rewound or revoked below, and until its old state is fenced, a batch still running
+        // reads that state's floor, which must stay below them.
+        if result.is_ok() {
+            for slot in &slots {
+                slot.lock().transaction_committed();
             }
         }
         match &result {

@@ -50,7 +50,16 @@ pub(super) async fn run_batch(
     group: usize,
     units: Vec<Unit>,
 ) {
-    let floor = slot.lock().floor();
+    let floor = {
+        let st = slot.lock();
+        if st.fenced {
+            // Left to the next owner (or to this one after the rewind): writing now would
+            // only race it.
+            drop(st);
+            return unfinished(&shared, &slot, units.len());
+        }
+        st.floor()
+    };
     let mut events = Vec::with_capacity(units.len());
     let mut failures: Vec<Failure> = Vec::new();
     let mut pairs = Vec::with_capacity(units.len());
