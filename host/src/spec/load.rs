@@ -124,7 +124,7 @@ pub fn load_dir(dir: &Path, plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
 /// The spec files below `dir`, sorted.
 pub fn spec_files(dir: &Path) -> Result<Vec<PathBuf>, SpecErrors> {
     let mut files = Vec::new();
-    if let Err(e) = collect_yaml(dir, &mut files) {
+    if let Err(e) = collect_yaml(dir, &mut files, &mut BTreeSet::new()) {
         return Err(SpecErrors(vec![SpecError {
             file: dir.display().to_string(),
             field: String::new(),
@@ -163,11 +163,29 @@ pub fn load_dir_tolerant(dir: &Path, plugin_dir: &Path) -> (SpecSet, Vec<SpecErr
     (SpecSet::default(), set_aside)
 }
 
-fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The `*.yaml` / `*.yml` files below `dir`. Entries whose name starts with `.` are not
+/// walked: kubelet mounts a ConfigMap as a hidden `..<timestamp>/` directory holding the files,
+/// `..data` pointing at it, and each visible file a symlink `x.yaml -> ..data/x.yaml` — walking
+/// the hidden entries loads every spec three times (each a duplicate of itself); editors'
+/// backup and swap files are hidden too. Symlinks are followed (the visible files are
+/// symlinks), and each directory is walked once by its canonical path, so a link to a parent
+/// does not loop.
+fn collect_yaml(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    walked: &mut BTreeSet<PathBuf>,
+) -> std::io::Result<()> {
+    if !walked.insert(std::fs::canonicalize(dir)?) {
+        return Ok(());
+    }
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
+        let entry = entry?;
+        if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let path = entry.path();
         if path.is_dir() {
-            collect_yaml(&path, out)?;
+            collect_yaml(&path, out, walked)?;
         } else if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
@@ -696,6 +714,67 @@ mod tests {
     }
 
     const GROUP: &str = "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {name: g}\nspec:\n  entity: user\n  features: [{name: n, type: int}]\n  plugin: {wasm: p.wasm}\n  sources: [{topic: t}]\n";
+
+    /// A specs directory laid out as kubelet mounts a ConfigMap: the files in a timestamped
+    /// directory, `..data` pointing at it, and each file a symlink through `..data`.
+    fn configmap(dir: &Path, stamp: &str, files: &[(&str, &str)]) {
+        let data = dir.join(stamp);
+        std::fs::create_dir_all(&data).unwrap();
+        for (name, text) in files {
+            std::fs::write(data.join(name), text).unwrap();
+        }
+        // The atomic swap: a new link, renamed over `..data`.
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(stamp, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+        for (name, _) in files {
+            let link = dir.join(name);
+            if link.symlink_metadata().is_err() {
+                std::os::unix::fs::symlink(Path::new("..data").join(name), link).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_configmap_mount_loads_each_spec_once_and_follows_the_swap() {
+        let dir = std::env::temp_dir().join(format!("fh-spec-cm-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.wasm"), b"").unwrap();
+        configmap(
+            &dir,
+            "..2026_12_01_10_00_00.000000001",
+            &[("g.yaml", GROUP)],
+        );
+        let set = load_dir(&dir, &dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.groups.len(), 1);
+        assert_eq!(set.groups["g"].spec.features[0].name, "n");
+
+        // kubelet updates the ConfigMap: a new directory, `..data` swapped, the old one gone.
+        let renamed = GROUP.replace("name: n,", "name: m,");
+        configmap(
+            &dir,
+            "..2026_12_01_10_05_00.000000002",
+            &[("g.yaml", &renamed)],
+        );
+        std::fs::remove_dir_all(dir.join("..2026_12_01_10_00_00.000000001")).unwrap();
+        let set = load_dir(&dir, &dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.groups["g"].spec.features[0].name, "m");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_loop_and_hidden_files_are_not_walked() {
+        let dir = std::env::temp_dir().join(format!("fh-spec-loop-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(dir.join("team")).unwrap();
+        std::fs::write(dir.join("p.wasm"), b"").unwrap();
+        std::fs::write(dir.join("team/g.yaml"), GROUP).unwrap();
+        std::os::unix::fs::symlink("..", dir.join("team/up")).unwrap();
+        std::fs::write(dir.join("team/.g.yaml.swp"), "not yaml").unwrap();
+        std::fs::write(dir.join(".hidden.yaml"), "not: [a spec").unwrap();
+        let set = load_dir(&dir, &dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.groups.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn valid_group_gets_defaults() {
