@@ -92,6 +92,35 @@ impl FinishedMap {
         }
     }
 
+    /// This map with the offsets `other` holds as finished at or above this map's base
+    /// (its hand-offs are not taken). Linear in the two maps' ranges: a commit merges the
+    /// previous owner's map this way without listing its offsets one by one.
+    pub fn union(mut self, other: &FinishedMap) -> FinishedMap {
+        let base = self.base;
+        let theirs = other
+            .ranges
+            .iter()
+            .filter(|&&(_, end)| end > base)
+            .map(|&(start, end)| (start.max(base), end));
+        let mut all: Vec<(i64, i64)> = Vec::with_capacity(self.ranges.len() + other.ranges.len());
+        let (mut mine, mut theirs) = (self.ranges.iter().copied().peekable(), theirs.peekable());
+        loop {
+            let next = match (mine.peek(), theirs.peek()) {
+                (Some(a), Some(b)) if a.0 <= b.0 => mine.next(),
+                (Some(_), Some(_)) => theirs.next(),
+                (Some(_), None) => mine.next(),
+                (None, _) => theirs.next(),
+            };
+            let Some((start, end)) = next else { break };
+            match all.last_mut() {
+                Some((_, last_end)) if start <= *last_end => *last_end = (*last_end).max(end),
+                _ => all.push((start, end)),
+            }
+        }
+        self.ranges = all;
+        self
+    }
+
     /// Add units `(offset, group name)` that were handed off while their offset is not
     /// finished; offsets below the base or finished are ignored.
     pub fn with_hand_offs<'a>(
@@ -537,6 +566,25 @@ mod tests {
             for probe in base - 2..o + 2 {
                 prop_assert_eq!(back.contains(probe), finished.binary_search(&probe).is_ok());
             }
+        }
+
+        /// The union of two maps is the map of the union of their offsets, clipped to the
+        /// first one's base.
+        #[test]
+        fn union_is_the_map_of_both_sets(
+            base in 0i64..60,
+            other_base in 0i64..60,
+            mine in proptest::collection::btree_set(0i64..120, 0..60),
+            theirs in proptest::collection::btree_set(0i64..120, 0..60),
+        ) {
+            let merged = FinishedMap::new(base, mine.iter().copied())
+                .union(&FinishedMap::new(other_base, theirs.iter().copied()));
+            let both: std::collections::BTreeSet<i64> = mine
+                .iter()
+                .chain(theirs.iter().filter(|&&o| o >= other_base))
+                .copied()
+                .collect();
+            prop_assert_eq!(merged, FinishedMap::new(base, both));
         }
 
         /// Arbitrary bytes never panic and never yield a map wider than MAX_SPAN.

@@ -160,11 +160,21 @@ impl PartitionState {
     /// offsets still unfinished, and those the previous owner's map named that were not
     /// delivered yet.
     pub fn committed_hand_offs(&self) -> HashMap<i64, Vec<usize>> {
-        let mut all = self.committed_hand_offs.clone();
-        for (&offset, groups) in &self.skip_units {
-            all.entry(offset).or_default().extend(groups);
+        let mut all: HashMap<i64, Vec<usize>> = HashMap::new();
+        for (offset, group) in self.kept_hand_offs() {
+            all.entry(offset).or_default().push(group);
         }
         all
+    }
+
+    /// Units `(offset, group)` of unfinished offsets whose hand-off is committed: by this
+    /// owner, or by one before it (inherited, not delivered yet). Disjoint: an offset
+    /// leaves `skip_units` when it is delivered.
+    fn kept_hand_offs(&self) -> impl Iterator<Item = (i64, usize)> + '_ {
+        self.committed_hand_offs
+            .iter()
+            .chain(&self.skip_units)
+            .flat_map(|(&o, gs)| gs.iter().map(move |&g| (o, g)))
     }
 
     /// Resume after a rewind: `units` are not to run again.
@@ -298,24 +308,16 @@ impl PartitionState {
     /// offsets by group, so that the next owner does not hand them off again.
     pub fn to_commit(&self, groups: &[String]) -> Option<Commit> {
         let offset = self.low_watermark()?;
-        let in_txn = self.txn_hand_offs.iter().copied();
-        let kept = self
-            .committed_hand_offs
+        let hand_offs = self
+            .txn_hand_offs
             .iter()
-            .chain(&self.skip_units)
-            .flat_map(|(&o, gs)| gs.iter().map(move |&g| (o, g)));
-        let hand_offs = in_txn
-            .chain(kept)
+            .copied()
+            .chain(self.kept_hand_offs())
             .filter_map(|(o, g)| groups.get(g).map(|name| (o, name.as_str())));
         // What the previous owner finished and this one has not read yet stays finished:
         // a commit without it would make the next owner redo it, hand-offs included.
-        let mut finished: Vec<i64> = self
-            .tracker
-            .finished_above()
-            .chain(self.skip.offsets().filter(|&o| o >= offset))
-            .collect();
-        finished.sort_unstable();
-        let metadata = FinishedMap::new(offset, finished)
+        let metadata = FinishedMap::new(offset, self.tracker.finished_above())
+            .union(&self.skip)
             .with_hand_offs(hand_offs)
             .encode();
         let next = Commit { offset, metadata };

@@ -160,7 +160,7 @@ impl Shared {
                 .find(|(t, p, _, _)| *t == tp.0 && *p == tp.1);
             let offset = match point {
                 Some((_, _, offset, metadata)) => {
-                    if let Ok(map) = FinishedMap::decode(metadata, *offset) {
+                    if let Some(map) = read_map(&tp.0, tp.1, *offset, metadata) {
                         fresh.lock().resume(map, self.pipeline.router().groups());
                     }
                     Offset::Offset(*offset)
@@ -186,6 +186,30 @@ impl Shared {
         tracing::error!(%reason, "the Kafka consumer stops");
         let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         f.get_or_insert(reason);
+    }
+}
+
+/// The finished map committed with `offset` of `topic`/`partition`, if it holds anything. A
+/// map that cannot be read is left out: its events are processed again, deduplicated by the
+/// stores, as before maps existed.
+pub(super) fn read_map(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    metadata: &[u8],
+) -> Option<FinishedMap> {
+    match FinishedMap::decode(metadata, offset) {
+        Ok(map) if map.is_empty() => None,
+        Ok(map) => {
+            tracing::info!(%topic, partition, offset, finished = map.len(),
+                "resuming: offsets finished above the commit are skipped");
+            Some(map)
+        }
+        Err(e) => {
+            tracing::warn!(%topic, partition, offset, error = %e,
+                "finished map ignored; its events are processed again");
+            None
+        }
     }
 }
 

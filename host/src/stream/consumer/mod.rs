@@ -62,7 +62,7 @@ use crate::pipeline::Pipeline;
 use crate::retry::{Cause, Failure, FailureKind, InPlace, NextStep, RetryPolicy};
 use crate::spec::Ordering;
 use anyhow::Context as _;
-use commit::committed_metadata;
+use commit::{committed_metadata, read_map};
 use dispatch::spawn_ready;
 use poll::poll_loop;
 use rdkafka::client::ClientContext;

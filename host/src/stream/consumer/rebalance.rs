@@ -60,8 +60,7 @@ impl Shared {
     }
 
     /// The finished-offset maps committed with the partitions' offsets
-    /// ([`super::super::offset_map`]). A map that cannot be read is left out: its events are
-    /// processed again, deduplicated by the stores, as before maps existed.
+    /// ([`super::super::offset_map`]), as [`read_map`] takes them.
     pub(super) fn finished_maps(
         &self,
         consumer: &BaseConsumer<Ctx>,
@@ -79,17 +78,8 @@ impl Shared {
             }
         };
         for (topic, partition, offset, metadata) in committed_metadata(&committed) {
-            match FinishedMap::decode(&metadata, offset) {
-                Ok(map) if map.is_empty() => {}
-                Ok(map) => {
-                    tracing::info!(%topic, partition, offset, finished = map.len(),
-                        "resuming: offsets finished above the commit are skipped");
-                    maps.insert((topic, partition), map);
-                }
-                Err(e) => {
-                    tracing::warn!(%topic, partition, offset, error = %e,
-                        "finished map ignored; its events are processed again");
-                }
+            if let Some(map) = read_map(&topic, partition, offset, &metadata) {
+                maps.insert((topic, partition), map);
             }
         }
         maps
