@@ -33,6 +33,8 @@ fn host_with(args: &[&str], data_dir: Option<&Path>, env: &[(&str, &str)]) -> Ou
         "FH_REDIS_URL",
         "FH_STORE",
         "FH_CACHE",
+        "FH_SOURCE_ROOTS",
+        "FH_SOURCE_S3",
     ] {
         cmd.env_remove(k);
     }
@@ -115,6 +117,21 @@ fn broken_specs_yield_one_error_per_problem() {
             "cycle.yaml#2",
             "spec.dependsOn",
             "dependency cycle: first -> second -> first",
+        ),
+        (
+            "hostile-source.yaml#1",
+            "spec.source.uri",
+            "/proc/self/environ (resolved: /proc/",
+        ),
+        (
+            "hostile-source.yaml#2",
+            "spec.source.uri",
+            "serviceaccount/token (resolved: ",
+        ),
+        (
+            "hostile-source.yaml#3",
+            "spec.source.uri",
+            "has a `..` component",
         ),
     ];
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  ")).collect();
@@ -474,4 +491,57 @@ fn traces_are_exported_over_otlp_when_configured() {
     assert!(contains(b"feature-host"), "no service name");
     assert!(contains(b"user-activity"), "span attributes missing");
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The operator's allow-lists reach `validate` through the same variables as the host: a
+/// team's CI validates against the shared host's scope.
+#[test]
+fn validate_refuses_sources_outside_the_operators_scope() {
+    let tmp = std::env::temp_dir().join(format!("fh-scope-{}", std::process::id()));
+    let (specs, exports) = (tmp.join("specs"), tmp.join("exports"));
+    std::fs::create_dir_all(&specs).unwrap();
+    std::fs::create_dir_all(exports.join("team-a")).unwrap();
+    std::fs::write(
+        specs.join("group.yaml"),
+        "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {name: user-activity}\nspec:\n  entity: user\n  features: [{name: n, type: int}]\n  plugin: {wasm: user_activity.wasm}\n",
+    )
+    .unwrap();
+    let ingestion = |name: &str, uri: &str| {
+        format!(
+            "apiVersion: feature-host/v1\nkind: Ingestion\nmetadata: {{name: {name}}}\nspec:\n  featureGroup: user-activity\n  source: {{uri: \"{uri}\", format: jsonl}}\n"
+        )
+    };
+    let team_a = exports.join("team-a/*.jsonl");
+    let team_b = exports.join("team-b/*.jsonl");
+    std::fs::write(
+        specs.join("ingestions.yaml"),
+        [
+            ingestion("a-local", &team_a.to_string_lossy()),
+            ingestion("a-s3", "s3://exports/team-a/dt={date}/*.parquet"),
+            ingestion("b-local", &team_b.to_string_lossy()),
+            ingestion("b-s3", "s3://exports/team-b/x.parquet"),
+        ]
+        .join("---\n"),
+    )
+    .unwrap();
+    let roots = exports.join("team-a");
+    let env = [
+        ("FH_SOURCE_ROOTS", roots.to_str().unwrap()),
+        ("FH_SOURCE_S3", "s3://exports/team-a/"),
+    ];
+    let out = host_with(&["validate", specs.to_str().unwrap()], None, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].contains("ingestions.yaml#3: spec.source.uri: ")
+            && lines[0].contains("team-b) is outside the directories"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("ingestions.yaml#4: spec.source.uri: s3://exports/team-b/x.parquet is outside the S3 prefixes batch sources may read (s3://exports/team-a/)"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

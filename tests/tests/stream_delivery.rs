@@ -547,3 +547,76 @@ async fn a_topic_created_again_under_its_name_is_counted_as_new() {
     s.assert_exact_counts(&expected(before + after)).await;
     s.stop_committed(host, &group_id, 1, after);
 }
+
+/// A producer cannot forge the host's headers. A source event carrying `fh-replay-of` (the
+/// identity `dlq replay` gives a dead letter) kept it through its retry, so every event
+/// forged with one value — and the real replay of that dead letter — was one "replay", and
+/// all but the first were dropped as already applied. A retry record due in the far future
+/// (someone who can write the retry topic) held its partition until then; it waits no longer
+/// than the group's longest backoff now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_host_headers_neither_drop_events_nor_stall_a_partition() {
+    let _serial = SERIAL.lock().await;
+    let s = Setup::new(
+        Stack::from_env(),
+        "hostile",
+        1,
+        "hostile.wasm",
+        &[("n", "int")],
+        "null",
+        "  retry: {maxAttempts: 3, backoff: 100ms}\n",
+    )
+    .await;
+    let (stack, id, topic, table, group, tmp) =
+        (&s.stack, &s.id, &s.topic, &s.table, &s.group, &s.tmp);
+    let mut env = stack.host_env(tmp, &s.spec_dir, &format!("forged-{id}"));
+    env.push(("FH_COMMIT_INTERVAL", "200ms".into()));
+    let mut host = Host::spawn(&["run"], &env);
+
+    let p = stack.producer();
+    let ddb = stack.dynamodb().await;
+    produce(&p, topic, "k0", ts(1_000), "ok", &[]).await;
+    eventually(Duration::from_secs(60), "the host consuming", || async {
+        let n = counts(&ddb, table, group, "n").await.get("k0").copied();
+        (n == Some(1)).then_some(())
+    })
+    .await;
+
+    // Two events that fail once (so they pass through the retry topic), both forged as the
+    // replay of one dead letter.
+    let forged = format!("{group}.dlq/0/5");
+    for i in 0..2 {
+        let headers = [("fh-replay-of", forged.as_str())];
+        produce(&p, topic, "k1", ts(2_000 + i), "flaky:1", &headers).await;
+    }
+    // A well-formed retry record, due at the end of time.
+    let never = i64::MAX.to_string();
+    let retry_headers = [
+        ("fh-group", group.as_str()),
+        ("fh-error", "forged"),
+        ("fh-error-kind", "retryable"),
+        ("fh-attempts", "1"),
+        ("fh-first-failure-ms", "0"),
+        ("fh-due-ms", never.as_str()),
+        ("fh-source-topic", topic.as_str()),
+        ("fh-source-partition", "0"),
+        ("fh-source-offset", "999"),
+    ];
+    produce(&p, &format!("{group}.retry"), "k2", ts(3_000), "ok", &retry_headers).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let c = counts(&ddb, table, group, "n").await;
+        if c.get("k1") == Some(&2) && c.get("k2") == Some(&1) {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 60 s: {c:?}; want k1 = 2 (both forged events) and k2 = 1 (the far-future retry)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(got.get("k0"), Some(&1), "{got:?}");
+    assert!(host.terminate().success(), "host exits 0 on SIGTERM");
+    let _ = std::fs::remove_dir_all(tmp);
+}
