@@ -12,7 +12,7 @@ use crate::sink::embedded::EmbeddedStore;
 use crate::sink::memory_cache::MemoryCache;
 use crate::sink::redis_cache::RedisCache;
 use crate::sink::writer::{CacheStore, FeatureWriter, GroupSink};
-use crate::spec::{CacheStrategy, SpecSet, load_dir};
+use crate::spec::{CacheStrategy, SpecSet, load_dir_in};
 use anyhow::Context as _;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,7 +30,9 @@ pub async fn aws_config() -> aws_config::SdkConfig {
 
 /// Load and validate the spec directory, or fail listing every problem.
 pub fn load_specs(settings: &StoreSettings) -> anyhow::Result<SpecSet> {
-    load_dir(&settings.spec_dir, &settings.plugin_dir).map_err(|e| anyhow::anyhow!("{e}"))
+    let scope = settings.source_scope()?;
+    load_dir_in(&settings.spec_dir, &settings.plugin_dir, &scope)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Connect the configured store and cache.

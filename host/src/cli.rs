@@ -67,6 +67,8 @@ pub enum Command {
         /// Directory that `plugin.wasm` paths are relative to.
         #[arg(long, env = "FH_PLUGIN_DIR", default_value = "plugins/dist")]
         plugin_dir: PathBuf,
+        #[command(flatten)]
+        sources: crate::config::SourceSettings,
     },
     /// Print an entity's features as JSON (cache first, then the store).
     Get {
@@ -259,7 +261,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(DlqCommand::Replay(args)) => dlq_replay(*args).await,
         Command::Jobs(args) => crate::batch::commands::jobs(args).await,
         Command::RunShard(args) => crate::batch::commands::run_shard(args).await,
-        Command::Validate { dir, plugin_dir } => Ok(validate(&dir, &plugin_dir)),
+        Command::Validate {
+            dir,
+            plugin_dir,
+            sources,
+        } => Ok(validate(&dir, &plugin_dir, &sources.scope(&dir)?)),
         Command::Get {
             group,
             entity,
@@ -405,8 +411,12 @@ async fn plugin_status(admin: &str, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(dir: &std::path::Path, plugin_dir: &std::path::Path) -> ExitCode {
-    match crate::spec::load_dir(dir, plugin_dir) {
+fn validate(
+    dir: &std::path::Path,
+    plugin_dir: &std::path::Path,
+    scope: &crate::spec::SourceScope,
+) -> ExitCode {
+    match crate::spec::load_dir_in(dir, plugin_dir, scope) {
         Ok(set) => {
             println!(
                 "{}: {} feature group(s), {} ingestion(s): ok",
@@ -464,6 +474,7 @@ async fn run_host(
         engine,
         &stores.spec_dir,
         &stores.plugin_dir,
+        specs.sources.clone(),
     );
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

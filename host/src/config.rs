@@ -55,6 +55,9 @@ pub struct StoreSettings {
     #[arg(long, env = "FH_PLUGIN_DIR", default_value = "plugins/dist")]
     pub plugin_dir: PathBuf,
 
+    #[command(flatten)]
+    pub sources: SourceSettings,
+
     /// Local state: the embedded store file and the local dead-letter file.
     #[arg(long, env = "FH_DATA_DIR", default_value = ".feature-host")]
     pub data_dir: PathBuf,
@@ -104,8 +107,41 @@ impl StoreSettings {
         }
     }
 
+    /// Where Ingestions may read.
+    pub fn source_scope(&self) -> anyhow::Result<crate::spec::SourceScope> {
+        self.sources.scope(&self.spec_dir)
+    }
+
     pub fn embedded_path(&self) -> PathBuf {
         self.data_dir.join("store.redb")
+    }
+}
+
+/// Where Ingestions may read: the operator's allow-lists ([`SourceScope`]).
+///
+/// [`SourceScope`]: crate::spec::SourceScope
+#[derive(Debug, Clone, Default, Args)]
+pub struct SourceSettings {
+    /// Directories that Ingestions on local paths may read, comma-separated (symlinks are
+    /// resolved before the check); unset = the spec directory.
+    #[arg(long, env = "FH_SOURCE_ROOTS", value_delimiter = ',')]
+    pub source_roots: Vec<PathBuf>,
+
+    /// `s3://bucket/prefix` entries that Ingestions on S3 may read, comma-separated; unset =
+    /// any object the host's credentials can read. Set it on a host shared by several teams.
+    #[arg(long, env = "FH_SOURCE_S3", value_delimiter = ',')]
+    pub source_s3: Option<Vec<String>>,
+}
+
+impl SourceSettings {
+    /// The scope for specs in `spec_dir`.
+    pub fn scope(&self, spec_dir: &std::path::Path) -> anyhow::Result<crate::spec::SourceScope> {
+        let roots = if self.source_roots.is_empty() {
+            &[spec_dir.to_path_buf()][..]
+        } else {
+            &self.source_roots[..]
+        };
+        crate::spec::SourceScope::new(roots, self.source_s3.as_deref())
     }
 }
 

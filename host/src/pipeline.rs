@@ -17,6 +17,10 @@ use futures::future::join_all;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// Writes one event may produce: each becomes a store operation, and an event is applied
+/// entirely or not at all, so one event must stay one bounded store transaction.
+pub const MAX_WRITES_PER_EVENT: usize = 10_000;
+
 /// A feature group ready to process: its spec, plugin and sink settings. Hot reload
 /// replaces a group's runtime as a whole; a batch uses the runtime it started with.
 #[derive(Clone)]
@@ -273,12 +277,12 @@ impl Pipeline {
                 Err(e) => {
                     tracing::error!(group = %group.def.name, topic = %event.topic, partition = event.partition,
                         offset = event.offset, error = %e, "plugin call failed on this event");
-                    failures.push(failure(
-                        i,
-                        FailureKind::Retryable,
-                        Cause::Plugin,
-                        e.to_string(),
-                    ));
+                    let kind = if e.is_deterministic() {
+                        FailureKind::Invalid
+                    } else {
+                        FailureKind::Retryable
+                    };
+                    failures.push(failure(i, kind, Cause::Plugin, e.to_string()));
                     continue;
                 }
             };
@@ -390,6 +394,12 @@ fn to_mutations(
     writes: Vec<Write>,
     overwrite: bool,
 ) -> Result<Vec<(String, Mutation)>, String> {
+    if writes.len() > MAX_WRITES_PER_EVENT {
+        return Err(format!(
+            "plugin produced {} writes for one event; at most {MAX_WRITES_PER_EVENT} are taken",
+            writes.len()
+        ));
+    }
     let mut by_entity: BTreeMap<String, Mutation> = BTreeMap::new();
     for w in writes {
         let w =

@@ -152,6 +152,19 @@ impl RetryPolicy {
         }
     }
 
+    /// The longest a retried event waits between two attempts.
+    pub fn longest_wait(&self) -> Duration {
+        backoff(self.backoff, u32::MAX)
+    }
+
+    /// `due_ms` as read from a retry record, at most [`longest_wait`](Self::longest_wait)
+    /// from `now_ms`: a record due further out was not written by this policy (forged, or
+    /// written under a longer backoff since shortened), and a retry unit waiting for it would
+    /// hold its partition's commits back until then.
+    pub fn clamp_due(&self, due_ms: i64, now_ms: i64) -> i64 {
+        due_ms.min(now_ms.saturating_add(self.longest_wait().as_millis() as i64))
+    }
+
     /// After the `attempts`-th failed attempt (1 = the first processing): the retry topic, due
     /// after the backoff, or the dead-letter topic for invalid events and those out of
     /// attempts.
@@ -187,6 +200,21 @@ mod tests {
         max_attempts: 3,
         backoff: Duration::from_secs(1),
     };
+
+    #[test]
+    fn a_due_time_further_out_than_the_policy_waits_is_clamped() {
+        let now = 1_000_000;
+        assert_eq!(POLICY.longest_wait(), Duration::from_secs(64));
+        assert_eq!(POLICY.clamp_due(now + 5_000, now), now + 5_000);
+        assert_eq!(POLICY.clamp_due(i64::MAX, now), now + 64_000);
+        assert_eq!(POLICY.clamp_due(i64::MIN, now), i64::MIN);
+        let slow = RetryPolicy {
+            max_attempts: 3,
+            backoff: Duration::from_secs(600),
+        };
+        assert_eq!(slow.longest_wait(), MAX_BACKOFF);
+        assert_eq!(slow.clamp_due(i64::MAX, i64::MAX - 1), i64::MAX);
+    }
 
     fn failure(kind: FailureKind, cause: Cause) -> Failure {
         Failure {

@@ -112,18 +112,24 @@ async fn a_plugin_cannot_make_the_host_copy_more_than_its_output_bound() {
         "each is dead-lettered at once, not retried: {reasons:?}"
     );
     assert!(
-        reasons[0].2.contains("returned more than 16 MiB from one call")
+        reasons[0]
+            .2
+            .contains("returned more than 16 MiB from one call")
             && reasons[0].2.contains("outputMb"),
         "{}",
         reasons[0].2
     );
     assert!(
-        reasons[1].2.contains("a value of 524288 bytes; at most 262144"),
+        reasons[1]
+            .2
+            .contains("a value of 524288 bytes; at most 262144"),
         "{}",
         reasons[1].2
     );
     assert!(
-        reasons[2].2.contains("20000 writes for one event; at most 10000"),
+        reasons[2]
+            .2
+            .contains("20000 writes for one event; at most 10000"),
         "{}",
         reasons[2].2
     );

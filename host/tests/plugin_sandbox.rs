@@ -23,6 +23,7 @@ fn limits(timeout_ms: u64, memory_mb: u64, recycle_mb: Option<u64>) -> PluginLim
         timeout_ms,
         memory_mb,
         recycle_mb,
+        ..PluginLimits::default()
     }
 }
 

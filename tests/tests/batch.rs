@@ -130,6 +130,8 @@ fn env(
     vec![
         ("FH_SPEC_DIR", spec_dir.display().to_string()),
         ("FH_PLUGIN_DIR", plugin_dir().display().to_string()),
+        // The exports lie beside the specs, not under them.
+        ("FH_SOURCE_ROOTS", tmp.display().to_string()),
         ("FH_DATA_DIR", tmp.join("data").display().to_string()),
         ("FH_DYNAMODB_ENDPOINT", stack.dynamodb.clone()),
         ("FH_REDIS_URL", stack.redis.clone()),
@@ -324,8 +326,14 @@ async fn context(
         cache: CacheKind::Redis,
         redis_url: Some(stack.redis.clone()),
         batch_position_retention: feature_host::sink::writer::DEFAULT_BATCH_POSITION_RETENTION,
+        sources: feature_host::config::SourceSettings {
+            source_roots: vec![tmp.to_path_buf()],
+            source_s3: None,
+        },
     };
-    let specs = feature_host::spec::load_dir(spec_dir, &plugin_dir()).expect("valid specs");
+    let scope = store.source_scope().unwrap();
+    let specs =
+        feature_host::spec::load_dir_in(spec_dir, &plugin_dir(), &scope).expect("valid specs");
     let (writer, _) = feature_host::app::connect(&store, None).await.unwrap();
     feature_host::app::ensure_tables(&writer, &specs)
         .await
@@ -709,7 +717,8 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
         ),
     )
     .unwrap();
-    let set = Arc::new(feature_host::spec::load_dir(&specs, &plugin_dir()).unwrap());
+    let scope = feature_host::spec::SourceScope::new(std::slice::from_ref(&tmp), None).unwrap();
+    let set = Arc::new(feature_host::spec::load_dir_in(&specs, &plugin_dir(), &scope).unwrap());
     let jobs = jobs(&stack, &jobs_table).await;
     let clock = Arc::new(ManualClock::new(BASE_TS + 30_000));
     let scheduler = |owner: &str| Scheduler {

@@ -602,7 +602,15 @@ async fn forged_host_headers_neither_drop_events_nor_stall_a_partition() {
         ("fh-source-partition", "0"),
         ("fh-source-offset", "999"),
     ];
-    produce(&p, &format!("{group}.retry"), "k2", ts(3_000), "ok", &retry_headers).await;
+    produce(
+        &p,
+        &format!("{group}.retry"),
+        "k2",
+        ts(3_000),
+        "ok",
+        &retry_headers,
+    )
+    .await;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let got = loop {

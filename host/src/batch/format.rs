@@ -254,6 +254,12 @@ pub fn write_click_parquet(
 mod tests {
     use super::*;
 
+    /// Sources that may read the temporary directory the tests write to.
+    fn in_temp_dir() -> Sources {
+        let scope = crate::spec::SourceScope::new(&[std::env::temp_dir()], None).unwrap();
+        Sources::new(None, scope)
+    }
+
     fn collect(bytes: &[u8], format: BatchFormat, skip: u64, unit: &Unit) -> Vec<Record> {
         let mut all = Vec::new();
         decode_unit(Bytes::copy_from_slice(bytes), unit, format, skip, 2, |b| {
@@ -327,7 +333,7 @@ mod tests {
             size,
         };
         let units = rt
-            .block_on(units(&Sources::default(), &file, BatchFormat::Parquet))
+            .block_on(units(&in_temp_dir(), &file, BatchFormat::Parquet))
             .unwrap();
         assert_eq!(
             units.iter().map(|u| u.rows).collect::<Vec<_>>(),
@@ -359,7 +365,7 @@ mod tests {
             .build()
             .unwrap();
         let e = rt
-            .block_on(units(&Sources::default(), &file, BatchFormat::Parquet))
+            .block_on(units(&in_temp_dir(), &file, BatchFormat::Parquet))
             .unwrap_err();
         assert!(
             e.to_string().contains("bad.parquet is not a Parquet file"),

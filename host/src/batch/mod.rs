@@ -68,9 +68,9 @@ impl BatchContext {
     ) -> BatchContext {
         BatchContext {
             pipeline,
+            sources: source::Sources::new(settings.s3_endpoint.clone(), specs.sources.clone()),
             specs,
             jobs,
-            sources: source::Sources::new(settings.s3_endpoint.clone()),
             limit: Arc::new(rate::RateLimit::new(settings.max_rows_per_sec)),
             workers: Arc::new(tokio::sync::Semaphore::new(settings.workers.max(1))),
             admin_url: settings

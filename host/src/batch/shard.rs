@@ -15,6 +15,7 @@ use crate::event::Event;
 use crate::feature::Position;
 use crate::retry::{Cause, Failure, FailureKind, InPlace};
 use crate::stream::dead_letter::to_json_line;
+use crate::stream::envelope::truncate;
 use anyhow::Context as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,9 @@ use std::time::{Duration, Instant};
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Dead-letter reasons kept on the shard record.
 const KEEP_ERRORS: usize = 10;
+/// The longest reason kept there: `GET /v1/jobs/{run}` shows them to any admin caller, and a
+/// plugin's reason may quote its record.
+const KEEP_ERROR_BYTES: usize = 256;
 
 /// Why a shard stopped without finishing.
 #[derive(Debug, thiserror::Error)]
@@ -178,9 +182,11 @@ pub async fn run_shard(
                     .iter()
                     .take(KEEP_ERRORS.saturating_sub(shard.errors.len()))
                 {
-                    shard
-                        .errors
-                        .push(format!("row {}: {}", base + f.event as u64, f.reason));
+                    shard.errors.push(format!(
+                        "row {}: {}",
+                        base + f.event as u64,
+                        truncate(&f.reason, KEEP_ERROR_BYTES)
+                    ));
                 }
                 ctx.progress.failed(failures.len() as u64);
                 ctx.pipeline

@@ -1,7 +1,10 @@
 //! Bulk sources: local paths and `s3://` URIs with globs (`*`, `**`, `?`, `[..]`) and a
 //! `{date}` placeholder filled per day (`dt={date}` partitions). Listing turns a run's URIs
-//! into files; reading fetches a file's bytes (or a byte range, for Parquet footers).
+//! into files; reading fetches a file's bytes (or a byte range, for Parquet footers). Every
+//! file listed or read is checked against the specs' [`SourceScope`] first.
 
+pub use crate::spec::scope::Location;
+use crate::spec::scope::SourceScope;
 use anyhow::Context as _;
 use chrono::NaiveDate;
 use globset::{GlobBuilder, GlobMatcher};
@@ -12,30 +15,6 @@ use std::path::{Path, PathBuf};
 pub struct SourceFile {
     pub uri: String,
     pub size: u64,
-}
-
-/// A parsed source URI.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    Local(PathBuf),
-    S3 { bucket: String, key: String },
-}
-
-impl Location {
-    pub fn parse(uri: &str) -> anyhow::Result<Location> {
-        if let Some(rest) = uri.strip_prefix("s3://") {
-            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-            anyhow::ensure!(!bucket.is_empty(), "source URI {uri:?} names no S3 bucket");
-            Ok(Location::S3 {
-                bucket: bucket.into(),
-                key: key.into(),
-            })
-        } else if uri.contains("://") {
-            anyhow::bail!("source URI {uri:?}: only local paths and s3:// URIs are supported")
-        } else {
-            Ok(Location::Local(PathBuf::from(uri)))
-        }
-    }
 }
 
 /// The URIs a run reads: `{date}` replaced by each day of `[from, to]` (ISO dates,
@@ -85,19 +64,21 @@ fn split_glob(pattern: &str) -> anyhow::Result<(String, Option<GlobMatcher>)> {
     }
 }
 
-/// Reads sources; holds the S3 client (built on first use).
+/// Reads sources within a scope; holds the S3 client (built on first use).
 #[derive(Clone, Default)]
 pub struct Sources {
     s3_endpoint: Option<String>,
     s3: std::sync::Arc<tokio::sync::OnceCell<aws_sdk_s3::Client>>,
+    scope: SourceScope,
 }
 
 impl Sources {
     /// `s3_endpoint` overrides the AWS endpoint (moto, MinIO); path-style addressing then.
-    pub fn new(s3_endpoint: Option<String>) -> Sources {
+    pub fn new(s3_endpoint: Option<String>, scope: SourceScope) -> Sources {
         Sources {
             s3_endpoint,
             s3: Default::default(),
+            scope,
         }
     }
 
@@ -123,7 +104,14 @@ impl Sources {
         for uri in uris {
             let mut found = match Location::parse(uri)? {
                 Location::Local(path) => {
-                    list_local(&path).with_context(|| format!("cannot list source {uri}"))?
+                    let found =
+                        list_local(&path).with_context(|| format!("cannot list source {uri}"))?;
+                    for f in &found {
+                        self.scope
+                            .check_file(Path::new(&f.uri))
+                            .with_context(|| format!("source {uri} lists a file out of scope"))?;
+                    }
+                    found
                 }
                 Location::S3 { bucket, key } => self
                     .list_s3(&bucket, &key)
@@ -143,6 +131,7 @@ impl Sources {
 
     async fn list_s3(&self, bucket: &str, pattern: &str) -> anyhow::Result<Vec<SourceFile>> {
         let (prefix, matcher) = split_glob(pattern)?;
+        self.scope.check_s3(bucket, &prefix)?;
         let client = self.s3().await;
         let mut out = Vec::new();
         let mut token = None;
@@ -182,10 +171,13 @@ impl Sources {
     /// A whole file.
     pub async fn read(&self, uri: &str) -> anyhow::Result<bytes::Bytes> {
         match Location::parse(uri)? {
-            Location::Local(path) => Ok(tokio::fs::read(&path)
-                .await
-                .with_context(|| format!("cannot read {}", path.display()))?
-                .into()),
+            Location::Local(path) => {
+                let real = self.scope.check_file(&path)?;
+                Ok(tokio::fs::read(&real)
+                    .await
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .into())
+            }
             Location::S3 { bucket, key } => self.get_s3(&bucket, &key, None).await,
         }
     }
@@ -200,7 +192,8 @@ impl Sources {
         match Location::parse(uri)? {
             Location::Local(path) => {
                 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-                let mut f = tokio::fs::File::open(&path)
+                let real = self.scope.check_file(&path)?;
+                let mut f = tokio::fs::File::open(&real)
                     .await
                     .with_context(|| format!("cannot open {}", path.display()))?;
                 f.seek(std::io::SeekFrom::Start(offset)).await?;
@@ -224,6 +217,7 @@ impl Sources {
         key: &str,
         range: Option<(u64, u64)>,
     ) -> anyhow::Result<bytes::Bytes> {
+        self.scope.check_s3(bucket, key)?;
         let out = self
             .s3()
             .await
@@ -343,21 +337,47 @@ mod tests {
         assert!(expand_dates("/x/{date}", Some(d("2026-01-02")), Some(d("2026-01-01"))).is_err());
     }
 
-    #[test]
-    fn uris_parse() {
-        assert_eq!(
-            Location::parse("s3://bucket/a/b.parquet").unwrap(),
-            Location::S3 {
-                bucket: "bucket".into(),
-                key: "a/b.parquet".into()
-            }
+    /// A link inside the root that points out of it is refused when a run lists or reads
+    /// it, whatever the spec's URI looked like at validation.
+    #[tokio::test]
+    async fn a_run_refuses_a_file_that_resolves_outside_its_roots() {
+        let tmp = std::env::temp_dir().join(format!("fh-src-scope-{}", rand::random::<u64>()));
+        let (root, outside) = (tmp.join("root"), tmp.join("secret.jsonl"));
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::write(root.join("data/a.jsonl"), "{}\n").unwrap();
+        std::fs::write(&outside, "{\"token\": \"s3cr3t\"}\n").unwrap();
+        let sources = Sources::new(
+            None,
+            SourceScope::new(std::slice::from_ref(&root), None).unwrap(),
         );
-        assert!(Location::parse("s3:///x").is_err());
-        assert!(Location::parse("gs://b/x").is_err());
+        let glob = root.join("data/*.jsonl").to_string_lossy().into_owned();
         assert_eq!(
-            Location::parse("data/x.csv").unwrap(),
-            Location::Local("data/x.csv".into())
+            sources
+                .list(std::slice::from_ref(&glob))
+                .await
+                .unwrap()
+                .len(),
+            1
         );
+        std::os::unix::fs::symlink(&outside, root.join("data/leak.jsonl")).unwrap();
+        let e = sources.list(&[glob]).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is outside the directories"),
+            "{e:#}"
+        );
+        let leak = root.join("data/leak.jsonl").to_string_lossy().into_owned();
+        let e = sources.read(&leak).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is outside the directories"),
+            "{e:#}"
+        );
+        assert!(sources.read_range(&leak, 0, 4).await.is_err());
+        let e = sources.read(&outside.to_string_lossy()).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is outside the directories"),
+            "{e:#}"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]

@@ -93,7 +93,9 @@ spec:
     if stores.store_kind() == StoreKind::Embedded {
         stores.data_dir = dir.join("data");
     }
-    let specs = crate::spec::load_dir(&specs_dir, &stores.plugin_dir)
+    // The export lies beside the specs.
+    let scope = crate::spec::SourceScope::new(std::slice::from_ref(&dir), None)?;
+    let specs = crate::spec::load_dir_in(&specs_dir, &stores.plugin_dir, &scope)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let jobs_table = format!("bench-jobs-{id}");
     let (writer, jobs) = crate::app::connect(&stores, Some(&jobs_table)).await?;

@@ -260,7 +260,13 @@ async fn reload_latency(wasm: &Path, reloads: usize, report: &mut Report) -> any
         Router::new(&specs),
         FeatureWriter::new(cache.clone(), cache),
     ));
-    let reloader = Reloader::new(pipeline.clone(), engine, &spec_dir, &plugin_dir);
+    let reloader = Reloader::new(
+        pipeline.clone(),
+        engine,
+        &spec_dir,
+        &plugin_dir,
+        specs.sources.clone(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watcher = tokio::spawn(reloader.clone().watch(
         Duration::from_millis(50),

@@ -28,7 +28,22 @@ pub enum WriteCheckError {
     ZeroCap { feature: String },
     #[error("feature {feature:?}: NaN and infinite floats cannot be stored")]
     NonFinite { feature: String },
+    #[error("entity id of {len} bytes in write to {feature:?}; at most {MAX_ENTITY_BYTES}")]
+    EntityTooLong { feature: String, len: usize },
+    #[error("feature {feature:?}: a value of {bytes} bytes; at most {MAX_VALUE_BYTES}")]
+    ValueTooLarge { feature: String, bytes: usize },
+    #[error("append to {feature:?} with cap {cap}; at most {MAX_APPEND_CAP}")]
+    CapTooLarge { feature: String, cap: u32 },
 }
+
+/// The longest entity id: it is the store's key (DynamoDB allows 2,048 bytes of partition
+/// key, and the cache key adds the group).
+pub const MAX_ENTITY_BYTES: usize = 1024;
+/// The largest value one write may carry: a DynamoDB item holds at most 400 KB, so a larger
+/// value could never be stored and would fail the entity's every later write.
+pub const MAX_VALUE_BYTES: usize = 256 << 10;
+/// The largest last-k list: each item is kept with its event time in the entity's item.
+pub const MAX_APPEND_CAP: u32 = 10_000;
 
 /// Validate `write` against `spec`, normalizing numbers (an int written to a float feature
 /// becomes a float).
@@ -41,6 +56,24 @@ pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, W
     if write.entity.is_empty() {
         return Err(WriteCheckError::EmptyEntity {
             feature: write.feature,
+        });
+    }
+    if write.entity.len() > MAX_ENTITY_BYTES {
+        return Err(WriteCheckError::EntityTooLong {
+            len: write.entity.len(),
+            feature: write.feature,
+        });
+    }
+    let bytes = match &write.op {
+        Op::Set(v) | Op::Incr(v) | Op::Max(v) | Op::Min(v) | Op::Append { item: v, .. } => {
+            v.size_bytes()
+        }
+        Op::Delete => 0,
+    };
+    if bytes > MAX_VALUE_BYTES {
+        return Err(WriteCheckError::ValueTooLarge {
+            feature: write.feature,
+            bytes,
         });
     }
     let ty = decl.ty;
@@ -93,6 +126,12 @@ pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, W
             if *cap == 0 {
                 return Err(WriteCheckError::ZeroCap {
                     feature: decl.name.clone(),
+                });
+            }
+            if *cap > MAX_APPEND_CAP {
+                return Err(WriteCheckError::CapTooLarge {
+                    feature: decl.name.clone(),
+                    cap: *cap,
                 });
             }
             let element = match ty {
@@ -246,5 +285,44 @@ mod tests {
             check_write(&spec(), empty),
             Err(WriteCheckError::EmptyEntity { .. })
         ));
+    }
+
+    /// A hostile plugin cannot make one write larger than any store can hold.
+    #[test]
+    fn oversized_writes_are_refused() {
+        let mut long = w("clicks", Op::Delete);
+        long.entity = "u".repeat(MAX_ENTITY_BYTES + 1);
+        assert!(matches!(
+            check_write(&spec(), long),
+            Err(WriteCheckError::EntityTooLong { len: 1025, .. })
+        ));
+        long = w("clicks", Op::Delete);
+        long.entity = "u".repeat(MAX_ENTITY_BYTES);
+        assert!(check_write(&spec(), long).is_ok());
+        let big = Value::String("x".repeat(MAX_VALUE_BYTES + 1));
+        let e = check_write(&spec(), w("country", Op::Set(big))).unwrap_err();
+        assert!(matches!(e, WriteCheckError::ValueTooLarge { .. }), "{e}");
+        let fits = Value::String("x".repeat(MAX_VALUE_BYTES));
+        assert!(check_write(&spec(), w("country", Op::Set(fits))).is_ok());
+        let many = Value::StringList(vec!["ab".into(); MAX_VALUE_BYTES / 2]);
+        let e = check_write(&spec(), w("last", Op::Set(many))).unwrap_err();
+        assert!(matches!(e, WriteCheckError::ValueTooLarge { .. }), "{e}");
+        let append = |cap| {
+            w(
+                "last",
+                Op::Append {
+                    item: Value::String("a".into()),
+                    cap,
+                },
+            )
+        };
+        assert!(check_write(&spec(), append(MAX_APPEND_CAP)).is_ok());
+        assert_eq!(
+            check_write(&spec(), append(u32::MAX)),
+            Err(WriteCheckError::CapTooLarge {
+                feature: "last".into(),
+                cap: u32::MAX
+            })
+        );
     }
 }

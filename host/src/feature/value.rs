@@ -18,6 +18,21 @@ pub enum Value {
 }
 
 impl Value {
+    /// Bytes of payload the value holds (a string list counts each item's length plus 8 for
+    /// its place in the list).
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Value::Bool(_) => 1,
+            Value::Int(_) | Value::Float(_) => 8,
+            Value::String(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::IntList(l) => 8 * l.len(),
+            Value::FloatList(l) => 8 * l.len(),
+            Value::StringList(l) => l.iter().map(|s| s.len() + 8).sum(),
+            Value::Vector(v) => 4 * v.len(),
+        }
+    }
+
     /// Plain JSON for humans and serving clients (bytes as hex).
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;

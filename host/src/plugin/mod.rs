@@ -54,6 +54,11 @@ pub enum PluginError {
     Timeout { plugin: String, timeout_ms: u64 },
     #[error("plugin {plugin} trapped: {message}")]
     Trap { plugin: String, message: String },
+    #[error(
+        "plugin {plugin} returned more than {limit_mb} MiB from one call \
+         (plugin.limits.outputMb); its writes were refused"
+    )]
+    OutputTooLarge { plugin: String, limit_mb: u64 },
     #[error("plugin {plugin} returned {got} results for {expected} events")]
     ResultCount {
         plugin: String,
@@ -64,6 +69,15 @@ pub enum PluginError {
     Golden { plugin: String, message: String },
     #[error("plugin call was cancelled: {0}")]
     Cancelled(String),
+}
+
+impl PluginError {
+    /// Whether calling again with the same input fails the same way: the event can then
+    /// only be dead-lettered. A trap or a timeout may depend on the instance's state or the
+    /// machine's load, so those are retried.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(self, PluginError::OutputTooLarge { .. })
+    }
 }
 
 /// Per-event failure reported by a plugin.

@@ -18,7 +18,7 @@ use super::{PluginEngine, PluginError, content_version, golden};
 use crate::metrics::ReloadLabels;
 use crate::pipeline::{GroupRuntime, Pipeline};
 use crate::sink::writer::GroupSink;
-use crate::spec::{GroupDef, SpecError, load_dir_tolerant};
+use crate::spec::{GroupDef, SourceScope, SpecError, load_dir_tolerant};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -156,6 +156,7 @@ pub struct Reloader {
     engine: PluginEngine,
     spec_dir: PathBuf,
     plugin_dir: PathBuf,
+    sources: SourceScope,
     groups: Mutex<BTreeMap<String, GroupState>>,
     /// Spec files or groups set aside in the last pass (not tied to a running group).
     notes: Mutex<Vec<String>>,
@@ -171,6 +172,7 @@ impl Reloader {
         engine: PluginEngine,
         spec_dir: &Path,
         plugin_dir: &Path,
+        sources: SourceScope,
     ) -> Arc<Reloader> {
         let now = now_ms();
         let groups = pipeline
@@ -195,6 +197,7 @@ impl Reloader {
             engine,
             spec_dir: spec_dir.to_path_buf(),
             plugin_dir: plugin_dir.to_path_buf(),
+            sources,
             groups: Mutex::new(groups),
             notes: Mutex::new(Vec::new()),
             pass: tokio::sync::Mutex::new(()),
@@ -261,16 +264,18 @@ impl Reloader {
         let _pass = self.pass.lock().await;
         let noticed = std::time::Instant::now();
         let (spec_dir, plugin_dir) = (self.spec_dir.clone(), self.plugin_dir.clone());
-        let (set, errors) =
-            match tokio::task::spawn_blocking(move || load_dir_tolerant(&spec_dir, &plugin_dir))
-                .await
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::error!(error = %e, "spec reload task failed");
-                    return 0;
-                }
-            };
+        let sources = self.sources.clone();
+        let (set, errors) = match tokio::task::spawn_blocking(move || {
+            load_dir_tolerant(&spec_dir, &plugin_dir, &sources)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "spec reload task failed");
+                return 0;
+            }
+        };
         let mut notes: Vec<String> = Vec::new();
         let mut swapped = 0;
         // The directory itself could not be read: say so, rather than "every spec is gone".
@@ -581,7 +586,7 @@ mod tests {
         let file = dir.join("g.yaml");
         std::fs::write(&file, body).unwrap();
         std::fs::write(dir.join("p.wasm"), b"x").unwrap();
-        load_files(&[file], dir)
+        load_files(&[file], dir, &Default::default())
             .unwrap()
             .groups
             .into_values()

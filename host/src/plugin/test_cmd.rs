@@ -17,7 +17,7 @@ pub async fn run(
     let plugin_dir = wasm.parent().unwrap_or(Path::new("."));
     // The spec's own `plugin.wasm` is irrelevant here (the component under test is `wasm`),
     // and so is its golden file, which this command may be generating.
-    let group = match load_files(&[spec_file.to_path_buf()], plugin_dir) {
+    let group = match load_files(&[spec_file.to_path_buf()], plugin_dir, &Default::default()) {
         Ok(set) => set.groups.into_values().next(),
         Err(errors) => {
             let real: Vec<_> = errors

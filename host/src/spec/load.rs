@@ -3,6 +3,7 @@
 //! (duplicates, references, cycles, cron, durations, plugin files).
 
 use super::model::*;
+use super::scope::{Location, SourceScope};
 use schemars::schema_for;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,6 +77,8 @@ pub struct IngestionDef {
 pub struct SpecSet {
     pub groups: BTreeMap<String, GroupDef>,
     pub ingestions: BTreeMap<String, IngestionDef>,
+    /// Where the ingestions were allowed to read: runs check every file against it again.
+    pub sources: SourceScope,
 }
 
 impl SpecSet {
@@ -116,9 +119,18 @@ static VALIDATORS: LazyLock<Validators> = LazyLock::new(|| {
 });
 
 /// Load and validate every `*.yaml` / `*.yml` below `dir` (recursively). Plugin paths resolve
-/// against `plugin_dir`.
+/// against `plugin_dir`; batch sources may read below `dir` and from any S3 bucket.
 pub fn load_dir(dir: &Path, plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
-    load_files(&spec_files(dir)?, plugin_dir)
+    load_dir_in(dir, plugin_dir, &SourceScope::spec_dir(dir))
+}
+
+/// [`load_dir`] with batch sources limited to `scope`.
+pub fn load_dir_in(
+    dir: &Path,
+    plugin_dir: &Path,
+    scope: &SourceScope,
+) -> Result<SpecSet, SpecErrors> {
+    load_files(&spec_files(dir)?, plugin_dir, scope)
 }
 
 /// The spec files below `dir`, sorted.
@@ -138,7 +150,11 @@ pub fn spec_files(dir: &Path) -> Result<Vec<PathBuf>, SpecErrors> {
 /// Load what can be loaded: files with problems are set aside, with their errors, and the
 /// others load as a set. Hot reload uses this so that one team's broken spec does not hold
 /// back another team's update.
-pub fn load_dir_tolerant(dir: &Path, plugin_dir: &Path) -> (SpecSet, Vec<SpecError>) {
+pub fn load_dir_tolerant(
+    dir: &Path,
+    plugin_dir: &Path,
+    scope: &SourceScope,
+) -> (SpecSet, Vec<SpecError>) {
     let mut files = match spec_files(dir) {
         Ok(f) => f,
         Err(e) => return (SpecSet::default(), e.0),
@@ -147,7 +163,7 @@ pub fn load_dir_tolerant(dir: &Path, plugin_dir: &Path) -> (SpecSet, Vec<SpecErr
     // Removing a file can surface another's problem (a reference to a group it defined):
     // a few rounds settle it.
     for _ in 0..4 {
-        match load_files(&files, plugin_dir) {
+        match load_files(&files, plugin_dir, scope) {
             Ok(set) => return (set, set_aside),
             Err(errors) => {
                 let bad: BTreeSet<String> = errors
@@ -197,7 +213,11 @@ fn collect_yaml(
 }
 
 /// Load and validate the given files as one set.
-pub fn load_files(files: &[PathBuf], plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
+pub fn load_files(
+    files: &[PathBuf],
+    plugin_dir: &Path,
+    scope: &SourceScope,
+) -> Result<SpecSet, SpecErrors> {
     let mut errors = Vec::new();
     let mut docs = Vec::new();
     for file in files {
@@ -210,7 +230,7 @@ pub fn load_files(files: &[PathBuf], plugin_dir: &Path) -> Result<SpecSet, SpecE
             }),
         }
     }
-    let set = check_semantics(docs, plugin_dir, &mut errors);
+    let set = check_semantics(docs, plugin_dir, scope, &mut errors);
     // Group each file's problems together (stable: structural before semantic).
     errors.sort_by(|a, b| a.file.cmp(&b.file));
     if errors.is_empty() {
@@ -342,9 +362,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn check_semantics(
     docs: Vec<ParsedDoc>,
     plugin_dir: &Path,
+    scope: &SourceScope,
     errors: &mut Vec<SpecError>,
 ) -> SpecSet {
-    let mut set = SpecSet::default();
+    let mut set = SpecSet {
+        sources: scope.clone(),
+        ..SpecSet::default()
+    };
     let mut seen: BTreeMap<(&'static str, String), String> = BTreeMap::new();
     let mut ingestion_docs = Vec::new();
 
@@ -387,8 +411,10 @@ fn check_semantics(
                         format!("invalid cron expression {schedule:?}: {e}"),
                     ));
                 }
-                if let Err(e) = crate::batch::source::Location::parse(&d.spec.source.uri) {
+                if let Err(e) = Location::parse(&d.spec.source.uri) {
                     problems.push(err("spec.source.uri", format!("{e:#}")));
+                } else if let Err(e) = scope.check_uri(&d.spec.source.uri, &file) {
+                    problems.push(err("spec.source.uri", e.to_string()));
                 }
                 ingestion_docs.push((label.clone(), file, name, d.spec, problems.is_empty()));
             }
@@ -881,7 +907,7 @@ mod tests {
     fn parallelism_accepts_auto_or_number_only() {
         let ing = |p: &str| {
             format!(
-                "apiVersion: feature-host/v1\nkind: Ingestion\nmetadata: {{name: i}}\nspec:\n  featureGroup: g\n  source: {{uri: /x, format: csv}}\n  parallelism: {p}\n"
+                "apiVersion: feature-host/v1\nkind: Ingestion\nmetadata: {{name: i}}\nspec:\n  featureGroup: g\n  source: {{uri: x.csv, format: csv}}\n  parallelism: {p}\n"
             )
         };
         let set = load_str(&[("g.yaml", GROUP), ("i.yaml", &ing("auto"))]).unwrap();

@@ -141,6 +141,14 @@ pub struct PluginLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub recycle_mb: Option<u64>,
+    /// What one batch call may return, in MiB, counted as the host copies it out of the
+    /// instance (every string and list, each time a write names it). A call over it fails;
+    /// its events are retried one by one, and the one that returns too much alone is
+    /// dead-lettered. Without it, results whose strings all point at one guest buffer make
+    /// the host copy that buffer once per write.
+    #[serde(default = "default_output_mb")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub output_mb: u64,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -149,6 +157,9 @@ fn default_timeout_ms() -> u64 {
 fn default_memory_mb() -> u64 {
     64
 }
+fn default_output_mb() -> u64 {
+    16
+}
 
 impl Default for PluginLimits {
     fn default() -> Self {
@@ -156,6 +167,7 @@ impl Default for PluginLimits {
             timeout_ms: default_timeout_ms(),
             memory_mb: default_memory_mb(),
             recycle_mb: None,
+            output_mb: default_output_mb(),
         }
     }
 }

@@ -43,6 +43,30 @@ fn host_owned(name: &str) -> bool {
     name.starts_with(PREFIX) && name != headers::REPLAY_OF
 }
 
+/// Remove every `fh-*` header from an event read from a source (a source topic, a file, an
+/// HTTP push). Those headers are the host's: on a source event they are forged, and a forged
+/// `fh-replay-of` would give the event a dead letter's replay position — taking that dead
+/// letter's place, so its real replay is dropped as already applied — and make every
+/// distinct value a new entry in the entity's applied positions. Returns how many were
+/// removed.
+pub fn strip_host_headers(headers: &mut Vec<(String, Vec<u8>)>) -> usize {
+    let before = headers.len();
+    headers.retain(|(k, _)| !k.starts_with(PREFIX));
+    before - headers.len()
+}
+
+/// [`strip_host_headers`] of a consumed source message, cloned only when it has some.
+pub fn from_source(event: &std::sync::Arc<Event>) -> std::sync::Arc<Event> {
+    if !event.headers.iter().any(|(k, _)| k.starts_with(PREFIX)) {
+        return event.clone();
+    }
+    let mut clean = (**event).clone();
+    let removed = strip_host_headers(&mut clean.headers);
+    tracing::debug!(topic = %event.topic, partition = event.partition, offset = event.offset,
+        removed, "a source event carried fh-* headers; they were removed");
+    std::sync::Arc::new(clean)
+}
+
 /// Why and how often an event failed for one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
@@ -175,6 +199,20 @@ mod tests {
             payload: b"{}".to_vec(),
             position: None,
         }
+    }
+
+    #[test]
+    fn a_source_event_keeps_none_of_the_hosts_headers() {
+        let mut e = event();
+        e.headers.extend([
+            (headers::REPLAY_OF.into(), b"g.dlq/0/5".to_vec()),
+            (headers::ATTEMPTS.into(), b"7".to_vec()),
+            ("fh-anything".into(), vec![]),
+        ]);
+        let clean = from_source(&std::sync::Arc::new(e));
+        assert_eq!(clean.headers, vec![("type".into(), b"click".to_vec())]);
+        let plain = std::sync::Arc::new(event());
+        assert!(std::sync::Arc::ptr_eq(&from_source(&plain), &plain));
     }
 
     #[test]

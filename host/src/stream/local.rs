@@ -71,11 +71,15 @@ pub fn parse_event(
         topic: e.topic,
         key: e.key.map(String::into_bytes),
         timestamp_ms: e.timestamp.unwrap_or_else(now_ms),
-        headers: e
-            .headers
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect(),
+        headers: {
+            let mut headers: Vec<(String, Vec<u8>)> = e
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            super::envelope::strip_host_headers(&mut headers);
+            headers
+        },
         payload,
         position,
     })
@@ -234,6 +238,17 @@ mod tests {
             ("local:t", 2, 9, 0),
             "its own offset space (not Kafka's t#2), and no offset below it is claimed"
         );
+    }
+
+    #[test]
+    fn the_hosts_headers_are_removed_from_local_and_pushed_events() {
+        let e = parse_event(
+            r#"{"topic":"t","headers":{"type":"click","fh-replay-of":"g.dlq/0/5","fh-attempts":"9"},"payload":1}"#,
+            Some(1),
+            Some("file:x"),
+        )
+        .unwrap();
+        assert_eq!(e.headers, vec![("type".into(), b"click".to_vec())]);
     }
 
     #[test]

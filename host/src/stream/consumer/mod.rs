@@ -321,6 +321,7 @@ impl Shared {
         if let Some(groups) = self.retry_topics.get(&event.topic) {
             return vec![self.retry_unit(event, groups)];
         }
+        let event = &envelope::from_source(event);
         self.pipeline
             .router()
             .route(event)
@@ -371,6 +372,7 @@ impl Shared {
             .header(envelope::headers::REPLAY_OF)
             .and_then(super::replay::replay_position)
             .or_else(|| message.position.clone());
+        let policy = RetryPolicy::of(&self.pipeline.runtime(group).def);
         Unit {
             offset: message.offset,
             event: Arc::new(original),
@@ -379,7 +381,7 @@ impl Shared {
             origin: Origin::Retry(RetryMeta {
                 attempts: env.attempts,
                 first_failure_ms: env.first_failure_ms,
-                due_ms: env.due_ms.unwrap_or(0),
+                due_ms: env.due_ms.map_or(0, |due| policy.clamp_due(due, now_ms())),
             }),
         }
     }

@@ -1,0 +1,377 @@
+//! Where an Ingestion may read: the operator's allow-lists for batch sources.
+//!
+//! A spec author chooses a source URI; on a shared host that author is not the operator, and
+//! the host's process can read much that the author must not: `/proc/self/environ` (the admin
+//! token), the service account's web-identity token, another team's exports in a bucket the
+//! host's role can read. So a local source must lie under one of the configured roots (by
+//! default the spec directory) and an S3 source under one of the configured `s3://bucket/prefix`
+//! entries (by default any: the host's IAM role is then the only bound).
+//!
+//! Checked twice. At validation, [`SourceScope::check_uri`] refuses a spec whose URI can only
+//! reach outside (file, field and reason, like every spec error). At read time,
+//! [`SourceScope::check_file`] and [`SourceScope::check_s3`] check every file a run lists or
+//! reads, after symlinks are resolved: a glob or a link inside a root cannot lead out of it.
+
+use std::path::{Component, Path, PathBuf};
+
+/// A parsed source URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Local(PathBuf),
+    S3 { bucket: String, key: String },
+}
+
+impl Location {
+    pub fn parse(uri: &str) -> anyhow::Result<Location> {
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            anyhow::ensure!(!bucket.is_empty(), "source URI {uri:?} names no S3 bucket");
+            Ok(Location::S3 {
+                bucket: bucket.into(),
+                key: key.into(),
+            })
+        } else if uri.contains("://") {
+            anyhow::bail!("source URI {uri:?}: only local paths and s3:// URIs are supported")
+        } else {
+            Ok(Location::Local(PathBuf::from(uri)))
+        }
+    }
+}
+
+/// Why a source is out of scope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    #[error("{0:?} has a `..` component; name the path without it")]
+    Parent(String),
+    #[error(
+        "{path} is outside the directories batch sources may read ({roots}); \
+         the operator sets them with FH_SOURCE_ROOTS"
+    )]
+    OutsideRoots { path: String, roots: String },
+    #[error(
+        "s3://{bucket}/{key} is outside the S3 prefixes batch sources may read ({allowed}); \
+         the operator sets them with FH_SOURCE_S3"
+    )]
+    OutsidePrefixes {
+        bucket: String,
+        key: String,
+        allowed: String,
+    },
+    #[error("cannot resolve {path}: {reason}")]
+    Unresolvable { path: String, reason: String },
+}
+
+/// The operator's allow-lists. The default allows no local path and any S3 object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceScope {
+    /// Canonical directories.
+    roots: Vec<PathBuf>,
+    /// `(bucket, key prefix)`; `None`: any bucket.
+    s3: Option<Vec<(String, String)>>,
+}
+
+impl SourceScope {
+    /// `roots`: directories local sources may lie under (canonicalized here; one that does
+    /// not exist is an error, since a typo would otherwise refuse every source). `s3`:
+    /// `s3://bucket/prefix` entries, `None` for any. A prefix is a key directory: `team-a`
+    /// allows `team-a/…`, not `team-ab/…`.
+    pub fn new(roots: &[PathBuf], s3: Option<&[String]>) -> anyhow::Result<SourceScope> {
+        let roots = roots
+            .iter()
+            .map(|r| {
+                std::fs::canonicalize(r).map_err(|e| {
+                    anyhow::anyhow!(
+                        "source root {} cannot be resolved: {e}; FH_SOURCE_ROOTS lists existing directories",
+                        r.display()
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let s3 = match s3 {
+            None => None,
+            Some(entries) => Some(
+                entries
+                    .iter()
+                    .map(|e| parse_prefix(e))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            ),
+        };
+        Ok(SourceScope { roots, s3 })
+    }
+
+    /// The default: local sources under the spec directory, S3 anywhere.
+    pub fn spec_dir(dir: &Path) -> SourceScope {
+        SourceScope {
+            roots: std::fs::canonicalize(dir).into_iter().collect(),
+            s3: None,
+        }
+    }
+
+    /// Whether `uri` (of a spec in `spec_file`; a relative local path is relative to that
+    /// file's directory) can reach inside the scope. Checks the part before the first glob
+    /// character or `{date}`: the rest is checked per file at read time.
+    pub fn check_uri(&self, uri: &str, spec_file: &Path) -> Result<(), ScopeError> {
+        match Location::parse(uri) {
+            Ok(Location::Local(path)) => {
+                let path = match spec_file.parent() {
+                    Some(dir) if path.is_relative() => dir.join(path),
+                    _ => path,
+                };
+                let text = path.to_string_lossy();
+                let literal = &text[..text.find(['*', '?', '[', '{']).unwrap_or(text.len())];
+                if Path::new(&*text)
+                    .components()
+                    .any(|c| c == Component::ParentDir)
+                {
+                    return Err(ScopeError::Parent(uri.to_owned()));
+                }
+                // Up to the last separator: the directory every match lies in. Without a glob
+                // the whole path.
+                let dir = if literal.len() == text.len() {
+                    literal
+                } else {
+                    &literal[..literal.rfind('/').map_or(0, |i| i + 1)]
+                };
+                let dir = if dir.is_empty() { "." } else { dir };
+                self.check_local(&resolve_existing(Path::new(dir))?, uri)
+            }
+            Ok(Location::S3 { bucket, key }) => {
+                let literal = &key[..key.find(['*', '?', '[', '{']).unwrap_or(key.len())];
+                self.check_s3(&bucket, literal)
+            }
+            // Reported by the caller as a malformed URI.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A local file a run lists or reads: its canonical path (symlinks resolved) must lie
+    /// under a root. Returns that path.
+    pub fn check_file(&self, path: &Path) -> Result<PathBuf, ScopeError> {
+        let real = std::fs::canonicalize(path).map_err(|e| ScopeError::Unresolvable {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.check_local(&real, &path.display().to_string())?;
+        Ok(real)
+    }
+
+    /// An S3 object (or the literal prefix of a pattern).
+    pub fn check_s3(&self, bucket: &str, key: &str) -> Result<(), ScopeError> {
+        if key.split('/').any(|s| s == "..") {
+            return Err(ScopeError::Parent(format!("s3://{bucket}/{key}")));
+        }
+        let Some(allowed) = &self.s3 else {
+            return Ok(());
+        };
+        if allowed
+            .iter()
+            .any(|(b, prefix)| b == bucket && key.starts_with(prefix.as_str()))
+        {
+            return Ok(());
+        }
+        Err(ScopeError::OutsidePrefixes {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            allowed: if allowed.is_empty() {
+                "none".to_owned()
+            } else {
+                allowed
+                    .iter()
+                    .map(|(b, p)| format!("s3://{b}/{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+
+    fn check_local(&self, real: &Path, shown: &str) -> Result<(), ScopeError> {
+        if self.roots.iter().any(|r| real.starts_with(r)) {
+            return Ok(());
+        }
+        Err(ScopeError::OutsideRoots {
+            path: if real.as_os_str() == shown {
+                shown.to_owned()
+            } else {
+                format!("{shown} (resolved: {})", real.display())
+            },
+            roots: if self.roots.is_empty() {
+                "none".to_owned()
+            } else {
+                self.roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+}
+
+/// `s3://bucket/prefix` as `(bucket, prefix)`, the prefix ending in `/` unless empty.
+fn parse_prefix(entry: &str) -> anyhow::Result<(String, String)> {
+    let Ok(Location::S3 { bucket, key }) = Location::parse(entry.trim()) else {
+        anyhow::bail!("FH_SOURCE_S3 entry {entry:?} is not an s3://bucket/prefix URI");
+    };
+    anyhow::ensure!(
+        !key.contains(['*', '?', '[', '{']) && !key.split('/').any(|s| s == ".."),
+        "FH_SOURCE_S3 entry {entry:?}: a prefix has no globs and no `..`"
+    );
+    let prefix = match key.trim_end_matches('/') {
+        "" => String::new(),
+        p => format!("{p}/"),
+    };
+    Ok((bucket, prefix))
+}
+
+/// `path` with symlinks resolved as far as it exists (a source directory may not exist yet:
+/// a day's exports arrive later); the missing rest is appended as written.
+fn resolve_existing(path: &Path) -> Result<PathBuf, ScopeError> {
+    let mut missing = Vec::new();
+    let mut existing = path;
+    loop {
+        match std::fs::canonicalize(existing) {
+            Ok(real) => {
+                return Ok(missing.iter().rev().fold(real, |p, c| p.join(c)));
+            }
+            Err(e) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    missing.push(name.to_owned());
+                    existing = if parent.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        parent
+                    };
+                }
+                _ => {
+                    return Err(ScopeError::Unresolvable {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory removed when dropped.
+    struct Tmp(PathBuf);
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dirs() -> (Tmp, PathBuf, PathBuf) {
+        let tmp = Tmp(std::env::temp_dir().join(format!("fh-scope-{}", rand::random::<u64>())));
+        let specs = tmp.0.join("specs");
+        let data = specs.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("a.csv"), "x\n1\n").unwrap();
+        (tmp, specs.clone(), specs.join("team.yaml"))
+    }
+
+    #[test]
+    fn uris_parse() {
+        assert_eq!(
+            Location::parse("s3://b/k/x.parquet").unwrap(),
+            Location::S3 {
+                bucket: "b".into(),
+                key: "k/x.parquet".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("data/x.csv").unwrap(),
+            Location::Local("data/x.csv".into())
+        );
+        assert!(Location::parse("s3:///k").is_err());
+        assert!(Location::parse("https://example.com/x").is_err());
+    }
+
+    #[test]
+    fn the_default_scope_is_the_spec_directory() {
+        let (_tmp, specs, file) = dirs();
+        let scope = SourceScope::spec_dir(&specs);
+        for ok in [
+            "data/a.csv",
+            "data/*.csv",
+            "data/dt={date}/*.csv",
+            "later/x.csv",
+        ] {
+            assert_eq!(scope.check_uri(ok, &file), Ok(()), "{ok}");
+        }
+        let absolute = specs.join("data/**/*.csv");
+        assert_eq!(scope.check_uri(&absolute.to_string_lossy(), &file), Ok(()));
+        for bad in [
+            "/proc/self/environ",
+            "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+            "/etc/*",
+        ] {
+            let e = scope.check_uri(bad, &file).unwrap_err();
+            assert!(matches!(e, ScopeError::OutsideRoots { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("FH_SOURCE_ROOTS"), "{e}");
+        }
+        assert_eq!(
+            scope.check_uri("data/../../x.csv", &file),
+            Err(ScopeError::Parent("data/../../x.csv".into()))
+        );
+    }
+
+    #[test]
+    fn a_symlink_out_of_a_root_is_refused_at_validation_and_per_file() {
+        let (_tmp, specs, file) = dirs();
+        std::os::unix::fs::symlink("/proc/self", specs.join("data/proc")).unwrap();
+        let scope = SourceScope::spec_dir(&specs);
+        let e = scope.check_uri("data/proc/environ", &file).unwrap_err();
+        assert!(e.to_string().contains("resolved: /proc/"), "{e}");
+        // A glob inside the root that would match through the link: refused per file.
+        assert_eq!(scope.check_uri("data/*/environ", &file), Ok(()));
+        let e = scope
+            .check_file(&specs.join("data/proc/environ"))
+            .unwrap_err();
+        assert!(matches!(e, ScopeError::OutsideRoots { .. }), "{e}");
+        assert!(scope.check_file(&specs.join("data/a.csv")).is_ok());
+    }
+
+    #[test]
+    fn s3_sources_stay_under_their_prefixes() {
+        let (_tmp, specs, file) = dirs();
+        let any = SourceScope::spec_dir(&specs);
+        assert_eq!(any.check_uri("s3://other/secret.parquet", &file), Ok(()));
+        let scope = SourceScope::new(
+            std::slice::from_ref(&specs),
+            Some(&["s3://exports/team-a".into(), "s3://shared/".into()]),
+        )
+        .unwrap();
+        for ok in [
+            "s3://exports/team-a/dt={date}/*.parquet",
+            "s3://exports/team-a/x.csv",
+            "s3://shared/anything/*",
+        ] {
+            assert_eq!(scope.check_uri(ok, &file), Ok(()), "{ok}");
+        }
+        for bad in [
+            "s3://exports/team-ab/x.csv",
+            "s3://exports/*",
+            "s3://exports/team-a/../team-b/x.csv",
+            "s3://other/team-a/x.csv",
+        ] {
+            assert!(scope.check_uri(bad, &file).is_err(), "{bad}");
+        }
+        let none = SourceScope::new(&[], Some(&[])).unwrap();
+        let e = none.check_s3("b", "k").unwrap_err();
+        assert!(e.to_string().contains("(none)"), "{e}");
+    }
+
+    #[test]
+    fn bad_allow_lists_are_refused() {
+        assert!(SourceScope::new(&["/no/such/dir".into()], None).is_err());
+        for bad in ["exports/x", "s3://b/x/*", "s3://b/../x"] {
+            assert!(SourceScope::new(&[], Some(&[bad.into()])).is_err(), "{bad}");
+        }
+    }
+}
