@@ -266,9 +266,15 @@ fn published_json_schema_is_current() {
 
 /// Minimal HTTP/1.1 request over a plain socket: (status, body).
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_as(addr, method, path, body, None)
+}
+
+/// [`http`] with `Authorization: Bearer <token>`.
+fn http_as(addr: &str, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -280,17 +286,43 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
-#[test]
-fn http_push_and_feature_lookup_without_services() {
+/// The token the push tests start their hosts with.
+const TOKEN: &str = "push-test-token-0123456789abcdef0123";
+
+/// A host process, killed if the test ends without stopping it (a failed assertion must not
+/// leave it holding the test's output open).
+struct Running(std::process::Child);
+
+impl Running {
+    /// SIGTERM, and whether it then exited 0.
+    fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        self.0.wait().unwrap().success()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `feature-host run` without services (HTTP push on) with `FH_ADMIN_TOKEN` = [`TOKEN`]: the
+/// process and its admin address.
+fn run_pushable(data: &Path) -> (Running, String) {
     use std::io::BufRead;
-    let data = std::env::temp_dir().join(format!("fh-push-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_dir_all(data);
     let mut child = Command::new(env!("CARGO_BIN_EXE_feature-host"))
         .current_dir(repo())
         .args(["run"])
         .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
-        .env("FH_DATA_DIR", &data)
+        .env("FH_DATA_DIR", data)
         .env("FH_ADMIN_ADDR", "127.0.0.1:0")
+        .env("FH_ADMIN_TOKEN", TOKEN)
         .env("FH_LOG_FORMAT", "json")
         .env_remove("FH_KAFKA_BROKERS")
         .env_remove("FH_DYNAMODB_ENDPOINT")
@@ -307,6 +339,54 @@ fn http_push_and_feature_lookup_without_services() {
         }
     };
     std::thread::spawn(move || lines.for_each(drop)); // keep draining logs
+    (Running(child), addr)
+}
+
+/// Pushing is a write: it needs the admin token. And a pushed event cannot choose its
+/// position: with one, a caller could pre-claim the positions of another source's events
+/// (an events file's explicit offsets share the `local:<topic>` space) so that they are
+/// dropped as replays, or grow an entity's applied-offset list without bound.
+#[test]
+fn http_push_needs_the_token_and_cannot_choose_positions() {
+    let data = std::env::temp_dir().join(format!("fh-push-auth-{}", std::process::id()));
+    let (mut child, addr) = run_pushable(&data);
+    let event = r#"{"topic":"web-events","key":"q1","timestamp":10,"payload":{"type":"view","user_id":"q1","item_id":"a"}}"#;
+    assert_eq!(http(&addr, "POST", "/v1/events", event).0, 401);
+    assert_eq!(
+        http_as(&addr, "POST", "/v1/events", event, Some("wrong")).0,
+        401
+    );
+    let positioned = r#"{"topic":"web-events","key":"q1","offset":4611686018427387904,"timestamp":20,"payload":{"type":"click","user_id":"q1","item_id":"b"}}"#;
+    let (status, summary) = http_as(
+        &addr,
+        "POST",
+        "/v1/events",
+        &format!("{event}\n{positioned}"),
+        Some(TOKEN),
+    );
+    assert_eq!(status, 200, "{summary}");
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(summary["dead_lettered"], 1, "{summary}");
+    let (_, got) = http(&addr, "GET", "/v1/features/user-activity/q1", "");
+    let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(
+        (
+            got["features"]["views"].as_i64(),
+            got["features"]["clicks"].as_i64()
+        ),
+        (Some(1), None),
+        "{got}"
+    );
+    assert!(child.terminate(), "SIGTERM exits 0");
+    let dead = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();
+    assert!(dead.contains("the host assigns"), "{dead}");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn http_push_and_feature_lookup_without_services() {
+    let data = std::env::temp_dir().join(format!("fh-push-{}", std::process::id()));
+    let (mut child, addr) = run_pushable(&data);
 
     let body = [
         r#"{"topic":"web-events","key":"p1","timestamp":10,"payload":{"type":"view","user_id":"p1","item_id":"a"}}"#,
@@ -315,7 +395,7 @@ fn http_push_and_feature_lookup_without_services() {
         r#"not even json"#,
     ]
     .join("\n");
-    let (status, summary) = http(&addr, "POST", "/v1/events", &body);
+    let (status, summary) = http_as(&addr, "POST", "/v1/events", &body, Some(TOKEN));
     assert_eq!(status, 200, "{summary}");
     let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
     assert_eq!(summary["events"], 4);
@@ -342,11 +422,7 @@ fn http_push_and_feature_lookup_without_services() {
     );
     assert_eq!(http(&addr, "GET", "/healthz", "").0, 200);
 
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    assert!(child.wait().unwrap().success(), "SIGTERM exits 0");
+    assert!(child.terminate(), "SIGTERM exits 0");
     let dead = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();
     assert!(
         dead.contains("request line 4") && dead.contains("not the expected JSON"),
