@@ -203,7 +203,14 @@ async fn features(
 }
 
 /// Body: JSON lines of local events (see `stream::local`). Responds after the writes land.
-async fn push(State(s): State<AdminState>, body: String) -> Response {
+/// A write, so it needs the token. The host assigns positions: a pushed event carries none
+/// (it is applied at least once; a client that retries a push may apply it twice), since a
+/// caller that chose one could claim another source's positions — an events file's explicit
+/// offsets share its `local:<topic>` space — and have their events dropped as replays.
+async fn push(State(s): State<AdminState>, headers: HeaderMap, body: String) -> Response {
+    if let Some(r) = refusal(&s, &headers) {
+        return r;
+    }
     let Some(dead_letters) = &s.push else {
         return error(StatusCode::NOT_FOUND, "push disabled".into());
     };
@@ -215,6 +222,15 @@ async fn push(State(s): State<AdminState>, body: String) -> Response {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         match parse_event(line, None, None) {
+            Ok(e) if e.position.is_some() => unparsed.push((
+                line.to_owned(),
+                format!(
+                    "request line {}: a pushed event cannot choose its position \
+                     (`offset`): the host assigns it; for exactly-once effect, send events \
+                     through Kafka or an events file",
+                    n + 1
+                ),
+            )),
             Ok(e) => events.push(e),
             Err(reason) => {
                 unparsed.push((line.to_owned(), format!("request line {}: {reason}", n + 1)))
