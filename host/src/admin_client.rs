@@ -85,4 +85,10 @@ mod tests {
     fn dechunks() {
         assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
     }
+
+    #[test]
+    fn a_chunk_size_inside_a_character_ends_the_body() {
+        assert_eq!(super::dechunk("2\r\nab\r\n1\r\né\r\n0\r\n\r\n"), "ab");
+        assert_eq!(super::dechunk("ffffffffffff\r\nab"), "");
+    }
 }

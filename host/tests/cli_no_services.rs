@@ -621,3 +621,21 @@ fn validate_refuses_sources_outside_the_operators_scope() {
     );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// A guessable admin token is refused at startup rather than guarded by.
+#[test]
+fn a_short_admin_token_stops_the_host() {
+    let data = std::env::temp_dir().join(format!("fh-short-token-{}", std::process::id()));
+    let out = host_with(
+        &["run", "--events", "specs/examples/events.jsonl", "--once"],
+        Some(&data),
+        &[("FH_ADMIN_TOKEN", "secret")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("FH_ADMIN_TOKEN is 6 bytes; it must be at least 32"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -212,3 +212,22 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
     assert!(std::fs::metadata(&artifacts[0]).unwrap().len() > 1000);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A component file over the size bound is refused before it is read whole or compiled: a
+/// hostile file would otherwise hold the compiler's time and memory beside the stream.
+#[test]
+fn an_oversized_component_is_refused_before_compiling() {
+    let path = std::env::temp_dir().join(format!("fh-huge-{}.wasm", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len((128 << 20) + 1).unwrap(); // sparse: no disk used
+    let e = PluginEngine::new()
+        .unwrap()
+        .load("huge", &path, None, &PluginLimits::default())
+        .err()
+        .expect("refused");
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        e.to_string().contains("is larger than 134217728 bytes"),
+        "{e}"
+    );
+}

@@ -4,7 +4,7 @@
 use feature_host_e2e::*;
 use std::time::Duration;
 
-const TOKEN: &str = "ops-token";
+const TOKEN: &str = "operations-test-token-0123456789abcdef";
 
 fn group_yaml(name: &str, topic: &str, table: &str, with_list: bool) -> String {
     let list = if with_list {

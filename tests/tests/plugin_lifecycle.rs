@@ -12,7 +12,7 @@ use std::time::Duration;
 /// Both tests run a host and keep it busy; on a 2-core machine run them one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const TOKEN: &str = "test-token";
+const TOKEN: &str = "plugin-lifecycle-test-token-0123456789";
 
 /// A golden event every valid build passes and a `bad` build (which counts 2) fails.
 const GOLDEN: &str = r#"{"event": {"topic": "t", "key": "g", "payload": "fine"}, "writes": [{"entity": "g", "feature": "n", "op": {"incr": {"t": "int", "v": 1}}, "event_time_ms": 0}]}"#;

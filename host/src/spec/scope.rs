@@ -337,6 +337,15 @@ mod tests {
         assert!(scope.check_file(&specs.join("data/a.csv")).is_ok());
     }
 
+    /// A spec directory named with `..` (`validate ../specs`) is not a `..` in the URI.
+    #[test]
+    fn only_the_uri_as_written_may_not_climb() {
+        let (_tmp, specs, _) = dirs();
+        let scope = SourceScope::spec_dir(&specs);
+        let file = specs.join("data/../team.yaml");
+        assert_eq!(scope.check_uri("data/a.csv", &file), Ok(()));
+    }
+
     #[test]
     fn s3_sources_stay_under_their_prefixes() {
         let (_tmp, specs, file) = dirs();

@@ -251,6 +251,14 @@ mod tests {
         assert_eq!(e.headers, vec![("type".into(), b"click".to_vec())]);
     }
 
+    /// A golden event stands for what the plugin sees, a retry's `fh-attempts` included.
+    #[test]
+    fn golden_and_test_events_keep_the_hosts_headers() {
+        let line = r#"{"topic":"t","headers":{"fh-attempts":"9"},"payload":1}"#;
+        let golden = parse_event(line, None, None).unwrap();
+        assert_eq!(golden.header("fh-attempts"), Some(&b"9"[..]));
+    }
+
     #[test]
     fn rejects_with_reason() {
         assert!(
