@@ -5,7 +5,7 @@
 use crate::pipeline::Pipeline;
 use crate::plugin::reload::Reloader;
 use crate::stream::dead_letter::DeadLetterFile;
-use crate::stream::local::{IngestSummary, ingest, parse_event};
+use crate::stream::local::{IngestSummary, ingest, parse_source_event};
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -127,6 +127,30 @@ async fn plugins(State(s): State<AdminState>) -> Response {
     Json(serde_json::json!({ "groups": groups, "notes": notes })).into_response()
 }
 
+/// The shortest admin token the host accepts: a guessable token is no token.
+pub const MIN_TOKEN_BYTES: usize = 32;
+
+/// Refuse a token too short to resist guessing.
+pub fn check_token(token: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        token.len() >= MIN_TOKEN_BYTES,
+        "FH_ADMIN_TOKEN is {} bytes; it must be at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)",
+        token.len()
+    );
+    Ok(())
+}
+
+/// Whether `given` is `token`, in time that depends on neither: both are hashed first, so
+/// the comparison runs over 32 bytes whatever their lengths.
+fn token_matches(given: &str, token: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given), Sha256::digest(token));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
 /// `None` when the request carries the configured bearer token, else the refusal.
 fn refusal(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &s.token else {
@@ -139,14 +163,8 @@ fn refusal(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant-time comparison: the token must not leak through response timing.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    // The token must not leak through response timing, its length included.
+    let ok = given.is_some_and(|g| token_matches(g, token));
     (!ok).then(|| {
         error(
             StatusCode::UNAUTHORIZED,
@@ -203,7 +221,7 @@ async fn features(
 }
 
 /// Body: JSON lines of local events (see `stream::local`). Responds after the writes land.
-/// A write, so it needs the token. The host assigns positions: a pushed event carries none
+/// A write, so it needs the token. A pushed event carries no position
 /// (it is applied at least once; a client that retries a push may apply it twice), since a
 /// caller that chose one could claim another source's positions — an events file's explicit
 /// offsets share its `local:<topic>` space — and have their events dropped as replays.
@@ -221,12 +239,12 @@ async fn push(State(s): State<AdminState>, headers: HeaderMap, body: String) -> 
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        match parse_event(line, None, None) {
+        match parse_source_event(line, None, None) {
             Ok(e) if e.position.is_some() => unparsed.push((
                 line.to_owned(),
                 format!(
                     "request line {}: a pushed event cannot choose its position \
-                     (`offset`): the host assigns it; for exactly-once effect, send events \
+                     (`offset`): pushed events carry none, so a push applies each time it is sent; for exactly-once effect, send events \
                      through Kafka or an events file",
                     n + 1
                 ),
@@ -408,5 +426,27 @@ async fn dlq_replay(
     {
         Ok(summary) => Json(summary).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_exactly_and_short_ones_are_refused() {
+        let token = "0123456789abcdef0123456789abcdef";
+        assert!(check_token(token).is_ok());
+        let e = check_token("secret").unwrap_err().to_string();
+        assert!(e.contains("is 6 bytes; it must be at least 32"), "{e}");
+        assert!(token_matches(token, token));
+        for wrong in [
+            "",
+            "0123456789abcdef0123456789abcdee",
+            "0123",
+            &format!("{token}x"),
+        ] {
+            assert!(!token_matches(wrong, token), "{wrong:?}");
+        }
     }
 }

@@ -70,11 +70,15 @@ fn dechunk(mut body: &str) -> String {
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
             break;
         };
-        if n == 0 || rest.len() < n {
+        // The server chooses `n`: a size inside a character must end the body, not panic.
+        let (Some(chunk), Some(after)) = (rest.get(..n), rest.get(n..)) else {
+            break;
+        };
+        if n == 0 {
             break;
         }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
+        out.push_str(chunk);
+        body = after.trim_start_matches("\r\n");
     }
     out
 }

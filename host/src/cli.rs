@@ -462,6 +462,9 @@ async fn run_host(
     run: RunSettings,
     batch: BatchSettings,
 ) -> anyhow::Result<()> {
+    if let Some(token) = &run.admin_token {
+        crate::admin::check_token(token)?;
+    }
     let specs = app::load_specs(&stores)?;
     let (writer, jobs) = app::connect(&stores, Some(&batch.jobs_table)).await?;
     if stores.create_tables && stores.store_kind() == StoreKind::Dynamodb {

@@ -158,11 +158,16 @@ impl RetryPolicy {
     }
 
     /// `due_ms` as read from a retry record, at most [`longest_wait`](Self::longest_wait)
-    /// from `now_ms`: a record due further out was not written by this policy (forged, or
-    /// written under a longer backoff since shortened), and a retry unit waiting for it would
-    /// hold its partition's commits back until then.
+    /// from `now_ms` and not before the epoch: a record due further out was not written by
+    /// this policy (forged, or written under a longer backoff since shortened), and a retry
+    /// unit waiting for it would hold its partition's commits back until then.
     pub fn clamp_due(&self, due_ms: i64, now_ms: i64) -> i64 {
-        due_ms.min(now_ms.saturating_add(self.longest_wait().as_millis() as i64))
+        due_ms.clamp(
+            0,
+            now_ms
+                .saturating_add(self.longest_wait().as_millis() as i64)
+                .max(0),
+        )
     }
 
     /// After the `attempts`-th failed attempt (1 = the first processing): the retry topic, due
@@ -207,7 +212,11 @@ mod tests {
         assert_eq!(POLICY.longest_wait(), Duration::from_secs(64));
         assert_eq!(POLICY.clamp_due(now + 5_000, now), now + 5_000);
         assert_eq!(POLICY.clamp_due(i64::MAX, now), now + 64_000);
-        assert_eq!(POLICY.clamp_due(i64::MIN, now), 0, "a wait computed from it cannot overflow");
+        assert_eq!(
+            POLICY.clamp_due(i64::MIN, now),
+            0,
+            "a wait computed from it cannot overflow"
+        );
         let slow = RetryPolicy {
             max_attempts: 3,
             backoff: Duration::from_secs(600),

@@ -172,11 +172,13 @@ impl Sources {
     pub async fn read(&self, uri: &str) -> anyhow::Result<bytes::Bytes> {
         match Location::parse(uri)? {
             Location::Local(path) => {
-                let real = self.scope.check_file(&path)?;
-                Ok(tokio::fs::read(&real)
+                use tokio::io::AsyncReadExt as _;
+                let mut f = tokio::fs::File::from_std(self.scope.open(&path)?);
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)
                     .await
-                    .with_context(|| format!("cannot read {}", path.display()))?
-                    .into())
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Ok(bytes.into())
             }
             Location::S3 { bucket, key } => self.get_s3(&bucket, &key, None).await,
         }
@@ -192,10 +194,7 @@ impl Sources {
         match Location::parse(uri)? {
             Location::Local(path) => {
                 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-                let real = self.scope.check_file(&path)?;
-                let mut f = tokio::fs::File::open(&real)
-                    .await
-                    .with_context(|| format!("cannot open {}", path.display()))?;
+                let mut f = tokio::fs::File::from_std(self.scope.open(&path)?);
                 f.seek(std::io::SeekFrom::Start(offset)).await?;
                 let mut buf = vec![0; len as usize];
                 f.read_exact(&mut buf).await.with_context(|| {
@@ -291,7 +290,8 @@ fn list_local(pattern: &Path) -> anyhow::Result<Vec<SourceFile>> {
                 if matcher.is_match(&shown) {
                     out.push(SourceFile {
                         uri: shown,
-                        size: entry.metadata()?.len(),
+                        // The target's size: a link's own length would mis-shard it.
+                        size: std::fs::metadata(&path)?.len(),
                     });
                 }
             }

@@ -143,12 +143,8 @@ impl PluginEngine {
         config: Option<&serde_json::Value>,
         limits: &PluginLimits,
     ) -> Result<Plugin, PluginError> {
-        let display = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
-            path: display.clone(),
-            source,
-        })?;
-        self.load_bytes(group, &display, &bytes, config, limits)
+        let bytes = read_component(path)?;
+        self.load_bytes(group, &path.display().to_string(), &bytes, config, limits)
     }
 
     /// As [`PluginEngine::load`], from bytes.
@@ -233,6 +229,33 @@ impl Compiled {
             }
         }
     }
+}
+
+/// The largest component file compiled: Rust plugins are a few MiB, interpreters packed as
+/// components (Python, JavaScript) tens of MiB.
+pub const MAX_COMPONENT_BYTES: u64 = 128 << 20;
+
+/// A component file's bytes, refused before reading past [`MAX_COMPONENT_BYTES`] (the file
+/// may still grow while it is read).
+pub fn read_component(path: &Path) -> Result<Vec<u8>, PluginError> {
+    use std::io::Read as _;
+    let display = || path.display().to_string();
+    let read = |source| PluginError::Read {
+        path: display(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_COMPONENT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(PluginError::TooLarge {
+            path: display(),
+            limit: MAX_COMPONENT_BYTES,
+        });
+    }
+    Ok(bytes)
 }
 
 /// A plugin version: the first 16 hex digits of the SHA-256 of its bytes.

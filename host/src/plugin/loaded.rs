@@ -261,8 +261,11 @@ impl PluginInner {
         }
         let mut message = trap_message(&e);
         if let Some(panic) = store.data_mut().last_error.take() {
-            // One line: a panic message is `panicked at file:line:\nmessage`.
+            // One line: a panic message is `panicked at file:line:\nmessage`; and short, since
+            // it travels in every retry header.
             let panic = panic.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut panic = panic;
+            cut(&mut panic, 512);
             message = format!("{panic} ({message})");
         }
         PluginError::Trap {
@@ -279,7 +282,7 @@ impl PluginInner {
         };
         let input: Vec<_> = events.iter().map(to_wit_event).collect();
         self.arm_deadline(&mut instance.store);
-        instance.store.data_mut().last_error = None;
+        instance.store.data_mut().start_call();
         // On any failure the instance is dropped, not returned to the pool: its state may be
         // corrupt after a trap.
         let output = match instance.bindings.call_process(&mut instance.store, &input) {
@@ -341,15 +344,20 @@ fn trap_message(e: &wasmtime::Error) -> String {
     } else {
         format!("{what}; at {}", frames.join(" < "))
     };
-    if message.len() > MAX {
-        let cut = (0..=MAX)
+    cut(&mut message, MAX);
+    message
+}
+
+/// Cut `message` to at most `max` bytes on a character boundary, marked with `…`.
+fn cut(message: &mut String, max: usize) {
+    if message.len() > max {
+        let at = (0..=max)
             .rev()
             .find(|&i| message.is_char_boundary(i))
             .unwrap_or(0);
-        message.truncate(cut);
+        message.truncate(at);
         message.push('…');
     }
-    message
 }
 
 #[cfg(test)]

@@ -44,6 +44,11 @@ pub enum PluginError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "plugin {path} is larger than {limit} bytes; a component that large is not compiled \
+         (it would hold the compiler's time and memory)"
+    )]
+    TooLarge { path: String, limit: u64 },
     #[error("plugin {path} is not a valid WASM component: {message}")]
     Compile { path: String, message: String },
     #[error("plugin {path} does not implement the feature-host plugin interface: {message}")]

@@ -32,10 +32,7 @@ const HISTORY: usize = 20;
 
 /// Compile, type-check, initialize and golden-check `def`'s plugin. Blocking.
 pub fn build_runtime(engine: &PluginEngine, def: &GroupDef) -> Result<GroupRuntime, PluginError> {
-    let bytes = std::fs::read(&def.plugin_path).map_err(|source| PluginError::Read {
-        path: def.plugin_path.display().to_string(),
-        source,
-    })?;
+    let bytes = super::engine::read_component(&def.plugin_path)?;
     build_from_bytes(engine, def, &bytes)
 }
 
@@ -327,8 +324,14 @@ impl Reloader {
                 self.reject(&name, None, "", reason, noticed, true);
                 continue;
             }
-            let bytes = match tokio::fs::read(&def.plugin_path).await {
-                Ok(b) => b,
+            let path = def.plugin_path.clone();
+            let read = tokio::task::spawn_blocking(move || super::engine::read_component(&path));
+            let bytes = match read.await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    self.reject(&name, None, "", e.to_string(), noticed, true);
+                    continue;
+                }
                 Err(e) => {
                     let reason = format!("cannot read plugin {}: {e}", def.plugin_path.display());
                     self.reject(&name, None, "", reason, noticed, true);

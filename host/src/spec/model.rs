@@ -143,7 +143,7 @@ pub struct PluginLimits {
     pub recycle_mb: Option<u64>,
     /// What one batch call may return, in MiB, counted as the host copies it out of the
     /// instance (every string and list, each time a write names it). A call over it fails;
-    /// its events are retried one by one, and the one that returns too much alone is
+    /// the batch is split in halves down to the event that returns too much alone, which is
     /// dead-lettered. Without it, results whose strings all point at one guest buffer make
     /// the host copy that buffer once per write.
     #[serde(default = "default_output_mb")]

@@ -113,18 +113,16 @@ impl SourceScope {
     pub fn check_uri(&self, uri: &str, spec_file: &Path) -> Result<(), ScopeError> {
         match Location::parse(uri) {
             Ok(Location::Local(path)) => {
+                // The URI as written: the spec directory itself may be named with `..`.
+                if path.components().any(|c| c == Component::ParentDir) {
+                    return Err(ScopeError::Parent(uri.to_owned()));
+                }
                 let path = match spec_file.parent() {
                     Some(dir) if path.is_relative() => dir.join(path),
                     _ => path,
                 };
                 let text = path.to_string_lossy();
                 let literal = &text[..text.find(['*', '?', '[', '{']).unwrap_or(text.len())];
-                if Path::new(&*text)
-                    .components()
-                    .any(|c| c == Component::ParentDir)
-                {
-                    return Err(ScopeError::Parent(uri.to_owned()));
-                }
                 // Up to the last separator: the directory every match lies in. Without a glob
                 // the whole path.
                 let dir = if literal.len() == text.len() {
@@ -153,6 +151,29 @@ impl SourceScope {
         })?;
         self.check_local(&real, &path.display().to_string())?;
         Ok(real)
+    }
+
+    /// Open a local file a run reads, then check where the opened file really is (the path
+    /// the kernel gives its descriptor): a link swapped between a check and an open cannot
+    /// lead out of the roots, since what is checked is what was opened.
+    pub fn open(&self, path: &Path) -> Result<std::fs::File, ScopeError> {
+        let unresolvable = |e: std::io::Error| ScopeError::Unresolvable {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let file = std::fs::File::open(path).map_err(unresolvable)?;
+        let real = match opened_path(&file) {
+            Some(p) => p,
+            None => std::fs::canonicalize(path).map_err(unresolvable)?,
+        };
+        self.check_local(&real, &path.display().to_string())?;
+        if !file.metadata().map_err(unresolvable)?.is_file() {
+            return Err(ScopeError::Unresolvable {
+                path: path.display().to_string(),
+                reason: "not a regular file".into(),
+            });
+        }
+        Ok(file)
     }
 
     /// An S3 object (or the literal prefix of a pattern).
@@ -205,6 +226,12 @@ impl SourceScope {
             },
         })
     }
+}
+
+/// Where an open file really is, from `/proc/self/fd` (Linux); `None` elsewhere.
+fn opened_path(file: &std::fs::File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()
 }
 
 /// `s3://bucket/prefix` as `(bucket, prefix)`, the prefix ending in `/` unless empty.
@@ -335,6 +362,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ScopeError::OutsideRoots { .. }), "{e}");
         assert!(scope.check_file(&specs.join("data/a.csv")).is_ok());
+        assert!(scope.open(&specs.join("data/a.csv")).is_ok());
+        let e = scope.open(&specs.join("data/proc/environ")).unwrap_err();
+        assert!(matches!(e, ScopeError::OutsideRoots { .. }), "{e}");
+        let e = scope.open(&specs.join("data")).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     /// A spec directory named with `..` (`validate ../specs`) is not a `..` in the URI.

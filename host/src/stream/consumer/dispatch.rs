@@ -15,7 +15,7 @@ pub(super) fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Uni
             let (shared, slot) = (shared.clone(), slot.clone());
             shared.runtime.clone().spawn(async move {
                 if let Origin::Retry(r) = &u.origin {
-                    let wait = r.due_ms - now_ms();
+                    let wait = r.due_ms.saturating_sub(now_ms());
                     if wait > 0 {
                         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
                     }
@@ -228,7 +228,7 @@ pub(super) async fn hand_off(
         Origin::Retry(r) => (r.attempts, r.first_failure_ms),
         _ => (0, now),
     };
-    let attempts = before + 1;
+    let attempts = before.saturating_add(1);
     let step = RetryPolicy::of(def).next_step(failure.kind, failure.cause, attempts, now);
     let mut env = Envelope {
         group: def.name.clone(),
