@@ -8,12 +8,9 @@
 //! Alone in its test binary: it reads the process's peak RSS. Needs the fixtures built
 //! (scripts/build-plugins); no services.
 
-use feature_host::event::Event;
-use feature_host::feature::Position;
+mod common;
+
 use feature_host::retry::{FailureKind, InPlace};
-use feature_host::sink::memory_cache::MemoryCache;
-use feature_host::sink::writer::FeatureWriter;
-use std::path::Path;
 use std::sync::Arc;
 
 const GROUP: &str = "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {name: g}\nspec:\n  entity: e\n  features: [{name: n, type: int}, {name: label, type: string}]\n  plugin: {wasm: hostile.wasm}\n  sources: [{topic: t}]\n  store: {table: output-bounds}\n";
@@ -35,20 +32,8 @@ fn reset_peak() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_cannot_make_the_host_copy_more_than_its_output_bound() {
-    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
-    assert!(
-        plugins.join("hostile.wasm").is_file(),
-        "fixtures not built: run scripts/build-plugins"
-    );
-    let specs = std::env::temp_dir().join(format!("fh-output-{}", rand::random::<u32>()));
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("g.yaml"), GROUP).unwrap();
-    let set = feature_host::spec::load_dir(&specs, &plugins).unwrap();
-    let store = Arc::new(MemoryCache::new());
-    let writer = FeatureWriter::new(store.clone(), Arc::new(MemoryCache::new()));
-    let pipeline = feature_host::app::build_pipeline(&set, writer)
-        .await
-        .unwrap();
+    let h = common::hostile_pipeline(&[("g.yaml", GROUP.to_owned())]).await;
+    let pipeline = &h.pipeline;
 
     // 96 writes over one 1 MiB buffer: 96 MiB if copied, under Wasmtime's own default
     // bound (128 MiB) and far over the spec's default `outputMb` (16).
@@ -60,21 +45,7 @@ async fn a_plugin_cannot_make_the_host_copy_more_than_its_output_bound() {
         "alias:20000:0",
         "fine",
     ];
-    let events: Vec<Event> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Event {
-            topic: "t".into(),
-            partition: 0,
-            offset: i as i64,
-            key: Some(format!("k{i}").into_bytes()),
-            timestamp_ms: 1,
-            headers: vec![],
-            payload: p.as_bytes().to_vec(),
-            position: Some(Position::sequential("t", 0, i as i64)),
-        })
-        .collect();
-    let events = Arc::new(events);
+    let events = common::events(&payloads);
     let pairs = pipeline.route(&events);
 
     // Warm up first (instances, allocator arenas), so the peak measures the hostile call.
@@ -133,5 +104,4 @@ async fn a_plugin_cannot_make_the_host_copy_more_than_its_output_bound() {
         "{}",
         reasons[2].2
     );
-    std::fs::remove_dir_all(&specs).unwrap();
 }

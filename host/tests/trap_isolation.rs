@@ -3,13 +3,9 @@
 //! batch went to the retry topic with the one event's panic message and a 14-frame wasm
 //! backtrace.) Needs the fixtures built (scripts/build-plugins); no services.
 
-use feature_host::event::Event;
-use feature_host::feature::Position;
+mod common;
+
 use feature_host::retry::{FailureKind, InPlace};
-use feature_host::sink::memory_cache::MemoryCache;
-use feature_host::sink::writer::FeatureWriter;
-use std::path::Path;
-use std::sync::Arc;
 
 fn group(name: &str) -> String {
     format!(
@@ -19,40 +15,11 @@ fn group(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_fails_only_its_own_event_in_every_group() {
-    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
-    assert!(
-        plugins.join("hostile.wasm").is_file(),
-        "fixtures not built: run scripts/build-plugins"
-    );
-    let specs = std::env::temp_dir().join(format!("fh-trap-{}", rand::random::<u32>()));
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("a.yaml"), group("a")).unwrap();
-    std::fs::write(specs.join("b.yaml"), group("b")).unwrap();
-    let set = feature_host::spec::load_dir(&specs, &plugins).unwrap();
-    let store = Arc::new(MemoryCache::new());
-    let writer = FeatureWriter::new(store.clone(), Arc::new(MemoryCache::new()));
-    let pipeline = feature_host::app::build_pipeline(&set, writer)
-        .await
-        .unwrap();
-
-    let payloads = [
+    let h = common::hostile_pipeline(&[("a.yaml", group("a")), ("b.yaml", group("b"))]).await;
+    let pipeline = &h.pipeline;
+    let events = common::events(&[
         "fine", "fine", "panic", "fine", "fine", "fine", "fine", "fine",
-    ];
-    let events: Vec<Event> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Event {
-            topic: "t".into(),
-            partition: 0,
-            offset: i as i64,
-            key: Some(format!("k{i}").into_bytes()),
-            timestamp_ms: 1,
-            headers: vec![],
-            payload: p.as_bytes().to_vec(),
-            position: Some(Position::sequential("t", 0, i as i64)),
-        })
-        .collect();
-    let events = Arc::new(events);
+    ]);
     let pairs = pipeline.route(&events);
     assert_eq!(pairs.len(), 16, "both groups read t");
     let (failures, stats) = pipeline
@@ -76,5 +43,4 @@ async fn a_trap_fails_only_its_own_event_in_every_group() {
         );
     }
     assert_eq!(stats.writes, 14, "the 7 good events wrote in both groups");
-    let _ = std::fs::remove_dir_all(&specs);
 }

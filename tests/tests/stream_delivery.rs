@@ -11,6 +11,20 @@ use std::time::Duration;
 /// machine no host starves long enough to miss its group session.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// One group on the hostile fixture, one partition, three attempts `backoff` apart.
+async fn hostile_setup(backoff: &str) -> Setup {
+    Setup::new(
+        Stack::from_env(),
+        "hostile",
+        1,
+        "hostile.wasm",
+        &[("n", "int")],
+        "null",
+        &format!("  retry: {{maxAttempts: 3, backoff: {backoff}}}\n"),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_nothing_and_counts_nothing_twice() {
     let _serial = SERIAL.lock().await;
@@ -115,16 +129,7 @@ async fn a_killed_hosts_partitions_move_to_the_other_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_goes_to_dead_letter_and_flaky_succeeds_on_retry() {
     let _serial = SERIAL.lock().await;
-    let s = Setup::new(
-        Stack::from_env(),
-        "hostile",
-        1,
-        "hostile.wasm",
-        &[("n", "int")],
-        "null",
-        "  retry: {maxAttempts: 3, backoff: 300ms}\n",
-    )
-    .await;
+    let s = hostile_setup("300ms").await;
     let (stack, id, topic, table, group, tmp) =
         (&s.stack, &s.id, &s.topic, &s.table, &s.group, &s.tmp);
     let port = free_port();
@@ -557,16 +562,7 @@ async fn a_topic_created_again_under_its_name_is_counted_as_new() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_host_headers_neither_drop_events_nor_stall_a_partition() {
     let _serial = SERIAL.lock().await;
-    let s = Setup::new(
-        Stack::from_env(),
-        "hostile",
-        1,
-        "hostile.wasm",
-        &[("n", "int")],
-        "null",
-        "  retry: {maxAttempts: 3, backoff: 100ms}\n",
-    )
-    .await;
+    let s = hostile_setup("100ms").await;
     let (stack, id, topic, table, group, tmp) =
         (&s.stack, &s.id, &s.topic, &s.table, &s.group, &s.tmp);
     let mut env = stack.host_env(tmp, &s.spec_dir, &format!("forged-{id}"));

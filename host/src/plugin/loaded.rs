@@ -4,7 +4,7 @@
 use super::bindings;
 use super::convert::{from_wit_result, to_wit_event};
 use super::sandbox::HostState;
-use super::{EPOCH_TICK, EventResult, PluginError};
+use super::{EPOCH_TICK, EventResult, PluginError, cut};
 use crate::event::Event;
 use crate::spec::PluginLimits;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -346,18 +346,6 @@ fn trap_message(e: &wasmtime::Error) -> String {
     };
     cut(&mut message, MAX);
     message
-}
-
-/// Cut `message` to at most `max` bytes on a character boundary, marked with `…`.
-fn cut(message: &mut String, max: usize) {
-    if message.len() > max {
-        let at = (0..=max)
-            .rev()
-            .find(|&i| message.is_char_boundary(i))
-            .unwrap_or(0);
-        message.truncate(at);
-        message.push('…');
-    }
 }
 
 #[cfg(test)]
