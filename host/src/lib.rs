@@ -30,3 +30,4 @@ pub mod retry;
 pub mod sink;
 pub mod spec;
 pub mod stream;
+pub mod text;

@@ -48,9 +48,9 @@ pub fn expand_dates(
 /// The literal part of a pattern before its first glob character, and the matcher for the
 /// whole pattern (`None` without glob characters).
 fn split_glob(pattern: &str) -> anyhow::Result<(String, Option<GlobMatcher>)> {
-    match pattern.find(['*', '?', '[', '{']) {
-        None => Ok((pattern.to_owned(), None)),
-        Some(i) => {
+    match crate::spec::scope::glob_start(pattern) {
+        i if i == pattern.len() => Ok((pattern.to_owned(), None)),
+        i => {
             let base = pattern[..i]
                 .rfind('/')
                 .map_or(String::new(), |j| pattern[..=j].to_owned());

@@ -4,9 +4,10 @@
 use super::bindings;
 use super::convert::{from_wit_result, to_wit_event};
 use super::sandbox::HostState;
-use super::{EPOCH_TICK, EventResult, PluginError, cut};
+use super::{EPOCH_TICK, EventResult, PluginError};
 use crate::event::Event;
 use crate::spec::PluginLimits;
+use crate::text::cut;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmtime::{Engine, Store, Trap};

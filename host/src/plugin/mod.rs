@@ -33,19 +33,6 @@ pub use loaded::{Isolated, Plugin};
 use crate::feature::Write;
 use std::time::Duration;
 
-/// Cut `message` to at most `max` bytes on a character boundary, marked with `…`: plugin
-/// texts (logs, panics, traps) travel in logs and retry headers.
-fn cut(message: &mut String, max: usize) {
-    if message.len() > max {
-        let at = (0..=max)
-            .rev()
-            .find(|&i| message.is_char_boundary(i))
-            .unwrap_or(0);
-        message.truncate(at);
-        message.push('…');
-    }
-}
-
 /// Granularity of CPU deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 

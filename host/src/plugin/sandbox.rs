@@ -190,7 +190,7 @@ impl wit::Host for HostState {}
 
 impl wit_log::Host for HostState {
     fn log(&mut self, level: wit_log::Level, mut message: String) {
-        super::cut(&mut message, MAX_LOG_BYTES);
+        crate::text::cut(&mut message, MAX_LOG_BYTES);
         if self.logs >= MAX_LOGS_PER_CALL {
             self.dropped_logs += 1;
             // Still the reason a trap reports: the SDK logs a panic just before trapping.

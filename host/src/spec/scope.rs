@@ -122,7 +122,7 @@ impl SourceScope {
                     _ => path,
                 };
                 let text = path.to_string_lossy();
-                let literal = &text[..text.find(['*', '?', '[', '{']).unwrap_or(text.len())];
+                let literal = &text[..glob_start(&text)];
                 // Up to the last separator: the directory every match lies in. Without a glob
                 // the whole path.
                 let dir = if literal.len() == text.len() {
@@ -134,7 +134,7 @@ impl SourceScope {
                 self.check_local(&resolve_existing(Path::new(dir))?, uri)
             }
             Ok(Location::S3 { bucket, key }) => {
-                let literal = &key[..key.find(['*', '?', '[', '{']).unwrap_or(key.len())];
+                let literal = &key[..glob_start(&key)];
                 self.check_s3(&bucket, literal)
             }
             // Reported by the caller as a malformed URI.
@@ -226,6 +226,12 @@ impl SourceScope {
             },
         })
     }
+}
+
+/// Where a source pattern's first glob character (or `{date}` placeholder) is: the part
+/// before it is literal. The pattern's length without one.
+pub fn glob_start(pattern: &str) -> usize {
+    pattern.find(['*', '?', '[', '{']).unwrap_or(pattern.len())
 }
 
 /// Where an open file really is, from `/proc/self/fd` (Linux); `None` elsewhere.

@@ -82,17 +82,7 @@ pub struct Envelope {
 /// header without a bound could push a record past the topic's size limit.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
-/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let cut = (0..=max.saturating_sub(3))
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0);
-    format!("{}…", &text[..cut])
-}
+pub use crate::text::truncate;
 
 /// The headers of the republished message.
 pub fn wrap(event: &Event, env: &Envelope) -> Vec<(String, Vec<u8>)> {
