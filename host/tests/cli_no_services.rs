@@ -1,15 +1,12 @@
 //! The CLI with no services: validation of good and broken specs, and the embedded default
 //! (file events → embedded store → `get`). Needs the plugins built (scripts/build-plugins).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+#[path = "common/process.rs"]
+mod process;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use process::{TOKEN, http, http_as, repo, run_host};
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn host(args: &[&str], data_dir: Option<&Path>) -> Output {
     host_with(args, data_dir, &[])
@@ -264,84 +261,6 @@ fn published_json_schema_is_current() {
     );
 }
 
-/// Minimal HTTP/1.1 request over a plain socket: (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    http_as(addr, method, path, body, None)
-}
-
-/// [`http`] with `Authorization: Bearer <token>`.
-fn http_as(addr: &str, method: &str, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The token the push tests start their hosts with.
-const TOKEN: &str = "push-test-token-0123456789abcdef0123";
-
-/// A host process, killed if the test ends without stopping it (a failed assertion must not
-/// leave it holding the test's output open).
-struct Running(std::process::Child);
-
-impl Running {
-    /// SIGTERM, and whether it then exited 0.
-    fn terminate(&mut self) -> bool {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        self.0.wait().unwrap().success()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `feature-host run` without services (HTTP push on) with `FH_ADMIN_TOKEN` = [`TOKEN`]: the
-/// process and its admin address.
-fn run_pushable(data: &Path) -> (Running, String) {
-    use std::io::BufRead;
-    let _ = std::fs::remove_dir_all(data);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_feature-host"))
-        .current_dir(repo())
-        .args(["run"])
-        .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
-        .env("FH_DATA_DIR", data)
-        .env("FH_ADMIN_ADDR", "127.0.0.1:0")
-        .env("FH_ADMIN_TOKEN", TOKEN)
-        .env("FH_LOG_FORMAT", "json")
-        .env_remove("FH_KAFKA_BROKERS")
-        .env_remove("FH_DYNAMODB_ENDPOINT")
-        .env_remove("FH_REDIS_URL")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("host exited before listening").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "admin API listening" {
-            break v["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop)); // keep draining logs
-    (Running(child), addr)
-}
-
 /// Pushing is a write: it needs the admin token. And a pushed event cannot choose its
 /// position: with one, a caller could pre-claim the positions of another source's events
 /// (an events file's explicit offsets share the `local:<topic>` space) so that they are
@@ -349,7 +268,7 @@ fn run_pushable(data: &Path) -> (Running, String) {
 #[test]
 fn http_push_needs_the_token_and_cannot_choose_positions() {
     let data = std::env::temp_dir().join(format!("fh-push-auth-{}", std::process::id()));
-    let (mut child, addr) = run_pushable(&data);
+    let (mut child, addr) = run_host(&data, &[]);
     let event = r#"{"topic":"web-events","key":"q1","timestamp":10,"payload":{"type":"view","user_id":"q1","item_id":"a"}}"#;
     assert_eq!(http(&addr, "POST", "/v1/events", event).0, 401);
     assert_eq!(
@@ -386,7 +305,7 @@ fn http_push_needs_the_token_and_cannot_choose_positions() {
 #[test]
 fn http_push_and_feature_lookup_without_services() {
     let data = std::env::temp_dir().join(format!("fh-push-{}", std::process::id()));
-    let (mut child, addr) = run_pushable(&data);
+    let (mut child, addr) = run_host(&data, &[]);
 
     let body = [
         r#"{"topic":"web-events","key":"p1","timestamp":10,"payload":{"type":"view","user_id":"p1","item_id":"a"}}"#,
@@ -637,5 +556,213 @@ fn a_short_admin_token_stops_the_host() {
         stderr.contains("FH_ADMIN_TOKEN is 6 bytes; it must be at least 32"),
         "{stderr}"
     );
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A spec names files and resources; on a shared host it may name only its own. The plugin
+/// is a relative path inside the plugin directory, golden events a relative path inside the
+/// spec directory; a pinned `sha256` must match the plugin's bytes; tables and topics must
+/// carry one of the operator's prefixes when the operator configures them.
+#[test]
+fn validate_refuses_plugins_files_and_names_outside_the_operators_scope() {
+    use sha2::Digest as _;
+    let tmp = std::env::temp_dir().join(format!("fh-names-{}", std::process::id()));
+    let specs = tmp.join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    std::fs::write(tmp.join("golden.jsonl"), "").unwrap();
+    let dist = repo().join("plugins/dist");
+    let digest = hex::encode(sha2::Sha256::digest(
+        std::fs::read(dist.join("user_activity.wasm")).unwrap(),
+    ));
+    let group = |name: &str, plugin: &str, table: &str, topic: &str| {
+        format!(
+            "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {{name: {name}}}\nspec:\n  entity: user\n  features: [{{name: n, type: int}}]\n  plugin: {plugin}\n  sources: [{{topic: {topic}}}]\n  store: {{table: {table}}}\n"
+        )
+    };
+    let absolute = dist.join("user_activity.wasm");
+    let docs = [
+        group(
+            "team-a-pinned",
+            &format!("{{wasm: user_activity.wasm, sha256: {digest}}}"),
+            "team-a-features",
+            "team-a.events",
+        ),
+        group(
+            "team-a-up",
+            "{wasm: ../dist/user_activity.wasm}",
+            "team-a-features",
+            "team-a.events",
+        ),
+        group(
+            "team-a-absolute",
+            &format!("{{wasm: \"{}\"}}", absolute.display()),
+            "team-a-features",
+            "team-a.events",
+        ),
+        group(
+            "team-a-golden",
+            "{wasm: user_activity.wasm, golden: ../golden.jsonl}",
+            "team-a-features",
+            "team-a.events",
+        ),
+        group(
+            "team-a-mispinned",
+            &format!("{{wasm: user_activity.wasm, sha256: {}}}", "0".repeat(64)),
+            "team-a-features",
+            "team-a.events",
+        ),
+        group(
+            "team-a-theirs",
+            "{wasm: user_activity.wasm}",
+            "team-b-features",
+            "team-b.events",
+        ),
+    ];
+    std::fs::write(specs.join("groups.yaml"), docs.join("---\n")).unwrap();
+    let env = [
+        ("FH_TABLE_PREFIXES", "team-a-"),
+        ("FH_TOPIC_PREFIXES", "team-a"),
+    ];
+    let out = host_with(&["validate", specs.to_str().unwrap()], None, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  ")).collect();
+    let expected = [
+        ("groups.yaml#2: spec.plugin.wasm: ", "`..`"),
+        (
+            "groups.yaml#3: spec.plugin.wasm: ",
+            "relative to the plugin directory",
+        ),
+        ("groups.yaml#4: spec.plugin.golden: ", "`..`"),
+        (
+            "groups.yaml#5: spec.plugin.sha256: ",
+            &format!(
+                "the spec pins {}, the plugin file's SHA-256 is {digest}",
+                "0".repeat(64)
+            ),
+        ),
+        (
+            "groups.yaml#6: spec.store.table: ",
+            "\"team-b-features\" does not start with one of the table prefixes this host allows (team-a-); the operator sets them with FH_TABLE_PREFIXES",
+        ),
+        (
+            "groups.yaml#6: spec.sources[0].topic: ",
+            "\"team-b.events\" does not start with one of the topic prefixes this host allows (team-a); the operator sets them with FH_TOPIC_PREFIXES",
+        ),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, (at, what)) in lines.iter().zip(expected) {
+        assert!(
+            line.contains(at) && line.contains(what),
+            "{line:?} should say {at}…{what}\n{stderr}"
+        );
+    }
+    // The retry and dead-letter topics a group hands off through are topics too.
+    std::fs::write(
+        specs.join("groups.yaml"),
+        group(
+            "team-a-ok",
+            "{wasm: user_activity.wasm}",
+            "team-a-features",
+            "team-a.events",
+        ) + "  retry: {deadLetterTopic: shared.dlq}\n",
+    )
+    .unwrap();
+    let out = host_with(&["validate", specs.to_str().unwrap()], None, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("spec.retry.deadLetterTopic: \"shared.dlq\" does not start with one of the topic prefixes"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// The pooling allocator reserves address space for every instance slot up front. Where it
+/// cannot (a low `ulimit -v`), falling back to on-demand allocation would silently change the
+/// sandbox the operator configured: the host stops and says what to set instead.
+#[test]
+fn a_host_that_cannot_reserve_its_instance_pool_stops() {
+    let data = std::env::temp_dir().join(format!("fh-pool-{}", std::process::id()));
+    let out = Command::new("sh")
+        .current_dir(repo())
+        .arg("-c")
+        // 16 GiB of address space: far below 1000 slots of 4 GiB.
+        .arg(format!(
+            "ulimit -v 16777216 && exec {} run --once --events specs/examples/events.jsonl",
+            env!("CARGO_BIN_EXE_feature-host")
+        ))
+        .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
+        .env("FH_DATA_DIR", &data)
+        .env("FH_ADMIN_ADDR", "127.0.0.1:0")
+        .env_remove("FH_KAFKA_BROKERS")
+        .env_remove("FH_DYNAMODB_ENDPOINT")
+        .env_remove("FH_REDIS_URL")
+        .env_remove("FH_PLUGIN_MAX_INSTANCES")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot reserve the plugin instance pool")
+            && stderr.contains("FH_PLUGIN_MAX_INSTANCES"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// Settings that carry secrets (a Redis password, Kafka SASL properties, a webhook whose path
+/// is its credential) appear neither in `--help` (which shows environment values) nor in
+/// the errors a failed start prints.
+#[test]
+fn help_and_errors_do_not_show_secrets() {
+    let secrets = [
+        ("FH_REDIS_URL", "redis://:hunter2-redis@127.0.0.1:1/0"),
+        ("FH_KAFKA_PROPERTIES", "sasl.password=hunter2-kafka"),
+        ("FH_ALERT_WEBHOOK", "http://hooks.example/T000/hunter2-hook"),
+    ];
+    let help = host_with(&["run", "--help"], None, &secrets);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && text.contains("FH_REDIS_URL"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let data = std::env::temp_dir().join(format!("fh-secrets-{}", std::process::id()));
+    let out = host_with(
+        &["run", "--once", "--events", "specs/examples/events.jsonl"],
+        Some(&data),
+        &[("FH_REDIS_URL", "redis://:hunter2-redis@127.0.0.1:1/0")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "says which Redis: {stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The local dead-letter file has a size limit: past it, a push is refused with the reason
+/// (the caller keeps its events and retries later) rather than filling the disk.
+#[test]
+fn the_local_dead_letter_file_is_bounded() {
+    let data = std::env::temp_dir().join(format!("fh-dlq-bound-{}", std::process::id()));
+    let (mut child, addr) = run_host(&data, &[("FH_DEAD_LETTER_MAX_MB", "1")]);
+    let garbage: String = (0..600)
+        .map(|i| format!("not json {i} {}\n", "x".repeat(1000)))
+        .collect();
+    let (status, body) = http_as(&addr, "POST", "/v1/events", &garbage, Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_as(&addr, "POST", "/v1/events", &garbage, Some(TOKEN));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("dead-letter file") && body.contains("FH_DEAD_LETTER_MAX_MB"),
+        "{body}"
+    );
+    let size = std::fs::metadata(data.join("dead-letters.jsonl"))
+        .unwrap()
+        .len();
+    assert!(size <= 1 << 20, "{size} bytes");
+    assert!(child.terminate());
     let _ = std::fs::remove_dir_all(&data);
 }

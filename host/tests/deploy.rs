@@ -348,3 +348,83 @@ fn dashboard_and_alerts_use_metrics_the_host_exports() {
         );
     }
 }
+
+/// A shared host's pod exposes what it must and holds what it needs: only Prometheus and
+/// labelled admin clients reach the admin port, the pod mounts no Kubernetes API token (it
+/// calls no Kubernetes API; IRSA's web-identity token is a separate projected volume), the
+/// data volume is bounded, and the plugin-sync sidecar assumes its own (read-only) role, not
+/// the host's.
+#[test]
+fn the_pod_is_reachable_and_privileged_only_as_needed() {
+    let (k, r) = resources();
+    let common = common_labels(&k);
+    let pod = &r["Deployment"]["spec"]["template"];
+    let pod_labels = labels_of(&pod["metadata"]["labels"], &common);
+
+    let policy = r
+        .get("NetworkPolicy")
+        .expect("a NetworkPolicy for the admin API");
+    assert!(
+        selects(&policy["spec"]["podSelector"]["matchLabels"], &pod_labels),
+        "the NetworkPolicy does not select the host's pods"
+    );
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    assert!(!rules.is_empty());
+    for rule in rules {
+        assert_eq!(
+            rule["ports"],
+            serde_json::json!([{"port": "admin", "protocol": "TCP"}]),
+            "every rule admits the admin port only"
+        );
+        for from in rule["from"]
+            .as_array()
+            .expect("each rule names its sources")
+        {
+            assert!(
+                from.get("ipBlock").is_none(),
+                "no rule admits addresses: {from}"
+            );
+        }
+    }
+
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    let data = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .unwrap();
+    assert!(
+        data["emptyDir"]["sizeLimit"].is_string(),
+        "the data emptyDir needs a sizeLimit"
+    );
+
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    let role = |c: &Value| {
+        c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "AWS_ROLE_ARN")
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    };
+    let host_role = r["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sync = containers
+        .iter()
+        .find(|c| c["name"] == "plugin-sync")
+        .expect("the plugin-sync sidecar");
+    let sync_role = role(sync).expect("the sidecar sets its own AWS_ROLE_ARN");
+    assert_ne!(
+        sync_role, host_role,
+        "the sidecar must not share the host's role"
+    );
+    assert!(sync_role.starts_with("arn:aws:iam::"), "{sync_role}");
+}

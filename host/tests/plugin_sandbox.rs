@@ -133,23 +133,40 @@ fn components_of_the_wrong_shape_are_refused_with_the_reason() {
     }
 }
 
+/// A guest's randomness (std's hash keys among it) comes from a secret of the host's, mixed
+/// with the plugin version: stable for a version within one host (instances agree, so a
+/// golden check and live traffic see the same hash order), unpredictable to producers, who
+/// could otherwise craft keys that collide in a plugin's hash maps.
 #[test]
-fn randomness_is_seeded_by_version_and_memory_hogs_are_recycled() {
+fn randomness_is_secret_per_host_and_memory_hogs_are_recycled() {
     let wasm = fixture("hostile.wasm");
     let random = |p: &feature_host::plugin::Plugin| {
         let out = p.process_blocking(&[event("random")]).unwrap();
         out[0].as_ref().unwrap()[0].op.clone()
     };
-    // Two engines, two fresh instances: the same version draws the same numbers.
-    let a = PluginEngine::new()
-        .unwrap()
+    // One engine, two fresh instances of a version: the same numbers.
+    let engine = PluginEngine::new().unwrap();
+    let a = engine
         .load("g", &wasm, None, &limits(1000, 32, None))
         .unwrap();
-    let b = PluginEngine::new()
-        .unwrap()
+    let b = engine
         .load("g", &wasm, None, &limits(1000, 32, Some(1)))
         .unwrap();
     assert_eq!(random(&a), random(&b));
+    // Another host (engine): other numbers for the same version (equal by chance once in
+    // 2^64 runs). Both first draws of fresh instances: a warm instance draws on.
+    let here = engine
+        .load("g", &wasm, None, &limits(1000, 32, None))
+        .unwrap();
+    let elsewhere = PluginEngine::new()
+        .unwrap()
+        .load("g", &wasm, None, &limits(1000, 32, None))
+        .unwrap();
+    assert_ne!(
+        random(&here),
+        random(&elsewhere),
+        "the seed is public: it follows from the version alone"
+    );
 
     // Default threshold (half the cap): a small plugin's instance is reused.
     a.process_blocking(&[event("fine")]).unwrap();
@@ -172,6 +189,7 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
     let settings = EngineSettings {
         max_instances: 16,
         cache_dir: Some(dir.clone()),
+        ..Default::default()
     };
     let wasm = fixture("hostile.wasm");
     let l = limits(1000, 32, None);
@@ -179,10 +197,7 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
         .unwrap()
         .load("g", &wasm, None, &l)
         .unwrap();
-    let artifacts: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let artifacts = cwasm_files(&dir);
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
     let name = artifacts[0]
         .file_name()
@@ -210,6 +225,66 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
         .unwrap();
     third.process_blocking(&[event("fine")]).unwrap();
     assert!(std::fs::metadata(&artifacts[0]).unwrap().len() > 1000);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn cwasm_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Loading an artifact runs its machine code: one that this host did not write for this
+/// component is not loaded, even when it is a valid artifact (another component's, renamed
+/// to this one's key: its code would serve this group).
+#[test]
+fn an_artifact_of_another_component_under_this_ones_name_is_not_loaded() {
+    let dir = std::env::temp_dir().join(format!("fh-artifact-swap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let settings = EngineSettings {
+        max_instances: 16,
+        cache_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    let l = limits(1000, 32, None);
+    let engine = PluginEngine::with_settings(&settings).unwrap();
+    let victim = engine
+        .load("victim", &fixture("user_activity.wasm"), Some(&serde_json::json!({"entity_field": "user_id", "list_field": "item_id", "list_feature": "last_viewed", "last_k": 20})), &l)
+        .unwrap();
+    let attacker = engine
+        .load("attacker", &fixture("hostile.wasm"), None, &l)
+        .unwrap();
+    let files = cwasm_files(&dir);
+    let name_of = |version: &str| {
+        files
+            .iter()
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(version)
+            })
+            .unwrap_or_else(|| panic!("no artifact for {version} in {files:?}"))
+            .clone()
+    };
+    let (victims, attackers) = (name_of(victim.version()), name_of(attacker.version()));
+    std::fs::copy(&attackers, &victims).unwrap();
+
+    let restarted = PluginEngine::with_settings(&settings)
+        .unwrap()
+        .load("victim", &fixture("user_activity.wasm"), Some(&serde_json::json!({"entity_field": "user_id", "list_field": "item_id", "list_feature": "last_viewed", "last_k": 20})), &l)
+        .unwrap();
+    // The hostile fixture panics on this payload; the real plugin dead-letters it as
+    // malformed JSON (invalid), without a trap.
+    let out = restarted.process_blocking(&[event("panic")]).unwrap();
+    assert!(
+        matches!(&out[0], Err(feature_host::plugin::EventFailure::Invalid(_))),
+        "the victim group ran another component's code: {out:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -1,0 +1,237 @@
+//! A plugin's compile is bounded and never holds up a rollback: a serving host compiles in a
+//! child process with a deadline and an address-space cap, and a rollback made while a
+//! candidate compiles returns at once and is not undone by that candidate. No services
+//! needed (the embedded default); needs the plugins built (scripts/build-plugins).
+
+#[path = "common/process.rs"]
+mod process;
+
+use process::{TOKEN, http, http_as, repo, run_host};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// LEB128 of `n`.
+fn leb(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn section(id: u8, content: &[u8], out: &mut Vec<u8>) {
+    out.push(id);
+    leb(content.len(), out);
+    out.extend_from_slice(content);
+}
+
+/// A valid component that is slow to compile: one core module of `functions` functions, each
+/// a long chain of arithmetic over many locals (register pressure for the allocator). It
+/// implements no interface: it is refused after compiling, if it ever compiles.
+fn slow_component(functions: usize, steps: usize) -> Vec<u8> {
+    const LOCALS: usize = 200;
+    let mut body = Vec::new();
+    body.push(1); // one group of locals
+    leb(LOCALS, &mut body);
+    body.push(0x7e); // i64
+    for i in 0..steps {
+        let (a, b, c) = (i % LOCALS, (i * 7 + 3) % LOCALS, (i * 13 + 5) % LOCALS);
+        body.push(0x20); // local.get a
+        leb(a, &mut body);
+        body.push(0x20); // local.get b
+        leb(b, &mut body);
+        body.push(0x7c); // i64.add
+        body.push(0x20); // local.get c
+        leb(c, &mut body);
+        body.push(0x7e); // i64.mul
+        body.push(0x21); // local.set a
+        leb(a, &mut body);
+    }
+    body.push(0x0b); // end
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: [] -> []
+    let mut funcs = Vec::new();
+    leb(functions, &mut funcs);
+    funcs.extend(std::iter::repeat_n(0u8, functions));
+    section(3, &funcs, &mut module);
+    let mut code = Vec::new();
+    leb(functions, &mut code);
+    for _ in 0..functions {
+        leb(body.len(), &mut code);
+        code.extend_from_slice(&body);
+    }
+    section(10, &code, &mut module);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    section(1, &module, &mut component); // a core module section
+    component
+}
+
+/// `bytes` with a custom section appended: the same plugin, another version.
+fn another_version(bytes: &[u8], tag: &str) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let mut content = Vec::new();
+    leb(tag.len(), &mut content);
+    content.extend_from_slice(tag.as_bytes());
+    section(0, &content, &mut out);
+    out
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(bytes)[..8])
+}
+
+/// Write `bytes` to `path` the way a sync does: a temporary name, then a rename.
+fn install(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn group_status(addr: &str) -> serde_json::Value {
+    let (status, body) = http(addr, "GET", "/v1/plugins", "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["groups"][0].clone()
+}
+
+fn wait_for(
+    addr: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let g = group_status(addr);
+        if done(&g) {
+            return g;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "waited {limit:?} for {what}: {g:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A spec directory with one group served by `live.wasm` in a plugin directory beside it.
+fn layout(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (specs, plugins) = (dir.join("specs"), dir.join("plugins"));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(&specs).unwrap();
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::write(
+        specs.join("live.yaml"),
+        "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {name: live}\nspec:\n  entity: user\n  features: [{name: clicks, type: int}, {name: views, type: int}, {name: last_viewed, type: string-list}]\n  plugin:\n    wasm: live.wasm\n    config: {entity_field: user_id, list_field: item_id, list_feature: last_viewed, last_k: 5}\n  sources: [{topic: web-events}]\n",
+    )
+    .unwrap();
+    (specs, plugins)
+}
+
+#[test]
+fn a_rollback_during_a_slow_compile_returns_at_once_and_the_compile_is_cut_off() {
+    let dir = std::env::temp_dir().join(format!("fh-compile-{}", std::process::id()));
+    let (specs, plugins) = layout(&dir);
+    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let v2 = another_version(&v1, "v2");
+    let live = plugins.join("live.wasm");
+    install(&live, &v1);
+    let (mut host, addr) = run_host(
+        &dir.join("data"),
+        &[
+            ("FH_SPEC_DIR", specs.to_str().unwrap()),
+            ("FH_PLUGIN_DIR", plugins.to_str().unwrap()),
+            ("FH_PLUGIN_COMPILE_TIMEOUT", "3s"),
+            ("FH_RELOAD_POLL", "1h"),
+        ],
+    );
+    assert_eq!(group_status(&addr)["version"], version_of(&v1));
+
+    install(&live, &v2);
+    wait_for(&addr, "v2 to be applied", Duration::from_secs(60), |g| {
+        g["version"] == version_of(&v2)
+    });
+
+    let slow = slow_component(400, 20_000);
+    install(&live, &slow);
+    wait_for(
+        &addr,
+        "the slow candidate to compile",
+        Duration::from_secs(60),
+        |g| g["building"] == version_of(&slow),
+    );
+    let asked = Instant::now();
+    let (status, body) = http_as(&addr, "POST", "/v1/plugins/live/rollback", "", Some(TOKEN));
+    let answered = asked.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&version_of(&v1)), "{body}");
+    let g = group_status(&addr);
+    assert_eq!(g["version"], version_of(&v1));
+    assert_eq!(
+        g["last_reload"]["result"], "rolled_back",
+        "the rollback was recorded before the compile ended (it took {answered:?}): {g:#}"
+    );
+
+    let g = wait_for(
+        &addr,
+        "the compile to be cut off",
+        Duration::from_secs(60),
+        |g| g["last_reload"]["result"] == "rejected",
+    );
+    let reason = g["last_reload"]["error"].as_str().unwrap();
+    assert!(
+        reason.contains("did not compile within 3s")
+            && reason.contains("FH_PLUGIN_COMPILE_TIMEOUT"),
+        "{reason}"
+    );
+    assert_eq!(g["last_reload"]["version"], version_of(&slow));
+    assert_eq!(
+        g["version"],
+        version_of(&v1),
+        "the rolled-back version serves"
+    );
+    assert!(g.get("building").is_none(), "{g:#}");
+    assert!(host.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_compile_over_its_memory_cap_is_refused_and_the_loaded_version_serves() {
+    let dir = std::env::temp_dir().join(format!("fh-compile-mem-{}", std::process::id()));
+    let (specs, plugins) = layout(&dir);
+    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let live = plugins.join("live.wasm");
+    install(&live, &v1);
+    let (mut host, addr) = run_host(
+        &dir.join("data"),
+        &[
+            ("FH_SPEC_DIR", specs.to_str().unwrap()),
+            ("FH_PLUGIN_DIR", plugins.to_str().unwrap()),
+            ("FH_PLUGIN_COMPILE_MEMORY_MB", "512"),
+            ("FH_RELOAD_POLL", "1h"),
+        ],
+    );
+    // One function as large as wasm allows: its compile needs more than 512 MiB.
+    let big = slow_component(1, 600_000);
+    install(&live, &big);
+    let g = wait_for(
+        &addr,
+        "the candidate to be refused",
+        Duration::from_secs(120),
+        |g| g["last_reload"]["result"] == "rejected",
+    );
+    let reason = g["last_reload"]["error"].as_str().unwrap();
+    assert!(
+        reason.contains("512 MiB") && reason.contains("FH_PLUGIN_COMPILE_MEMORY_MB"),
+        "{reason}"
+    );
+    assert_eq!(g["last_reload"]["version"], version_of(&big));
+    assert_eq!(g["version"], version_of(&v1));
+    assert!(host.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
