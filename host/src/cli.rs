@@ -2,7 +2,6 @@
 
 use crate::app;
 use crate::config::{BatchSettings, LogFormat, RunSettings, StoreKind, StoreSettings};
-use crate::stream::dead_letter::DeadLetterFile;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -59,6 +58,17 @@ pub enum Command {
     /// Run one shard of a run: the entrypoint of AWS Batch jobs (the shard is the array
     /// index, AWS_BATCH_JOB_ARRAY_INDEX).
     RunShard(crate::batch::commands::RunShardArgs),
+    /// Compile a component from stdin to stdout under the given caps: the child a serving
+    /// host compiles plugins in (see `plugin::compiler`).
+    #[command(name = "compile-plugin", hide = true)]
+    CompilePlugin {
+        #[arg(long)]
+        memory_bytes: u64,
+        #[arg(long)]
+        cpu_seconds: u64,
+        #[arg(long)]
+        parallel: bool,
+    },
     /// Validate a spec directory: every problem, with file and field. Exit 1 on any.
     Validate {
         /// The spec directory.
@@ -68,7 +78,7 @@ pub enum Command {
         #[arg(long, env = "FH_PLUGIN_DIR", default_value = "plugins/dist")]
         plugin_dir: PathBuf,
         #[command(flatten)]
-        sources: crate::config::SourceSettings,
+        sources: crate::config::ScopeSettings,
     },
     /// Print an entity's features as JSON (cache first, then the store).
     Get {
@@ -179,6 +189,9 @@ pub enum PluginCommand {
         /// The host's admin address.
         #[arg(long, env = "FH_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
         admin: String,
+        /// The host's FH_ADMIN_TOKEN (needed unless it listens on loopback).
+        #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -261,6 +274,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(DlqCommand::Replay(args)) => dlq_replay(*args).await,
         Command::Jobs(args) => crate::batch::commands::jobs(args).await,
         Command::RunShard(args) => crate::batch::commands::run_shard(args).await,
+        // Dispatched by the binary's `main` before a runtime starts; here for completeness.
+        Command::CompilePlugin {
+            memory_bytes,
+            cpu_seconds,
+            parallel,
+        } => Ok(crate::plugin::compiler::child_main(
+            memory_bytes,
+            cpu_seconds,
+            parallel,
+        )),
         Command::Validate {
             dir,
             plugin_dir,
@@ -307,7 +330,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             events,
             golden,
         }) => crate::plugin::test_cmd::run(&wasm, &spec, &events, golden).await,
-        Command::Plugin(PluginCommand::Status { admin, json }) => plugin_status(&admin, json).await,
+        Command::Plugin(PluginCommand::Status { admin, token, json }) => {
+            plugin_status(&admin, token.as_deref(), json).await
+        }
         Command::Plugin(PluginCommand::Rollback {
             group,
             admin,
@@ -377,8 +402,8 @@ async fn dlq_replay(args: DlqReplayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn plugin_status(admin: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let (status, body) = crate::admin_client::request(admin, "GET", "/v1/plugins", None).await?;
+async fn plugin_status(admin: &str, token: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let (status, body) = crate::admin_client::request(admin, "GET", "/v1/plugins", token).await?;
     if status != 200 || json {
         println!("{body}");
         return Ok(if status == 200 {
@@ -414,7 +439,7 @@ async fn plugin_status(admin: &str, json: bool) -> anyhow::Result<ExitCode> {
 fn validate(
     dir: &std::path::Path,
     plugin_dir: &std::path::Path,
-    scope: &crate::spec::SourceScope,
+    scope: &crate::spec::SpecScope,
 ) -> ExitCode {
     match crate::spec::load_dir_in(dir, plugin_dir, scope) {
         Ok(set) => {
@@ -470,8 +495,10 @@ async fn run_host(
     if stores.create_tables && stores.store_kind() == StoreKind::Dynamodb {
         app::ensure_tables(&writer, &specs).await?;
     }
-    let engine = crate::plugin::PluginEngine::with_settings(&run.plugins.engine(&stores.data_dir))?;
+    let engine =
+        crate::plugin::PluginEngine::with_settings(&run.plugins.engine(&stores.data_dir)?)?;
     let pipeline = Arc::new(app::build_pipeline_with(&engine, &specs, writer).await?);
+    engine.serving();
     let reloader = crate::plugin::reload::Reloader::new(
         pipeline.clone(),
         engine,
@@ -486,7 +513,7 @@ async fn run_host(
         let _ = shutdown_tx.send(true);
     });
 
-    let dead_letters = DeadLetterFile::new(stores.data_dir.join("dead-letters.jsonl"));
+    let dead_letters = stores.dead_letters();
     let push = run.kafka_brokers.is_none().then(|| dead_letters.clone());
     let batch_ctx = crate::batch::BatchContext::new(
         pipeline.clone(),
@@ -498,33 +525,20 @@ async fn run_host(
         &run.admin_addr,
         crate::batch::owner_id(),
     );
-    let admin = crate::admin::router(crate::admin::AdminState {
-        pipeline: pipeline.clone(),
-        push,
-        reloader: Some(reloader.clone()),
-        token: run.admin_token.clone(),
-        batch: Some(batch_ctx.clone()),
-        kafka: match &run.kafka_brokers {
-            Some(brokers) if !run.once => Some(
-                crate::stream::kafka::KafkaClient::from_settings(&run, brokers, Default::default())
-                    .await?,
-            ),
-            _ => None,
-        },
-    });
-    let batch_service = (batch.scheduler && !run.once).then(|| {
-        tokio::spawn(crate::batch::service::serve(
-            batch_ctx,
-            Arc::new(crate::batch::scheduler::SystemClock),
-        ))
-    });
+    // Watching before the API answers: a change made once it answers is seen.
     if run.plugins.reload && !run.once {
-        let (rx, p) = (shutdown_rx.clone(), run.plugins.clone());
-        tokio::spawn(async move {
-            if let Err(e) = reloader.watch(p.reload_debounce, p.reload_poll, rx).await {
-                tracing::error!(error = %e, "hot reload is off: cannot watch the spec and plugin directories");
+        let p = &run.plugins;
+        match reloader
+            .clone()
+            .watch(p.reload_debounce, p.reload_poll, shutdown_rx.clone())
+        {
+            Ok(reloads) => {
+                tokio::spawn(reloads);
             }
-        });
+            Err(e) => {
+                tracing::error!(error = %e, "hot reload is off: cannot watch the spec and plugin directories")
+            }
+        }
     }
     let listener = tokio::net::TcpListener::bind(&run.admin_addr)
         .await
@@ -534,14 +548,45 @@ async fn run_host(
                 run.admin_addr
             )
         })?;
-    tracing::info!(addr = %listener.local_addr()?, "admin API listening");
-    let mut admin_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, admin)
-            .with_graceful_shutdown(async move {
-                let _ = admin_shutdown.wait_for(|s| *s).await;
-            })
-            .await
+    let local = listener.local_addr()?;
+    let guard = crate::admin::Guard::new(run.admin_token.clone(), local);
+    if !guard.open_reads() && run.admin_token.is_none() {
+        tracing::warn!(addr = %local, "the admin API listens beyond loopback without FH_ADMIN_TOKEN: only probes and metrics are served");
+    }
+    let admin = crate::admin::router(
+        crate::admin::AdminState {
+            pipeline: pipeline.clone(),
+            push,
+            reloader: Some(reloader.clone()),
+            batch: Some(batch_ctx.clone()),
+            kafka: match &run.kafka_brokers {
+                Some(brokers) if !run.once => Some(
+                    crate::stream::kafka::KafkaClient::from_settings(
+                        &run,
+                        brokers,
+                        Default::default(),
+                    )
+                    .await?,
+                ),
+                _ => None,
+            },
+        },
+        guard,
+    );
+    tracing::info!(addr = %local, "admin API listening");
+    let server = tokio::spawn(crate::admin::serve(
+        listener,
+        admin,
+        run.admin_limits.limits(),
+        pipeline.metrics().clone(),
+        shutdown_rx.clone(),
+    ));
+
+    let batch_service = (batch.scheduler && !run.once).then(|| {
+        tokio::spawn(crate::batch::service::serve(
+            batch_ctx,
+            Arc::new(crate::batch::scheduler::SystemClock),
+        ))
     });
 
     if let Some(file) = &run.events {
@@ -569,7 +614,7 @@ async fn run_host(
     if let Some(b) = batch_service {
         b.await?;
     }
-    server.await??;
+    server.await?;
     Ok(())
 }
 

@@ -56,11 +56,16 @@ pub struct StoreSettings {
     pub plugin_dir: PathBuf,
 
     #[command(flatten)]
-    pub sources: SourceSettings,
+    pub sources: ScopeSettings,
 
     /// Local state: the embedded store file and the local dead-letter file.
     #[arg(long, env = "FH_DATA_DIR", default_value = ".feature-host")]
     pub data_dir: PathBuf,
+
+    /// Largest the local dead-letter file may grow, in MiB; past it, writes that would
+    /// dead-letter fail (and are retried by their caller) instead of filling the disk.
+    #[arg(long, env = "FH_DEAD_LETTER_MAX_MB", default_value_t = crate::stream::dead_letter::DEFAULT_LIMIT_MB)]
+    pub dead_letter_max_mb: u64,
 
     /// The durable online store.
     #[arg(long, env = "FH_STORE", value_enum, default_value_t = StoreKind::Auto)]
@@ -79,7 +84,7 @@ pub struct StoreSettings {
     pub cache: CacheKind,
 
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
-    #[arg(long, env = "FH_REDIS_URL")]
+    #[arg(long, env = "FH_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// How long an entity keeps a batch run's position entry (its exactly-once record) after
@@ -91,6 +96,12 @@ pub struct StoreSettings {
 }
 
 impl StoreSettings {
+    /// The local dead-letter file, `<data dir>/dead-letters.jsonl`.
+    pub fn dead_letters(&self) -> crate::stream::dead_letter::DeadLetterFile {
+        crate::stream::dead_letter::DeadLetterFile::new(self.data_dir.join("dead-letters.jsonl"))
+            .with_limit_mb(self.dead_letter_max_mb)
+    }
+
     pub fn store_kind(&self) -> StoreKind {
         match self.store {
             StoreKind::Auto if self.dynamodb_endpoint.is_some() => StoreKind::Dynamodb,
@@ -108,7 +119,7 @@ impl StoreSettings {
     }
 
     /// Where Ingestions may read.
-    pub fn source_scope(&self) -> anyhow::Result<crate::spec::SourceScope> {
+    pub fn source_scope(&self) -> anyhow::Result<crate::spec::SpecScope> {
         self.sources.scope(&self.spec_dir)
     }
 
@@ -117,11 +128,12 @@ impl StoreSettings {
     }
 }
 
-/// Where Ingestions may read: the operator's allow-lists ([`SourceScope`]).
+/// What specs may name: where Ingestions read, which tables and topics groups use (the
+/// operator's allow-lists, [`SpecScope`]).
 ///
-/// [`SourceScope`]: crate::spec::SourceScope
+/// [`SpecScope`]: crate::spec::SpecScope
 #[derive(Debug, Clone, Default, Args)]
-pub struct SourceSettings {
+pub struct ScopeSettings {
     /// Directories that Ingestions on local paths may read, comma-separated (symlinks are
     /// resolved before the check); unset = the spec directory.
     #[arg(long, env = "FH_SOURCE_ROOTS", value_delimiter = ',')]
@@ -131,17 +143,30 @@ pub struct SourceSettings {
     /// any object the host's credentials can read. Set it on a host shared by several teams.
     #[arg(long, env = "FH_SOURCE_S3", value_delimiter = ',')]
     pub source_s3: Option<Vec<String>>,
+
+    /// Prefixes a group's store table must start with, comma-separated (e.g. `team-a-`,
+    /// matching the IAM policy's `table/team-a-*`); unset = any table.
+    #[arg(long, env = "FH_TABLE_PREFIXES", value_delimiter = ',')]
+    pub table_prefixes: Option<Vec<String>>,
+
+    /// Prefixes every topic a group reads or hands off through (source, retry, dead-letter)
+    /// must start with, comma-separated, as Kafka PREFIXED ACLs grant; unset = any topic.
+    #[arg(long, env = "FH_TOPIC_PREFIXES", value_delimiter = ',')]
+    pub topic_prefixes: Option<Vec<String>>,
 }
 
-impl SourceSettings {
+impl ScopeSettings {
     /// The scope for specs in `spec_dir`.
-    pub fn scope(&self, spec_dir: &std::path::Path) -> anyhow::Result<crate::spec::SourceScope> {
+    pub fn scope(&self, spec_dir: &std::path::Path) -> anyhow::Result<crate::spec::SpecScope> {
         let roots = if self.source_roots.is_empty() {
             &[spec_dir.to_path_buf()][..]
         } else {
             &self.source_roots[..]
         };
-        crate::spec::SourceScope::new(roots, self.source_s3.as_deref())
+        crate::spec::SpecScope::new(roots, self.source_s3.as_deref())?.with_prefixes(
+            self.table_prefixes.as_deref(),
+            self.topic_prefixes.as_deref(),
+        )
     }
 }
 
@@ -157,7 +182,12 @@ pub struct RunSettings {
     pub kafka_group_id: String,
 
     /// Extra librdkafka properties, `key=value` separated by commas (e.g. TLS/SASL settings).
-    #[arg(long, env = "FH_KAFKA_PROPERTIES", default_value = "")]
+    #[arg(
+        long,
+        env = "FH_KAFKA_PROPERTIES",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub kafka_properties: String,
 
     /// Kafka authentication: `properties` (as FH_KAFKA_PROPERTIES says), `msk-iam`, or
@@ -236,13 +266,44 @@ pub struct RunSettings {
     #[arg(long, env = "FH_ADMIN_ADDR", default_value = "127.0.0.1:8080")]
     pub admin_addr: String,
 
-    /// Bearer token the admin API's mutating calls (plugin rollback) require; unset: they
-    /// are refused.
+    /// Bearer token (32+ bytes) the admin API's writes require, and its reads too unless it
+    /// listens on loopback; unset: those calls are refused.
     #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
     #[command(flatten)]
+    pub admin_limits: AdminLimits,
+
+    #[command(flatten)]
     pub plugins: PluginSettings,
+}
+
+/// How long and how many callers the admin API serves (see `admin::serve`).
+#[derive(Debug, Clone, Args)]
+pub struct AdminLimits {
+    /// A connection must send a request's headers within this, also between keep-alive
+    /// requests (an idle connection is closed after it).
+    #[arg(long, env = "FH_ADMIN_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub admin_header_timeout: std::time::Duration,
+
+    /// A request, its body included, must be answered within this; 408 after. Long calls
+    /// (a dead-letter replay, a large push) must fit in it.
+    #[arg(long, env = "FH_ADMIN_REQUEST_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub admin_request_timeout: std::time::Duration,
+
+    /// Connections served at once; one more is answered 503.
+    #[arg(long, env = "FH_ADMIN_MAX_CONNECTIONS", default_value_t = 128)]
+    pub admin_max_connections: usize,
+}
+
+impl AdminLimits {
+    pub fn limits(&self) -> crate::admin::ServeLimits {
+        crate::admin::ServeLimits {
+            header_timeout: self.admin_header_timeout,
+            request_timeout: self.admin_request_timeout,
+            max_connections: self.admin_max_connections,
+        }
+    }
 }
 
 /// The plugin runtime and hot reload.
@@ -268,18 +329,39 @@ pub struct PluginSettings {
     /// Precompiled plugin artifacts (default: `<data dir>/plugin-cache`; `off` disables).
     #[arg(long, env = "FH_PLUGIN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+
+    /// Longest a plugin's compile may take (in a child process; the plugin is refused after).
+    #[arg(long, env = "FH_PLUGIN_COMPILE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub compile_timeout: Duration,
+
+    /// Address space the compiling child process may map, in MiB.
+    #[arg(long, env = "FH_PLUGIN_COMPILE_MEMORY_MB", default_value_t = 4096)]
+    pub compile_memory_mb: u64,
 }
 
 impl PluginSettings {
-    pub fn engine(&self, data_dir: &std::path::Path) -> crate::plugin::EngineSettings {
-        crate::plugin::EngineSettings {
+    /// The engine of a serving host: it compiles plugins in a bounded child process, the
+    /// running binary (see `plugin::compiler`).
+    pub fn engine(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<crate::plugin::EngineSettings> {
+        let exe = std::env::current_exe().map_err(|e| {
+            anyhow::anyhow!("cannot find the running binary to compile plugins with: {e}")
+        })?;
+        Ok(crate::plugin::EngineSettings {
             max_instances: self.max_instances,
             cache_dir: match &self.cache_dir {
                 Some(p) if p.as_os_str() == "off" => None,
                 Some(p) => Some(p.clone()),
                 None => Some(data_dir.join("plugin-cache")),
             },
-        }
+            compiler: Some(crate::plugin::compiler::CompilerSettings {
+                exe,
+                timeout: self.compile_timeout,
+                memory_bytes: self.compile_memory_mb.saturating_mul(1 << 20),
+            }),
+        })
     }
 }
 
@@ -339,7 +421,7 @@ pub struct BatchSettings {
     pub monitor_interval: Duration,
 
     /// POST alerts as JSON (`{"text": …}`, Slack-compatible) to this http:// URL.
-    #[arg(long, env = "FH_ALERT_WEBHOOK")]
+    #[arg(long, env = "FH_ALERT_WEBHOOK", hide_env_values = true)]
     pub alert_webhook: Option<String>,
 
     /// Base URL of this host's admin API, for links in local jobs' alerts (default:

@@ -1,9 +1,18 @@
 use clap::Parser as _;
-use feature_host::cli::{Cli, init_logging, main as cli_main};
+use feature_host::cli::{Cli, Command, init_logging, main as cli_main};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The plugin compiler child: no runtime, no logging set-up, nothing but the compile.
+    if let Command::CompilePlugin {
+        memory_bytes,
+        cpu_seconds,
+        parallel,
+    } = cli.command
+    {
+        return feature_host::plugin::compiler::child_main(memory_bytes, cpu_seconds, parallel);
+    }
     // Set up outside the runtime: the trace exporter's HTTP client is a blocking one, which
     // must neither be created nor dropped on an async worker.
     let telemetry = match init_logging(cli.log_format, &cli.command, cli.otlp_endpoint.as_deref()) {

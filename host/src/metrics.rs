@@ -66,6 +66,22 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// Labels of admin API refusals.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `connections` (over the cap), `timeout` (request deadline), `host` (not a loopback
+    /// name), `token` (missing, wrong, or none configured).
+    pub reason: String,
+}
+
+impl RefusalLabels {
+    pub fn new(reason: &str) -> RefusalLabels {
+        RefusalLabels {
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// Labels of batch series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IngestionLabels {
@@ -212,6 +228,8 @@ pub struct Metrics {
     /// 1 once the consumer has joined its group (received its first assignment, possibly
     /// empty); readiness waits for it.
     pub consumer_joined: Gauge,
+    /// Admin API requests and connections refused, by reason.
+    pub admin_refusals: Family<RefusalLabels, Counter>,
     /// Duration of a batch's store (and cache) write per group: load, merge, conditional
     /// writes, cache update.
     pub store_write_seconds: Family<GroupLabels, Histogram, fn() -> Histogram>,
@@ -361,6 +379,10 @@ impl Metrics {
             consumer_joined: reg!(
                 "consumer_joined",
                 "1 once the consumer has joined its group and received an assignment"
+            ),
+            admin_refusals: reg!(
+                "admin_refusals",
+                "Admin API requests and connections refused (over the connection cap, past the request deadline, a foreign Host, no or a wrong token)"
             ),
             store_write_seconds: reg!(
                 "store_write_seconds",

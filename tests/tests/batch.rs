@@ -320,15 +320,16 @@ async fn context(
         spec_dir: spec_dir.into(),
         plugin_dir: plugin_dir(),
         data_dir: tmp.join("data"),
+        dead_letter_max_mb: feature_host::stream::dead_letter::DEFAULT_LIMIT_MB,
         store: StoreKind::Dynamodb,
         dynamodb_endpoint: Some(stack.dynamodb.clone()),
         create_tables: true,
         cache: CacheKind::Redis,
         redis_url: Some(stack.redis.clone()),
         batch_position_retention: feature_host::sink::writer::DEFAULT_BATCH_POSITION_RETENTION,
-        sources: feature_host::config::SourceSettings {
+        sources: feature_host::config::ScopeSettings {
             source_roots: vec![tmp.to_path_buf()],
-            source_s3: None,
+            ..Default::default()
         },
     };
     let scope = store.source_scope().unwrap();
@@ -717,7 +718,7 @@ async fn cron_ticks_run_once_between_racing_schedulers() {
         ),
     )
     .unwrap();
-    let scope = feature_host::spec::SourceScope::new(std::slice::from_ref(&tmp), None).unwrap();
+    let scope = feature_host::spec::SpecScope::new(std::slice::from_ref(&tmp), None).unwrap();
     let set = Arc::new(feature_host::spec::load_dir_in(&specs, &plugin_dir(), &scope).unwrap());
     let jobs = jobs(&stack, &jobs_table).await;
     let clock = Arc::new(ManualClock::new(BASE_TS + 30_000));

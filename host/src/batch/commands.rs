@@ -6,7 +6,6 @@ use super::{BatchContext, owner_id};
 use crate::app;
 use crate::config::{BatchSettings, StoreKind, StoreSettings};
 use crate::spec::Engine;
-use crate::stream::dead_letter::DeadLetterFile;
 use anyhow::Context as _;
 use chrono::NaiveDate;
 use clap::Args;
@@ -84,6 +83,9 @@ pub struct JobsArgs {
     /// Read from a running host's admin API instead of the job state table.
     #[arg(long)]
     pub admin: Option<String>,
+    /// The host's FH_ADMIN_TOKEN (with --admin, unless it listens on loopback).
+    #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(flatten)]
     pub stores: StoreSettings,
     #[command(flatten)]
@@ -107,7 +109,7 @@ async fn context(
         Arc::new(specs),
         jobs.expect("asked for job state"),
         batch.clone(),
-        DeadLetterFile::new(stores.data_dir.join("dead-letters.jsonl")),
+        stores.dead_letters(),
         stop,
         "127.0.0.1:8080",
         owner_id(),
@@ -316,7 +318,8 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                 Some(r) => format!("/v1/jobs/{r}"),
                 None => "/v1/jobs".into(),
             };
-            let (status, body) = crate::admin_client::request(admin, "GET", &path, None).await?;
+            let (status, body) =
+                crate::admin_client::request(admin, "GET", &path, args.token.as_deref()).await?;
             if status != 200 {
                 eprintln!("{body}");
                 return Ok(ExitCode::FAILURE);

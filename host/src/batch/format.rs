@@ -256,7 +256,7 @@ mod tests {
 
     /// Sources that may read the temporary directory the tests write to.
     fn in_temp_dir() -> Sources {
-        let scope = crate::spec::SourceScope::new(&[std::env::temp_dir()], None).unwrap();
+        let scope = crate::spec::SpecScope::new(&[std::env::temp_dir()], None).unwrap();
         Sources::new(None, scope)
     }
 

@@ -129,7 +129,7 @@ impl Monitor {
                 )
                 .await
             {
-                tracing::warn!(url, error = %format!("{e:#}"), "cannot deliver the alert to the webhook");
+                tracing::warn!(url = %crate::text::redact_url(url), error = %format!("{e:#}"), "cannot deliver the alert to the webhook");
             }
             raised.push(alert);
         }
@@ -174,7 +174,7 @@ impl Monitor {
 async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<()> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("alert webhook {url:?}: only http:// URLs are supported (put a relay in front of https endpoints)"))?;
+        .ok_or_else(|| anyhow::anyhow!("alert webhook {}: only http:// URLs are supported (put a relay in front of https endpoints)", crate::text::redact_url(url)))?;
     let (addr, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));

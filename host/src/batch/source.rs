@@ -1,10 +1,10 @@
 //! Bulk sources: local paths and `s3://` URIs with globs (`*`, `**`, `?`, `[..]`) and a
 //! `{date}` placeholder filled per day (`dt={date}` partitions). Listing turns a run's URIs
 //! into files; reading fetches a file's bytes (or a byte range, for Parquet footers). Every
-//! file listed or read is checked against the specs' [`SourceScope`] first.
+//! file listed or read is checked against the specs' [`SpecScope`] first.
 
 pub use crate::spec::scope::Location;
-use crate::spec::scope::SourceScope;
+use crate::spec::scope::SpecScope;
 use anyhow::Context as _;
 use chrono::NaiveDate;
 use globset::{GlobBuilder, GlobMatcher};
@@ -69,12 +69,12 @@ fn split_glob(pattern: &str) -> anyhow::Result<(String, Option<GlobMatcher>)> {
 pub struct Sources {
     s3_endpoint: Option<String>,
     s3: std::sync::Arc<tokio::sync::OnceCell<aws_sdk_s3::Client>>,
-    scope: SourceScope,
+    scope: SpecScope,
 }
 
 impl Sources {
     /// `s3_endpoint` overrides the AWS endpoint (moto, MinIO); path-style addressing then.
-    pub fn new(s3_endpoint: Option<String>, scope: SourceScope) -> Sources {
+    pub fn new(s3_endpoint: Option<String>, scope: SpecScope) -> Sources {
         Sources {
             s3_endpoint,
             s3: Default::default(),
@@ -348,7 +348,7 @@ mod tests {
         std::fs::write(&outside, "{\"token\": \"s3cr3t\"}\n").unwrap();
         let sources = Sources::new(
             None,
-            SourceScope::new(std::slice::from_ref(&root), None).unwrap(),
+            SpecScope::new(std::slice::from_ref(&root), None).unwrap(),
         );
         let glob = root.join("data/*.jsonl").to_string_lossy().into_owned();
         assert_eq!(

@@ -94,7 +94,7 @@ spec:
         stores.data_dir = dir.join("data");
     }
     // The export lies beside the specs.
-    let scope = crate::spec::SourceScope::new(std::slice::from_ref(&dir), None)?;
+    let scope = crate::spec::SpecScope::new(std::slice::from_ref(&dir), None)?;
     let specs = crate::spec::load_dir_in(&specs_dir, &stores.plugin_dir, &scope)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let jobs_table = format!("bench-jobs-{id}");

@@ -272,8 +272,7 @@ async fn reload_latency(wasm: &Path, reloads: usize, report: &mut Report) -> any
         Duration::from_millis(50),
         Duration::from_secs(3600),
         stop_rx,
-    ));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    )?);
     let batch = Arc::new(events(64));
     let pairs = pipeline.route(&batch);
     let mut took = Vec::new();

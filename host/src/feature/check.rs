@@ -199,6 +199,7 @@ mod tests {
                 config: None,
                 limits: Default::default(),
                 golden: None,
+                sha256: None,
             },
             sources: vec![],
             store: Default::default(),

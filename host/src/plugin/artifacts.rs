@@ -1,21 +1,34 @@
-//! Precompiled plugin artifacts on disk, keyed by the component's content hash and the
-//! engine's compatibility hash (wasmtime version, compiler settings, CPU features). A host
-//! restart or a second replica on the same volume loads machine code instead of compiling.
+//! Precompiled plugin artifacts on disk, keyed by the component's SHA-256 and the engine's
+//! compatibility hash (wasmtime version, compiler settings, CPU features). A host restart or
+//! a second replica on the same volume loads machine code instead of compiling.
 //!
-//! Loading an artifact runs its machine code, so the directory must be writable only by
-//! the host's user: it is created `0700`, and files are written under a temporary name and
-//! renamed into place so a reader never sees a partial artifact. An artifact that fails to
-//! load (corrupt, or from another engine despite the key) is deleted and recompiled.
+//! Loading an artifact runs its machine code, so what is loaded must be what this host
+//! wrote, for that component:
+//! - the directory is created `0700`, and files are written under a temporary name and
+//!   renamed into place, so a reader never sees a partial artifact;
+//! - every artifact carries an HMAC-SHA256 over its file name and bytes, under a key kept
+//!   in the directory (`.key`, `0600`, made on first use). An artifact of another component
+//!   renamed to this one's key, or one written by anything without the key, is refused.
+//!
+//! An artifact that fails to load (its MAC, a corrupt file, another engine despite the key)
+//! is deleted and recompiled.
 
+use hmac::{KeyInit as _, Mac as _};
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+type Hmac = hmac::Hmac<sha2::Sha256>;
+
+/// Bytes of the MAC at the start of an artifact file.
+const TAG_BYTES: usize = 32;
+
 #[derive(Clone)]
 pub(super) struct ArtifactCache {
     dir: PathBuf,
     engine_hash: String,
+    key: [u8; 32],
 }
 
 impl ArtifactCache {
@@ -31,40 +44,65 @@ impl ArtifactCache {
         Ok(ArtifactCache {
             dir: dir.to_path_buf(),
             engine_hash: format!("{:016x}", h.finish()),
+            key: load_or_make_key(&dir.join(".key"))?,
         })
     }
 
-    fn path(&self, content_hash: &str) -> PathBuf {
-        self.dir
-            .join(format!("{content_hash}-{}.cwasm", self.engine_hash))
+    fn name(&self, sha256: &str) -> String {
+        format!("{sha256}-{}.cwasm", self.engine_hash)
     }
 
-    /// The cached component for `content_hash`, if a usable artifact exists.
-    pub(super) fn get(&self, engine: &Engine, content_hash: &str) -> Option<Component> {
-        let path = self.path(content_hash);
+    fn tag(&self, name: &str, artifact: &[u8]) -> Hmac {
+        let mut mac = Hmac::new_from_slice(&self.key).expect("any key length");
+        mac.update(name.as_bytes());
+        mac.update(&[0]);
+        mac.update(artifact);
+        mac
+    }
+
+    /// The cached component of the component whose SHA-256 is `sha256`, if a usable
+    /// artifact exists.
+    pub(super) fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
+        let name = self.name(sha256);
+        let path = self.dir.join(&name);
         // Read, not mapped: a mapped file truncated by someone else would crash the process
         // with SIGBUS the next time the code runs.
         let bytes = std::fs::read(&path).ok()?;
-        // SAFETY: the file was written by `put` below (same user, 0700 directory, atomic
-        // rename) from wasmtime's own serialization; wasmtime additionally checks that it
-        // was produced by a compatible engine and refuses it otherwise.
-        match unsafe { Component::deserialize(engine, &bytes) } {
+        let discard = |why: String| {
+            tracing::warn!(path = %path.display(), error = %why, "discarding unusable precompiled plugin");
+            let _ = std::fs::remove_file(&path);
+            None
+        };
+        if bytes.len() < TAG_BYTES {
+            return discard("shorter than its MAC".into());
+        }
+        let (tag, artifact) = bytes.split_at(TAG_BYTES);
+        if self.tag(&name, artifact).verify_slice(tag).is_err() {
+            return discard(
+                "its MAC does not match: not written by this host for this component".into(),
+            );
+        }
+        // SAFETY: the MAC proves the bytes were written by `put` below, for this component,
+        // from wasmtime's own serialization; wasmtime additionally checks that they were
+        // produced by a compatible engine and refuses them otherwise.
+        match unsafe { Component::deserialize(engine, artifact) } {
             Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "discarding unusable precompiled plugin");
-                let _ = std::fs::remove_file(&path);
-                None
-            }
+            Err(e) => discard(format!("{e:#}")),
         }
     }
 
     /// Store a compiled component. Failures only cost a recompile later: logged, not fatal.
-    pub(super) fn put(&self, content_hash: &str, component: &Component) {
-        let path = self.path(content_hash);
+    pub(super) fn put(&self, sha256: &str, component: &Component) {
+        let name = self.name(sha256);
+        let path = self.dir.join(&name);
         let result = component
             .serialize()
             .map_err(std::io::Error::other)
-            .and_then(|bytes| {
+            .and_then(|artifact| {
+                let tag = self.tag(&name, &artifact).finalize().into_bytes();
+                let mut bytes = Vec::with_capacity(TAG_BYTES + artifact.len());
+                bytes.extend_from_slice(&tag);
+                bytes.extend_from_slice(&artifact);
                 // Unique even across replicas sharing the volume (all PID 1 in containers).
                 let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
                 std::fs::write(&tmp, bytes)?;
@@ -73,5 +111,46 @@ impl ArtifactCache {
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache the precompiled plugin");
         }
+    }
+}
+
+/// The directory's MAC key: read, or made (32 random bytes, `0600`, created exclusively so
+/// two replicas starting together agree on one).
+fn load_or_make_key(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Write as _;
+    let read = |path: &Path| -> std::io::Result<[u8; 32]> {
+        let bytes = std::fs::read(path)?;
+        bytes.try_into().map_err(|_| {
+            std::io::Error::other(format!(
+                "{} is not a 32-byte key; delete it to make a new one",
+                path.display()
+            ))
+        })
+    };
+    match read(path) {
+        Ok(key) => return Ok(key),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let key: [u8; 32] = rand::random();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+    let mut f = options.open(&tmp)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    drop(f);
+    // A link, not a rename: if another replica made the key meanwhile, keep theirs.
+    let made = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match made {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(path),
+        Err(e) => Err(e),
     }
 }

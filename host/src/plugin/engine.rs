@@ -3,6 +3,7 @@
 
 use super::artifacts::ArtifactCache;
 use super::bindings;
+use super::compiler::{CompilerSettings, compile_in_child};
 use super::loaded::Plugin;
 use super::sandbox::HostState;
 use super::{EPOCH_TICK, PluginError};
@@ -10,6 +11,7 @@ use crate::spec::PluginLimits;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -23,6 +25,9 @@ pub struct EngineSettings {
     pub max_instances: u32,
     /// Where precompiled artifacts are kept; `None`: compile on every start.
     pub cache_dir: Option<PathBuf>,
+    /// Compile in a bounded child process (a serving host); `None`: in this process (tools,
+    /// tests, benches).
+    pub compiler: Option<CompilerSettings>,
 }
 
 impl Default for EngineSettings {
@@ -30,6 +35,7 @@ impl Default for EngineSettings {
         EngineSettings {
             max_instances: 1000,
             cache_dir: None,
+            compiler: None,
         }
     }
 }
@@ -45,11 +51,27 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
 pub struct PluginEngine {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    /// Compiled components by content hash: groups sharing a module compile it once, and a
+    /// Compiled components by SHA-256: groups sharing a module compile it once, and a
     /// reload back to an earlier version (a rollback) compiles nothing.
     compiled: Arc<Mutex<Compiled>>,
     artifacts: Option<ArtifactCache>,
     pooling: bool,
+    compiler: Option<CompilerSettings>,
+    /// Set once the host serves: compiles then use one thread (see [`PluginEngine::serving`]).
+    serving: Arc<AtomicBool>,
+    /// Seeds guest randomness ([`PluginEngine::seed`]); never leaves the process.
+    secret: [u8; 32],
+}
+
+/// The engine configuration every compile and every instance shares (the child compiler's
+/// included: an artifact loads only into an engine configured alike). `parallel`: compile a
+/// component's functions on several threads.
+pub(super) fn base_config(parallel: bool) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.parallel_compilation(parallel);
+    config
 }
 
 impl PluginEngine {
@@ -59,10 +81,8 @@ impl PluginEngine {
     }
 
     pub fn with_settings(settings: &EngineSettings) -> anyhow::Result<PluginEngine> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        let mut pooling = settings.max_instances > 0;
+        let mut config = base_config(true);
+        let pooling = settings.max_instances > 0;
         if pooling {
             let n = settings.max_instances;
             let mut pool = PoolingAllocationConfig::new();
@@ -79,18 +99,22 @@ impl PluginEngine {
                 .linear_memory_keep_resident(1 << 20);
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
-        let engine = match Engine::new(&config) {
-            Ok(e) => e,
-            Err(e) if pooling => {
-                // E.g. a container with a low virtual-memory ulimit: run, just slower to
-                // instantiate.
-                tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand instance allocation");
-                pooling = false;
-                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
-                Engine::new(&config)?
+        // No silent fallback to on-demand allocation: the operator chose the pool (and its
+        // instantiation cost); running otherwise is their call, made with the setting.
+        let engine = Engine::new(&config).map_err(|e| {
+            if pooling {
+                anyhow::anyhow!(
+                    "cannot reserve the plugin instance pool ({} instance slots, each up to {} GiB \
+                     of address space): {e:#}. Raise the address-space limit (ulimit -v), lower \
+                     FH_PLUGIN_MAX_INSTANCES, or set FH_PLUGIN_MAX_INSTANCES=0 for on-demand \
+                     allocation (slower to instantiate; the same sandbox limits)",
+                    settings.max_instances,
+                    MAX_MEMORY_BYTES >> 30
+                )
+            } else {
+                anyhow::anyhow!("cannot create the plugin engine: {e:#}")
             }
-            Err(e) => return Err(e.into()),
-        };
+        })?;
         let mut linker = Linker::<HostState>::new(&engine);
         // The WASI imports Rust's std links; what they can reach is decided by the context
         // each instance gets (see `sandbox`).
@@ -125,7 +149,16 @@ impl PluginEngine {
             compiled: Default::default(),
             artifacts,
             pooling,
+            compiler: settings.compiler.clone(),
+            serving: Arc::default(),
+            secret: rand::random(),
         })
+    }
+
+    /// The host now serves: compiles from here on (reloads) run on one thread, leaving the
+    /// other cores to the stream.
+    pub fn serving(&self) {
+        self.serving.store(true, Ordering::Relaxed);
     }
 
     /// Whether instances come from the pooling allocator.
@@ -156,8 +189,9 @@ impl PluginEngine {
         config: Option<&serde_json::Value>,
         limits: &PluginLimits,
     ) -> Result<Plugin, PluginError> {
-        let version = content_version(bytes);
-        let component = self.component(&version, path, bytes)?;
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let version = sha256[..VERSION_DIGITS].to_owned();
+        let component = self.component(&sha256, path, bytes)?;
         let interface = |e: wasmtime::Error| PluginError::Interface {
             path: path.into(),
             message: format!("{e:#}"),
@@ -167,6 +201,7 @@ impl PluginEngine {
         Plugin::new(
             self.engine.clone(),
             group,
+            self.seed(&version),
             version,
             pre,
             config.map_or_else(|| "null".into(), |c| c.to_string()),
@@ -174,23 +209,45 @@ impl PluginEngine {
         )
     }
 
-    fn component(&self, version: &str, path: &str, bytes: &[u8]) -> Result<Component, PluginError> {
-        if let Some(c) = self.compiled.lock().expect("compiled lock").get(version) {
+    /// The seed of a version's guest randomness: from this engine's secret, so producers
+    /// cannot predict a plugin's hash keys, and the same for every instance of the version
+    /// (they agree on hash order).
+    fn seed(&self, version: &str) -> u64 {
+        let mut h = Sha256::new();
+        h.update(self.secret);
+        h.update(version.as_bytes());
+        u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+    }
+
+    /// The compiled component of `bytes`, whose SHA-256 is `sha256`.
+    fn component(&self, sha256: &str, path: &str, bytes: &[u8]) -> Result<Component, PluginError> {
+        if let Some(c) = self.compiled.lock().expect("compiled lock").get(sha256) {
             return Ok(c);
         }
         let cached = self
             .artifacts
             .as_ref()
-            .and_then(|a| a.get(&self.engine, version));
+            .and_then(|a| a.get(&self.engine, sha256));
         let component = match cached {
             Some(c) => c,
             None => {
-                let c = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+                let c = match &self.compiler {
+                    Some(compiler) => {
+                        let parallel = !self.serving.load(Ordering::Relaxed);
+                        let artifact = compile_in_child(compiler, path, bytes, parallel)?;
+                        // SAFETY: the artifact came from the child's stdout (never a file
+                        // anyone else could write), produced by this binary with this
+                        // engine's configuration; wasmtime also checks the engine matches.
+                        unsafe { Component::deserialize(&self.engine, &artifact) }
+                    }
+                    None => Component::new(&self.engine, bytes),
+                }
+                .map_err(|e| PluginError::Compile {
                     path: path.into(),
                     message: format!("{e:#}"),
                 })?;
                 if let Some(a) = &self.artifacts {
-                    a.put(version, &c);
+                    a.put(sha256, &c);
                 }
                 c
             }
@@ -198,7 +255,7 @@ impl PluginEngine {
         self.compiled
             .lock()
             .expect("compiled lock")
-            .insert(version, &component);
+            .insert(sha256, &component);
         Ok(component)
     }
 }
@@ -258,7 +315,11 @@ pub fn read_component(path: &Path) -> Result<Vec<u8>, PluginError> {
     Ok(bytes)
 }
 
-/// A plugin version: the first 16 hex digits of the SHA-256 of its bytes.
+/// Hex digits of a plugin version.
+const VERSION_DIGITS: usize = 16;
+
+/// A plugin version: the first 16 hex digits of the SHA-256 of its bytes (what operators
+/// read; caches key by the whole digest).
 pub fn content_version(bytes: &[u8]) -> String {
-    hex::encode(&Sha256::digest(bytes)[..8])
+    hex::encode(Sha256::digest(bytes))[..VERSION_DIGITS].to_owned()
 }

@@ -52,12 +52,12 @@ impl Plugin {
     pub(super) fn new(
         engine: Engine,
         group: &str,
+        seed: u64,
         version: String,
         pre: bindings::FeaturePluginPre<HostState>,
         config_json: String,
         limits: PluginLimits,
     ) -> Result<Plugin, PluginError> {
-        let seed = u64::from_str_radix(&version, 16).unwrap_or(0);
         let recycle_mb = limits.recycle_mb.unwrap_or(limits.memory_mb / 2).max(1);
         let plugin = Plugin {
             inner: Arc::new(PluginInner {

@@ -19,6 +19,7 @@ pub(crate) mod bindings {
 }
 
 mod artifacts;
+pub mod compiler;
 mod convert;
 pub mod engine;
 pub mod golden;
@@ -49,6 +50,23 @@ pub enum PluginError {
          (it would hold the compiler's time and memory)"
     )]
     TooLarge { path: String, limit: u64 },
+    #[error(
+        "plugin {path} is not the build its spec pins: the spec pins {pinned}, the plugin \
+         file's SHA-256 is {actual}; ship the reviewed build, or update spec.plugin.sha256"
+    )]
+    Pinned {
+        path: String,
+        pinned: String,
+        actual: String,
+    },
+    #[error(
+        "plugin {path} did not compile within {} (FH_PLUGIN_COMPILE_TIMEOUT); the compile \
+         was stopped and the loaded version keeps serving", humantime::format_duration(*limit)
+    )]
+    CompileTimeout {
+        path: String,
+        limit: std::time::Duration,
+    },
     #[error("plugin {path} is not a valid WASM component: {message}")]
     Compile { path: String, message: String },
     #[error("plugin {path} does not implement the feature-host plugin interface: {message}")]

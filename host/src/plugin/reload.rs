@@ -18,7 +18,7 @@ use super::{PluginEngine, PluginError, content_version, golden};
 use crate::metrics::ReloadLabels;
 use crate::pipeline::{GroupRuntime, Pipeline};
 use crate::sink::writer::GroupSink;
-use crate::spec::{GroupDef, SourceScope, SpecError, load_dir_tolerant};
+use crate::spec::{GroupDef, SpecError, SpecScope, load_dir_tolerant};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -41,6 +41,17 @@ fn build_from_bytes(
     def: &GroupDef,
     bytes: &[u8],
 ) -> Result<GroupRuntime, PluginError> {
+    // The bytes that are compiled are the bytes that are checked.
+    if let Some(pinned) = &def.spec.plugin.sha256 {
+        let actual = hex::encode(Sha256::digest(bytes));
+        if !actual.eq_ignore_ascii_case(pinned) {
+            return Err(PluginError::Pinned {
+                path: def.plugin_path.display().to_string(),
+                pinned: pinned.clone(),
+                actual,
+            });
+        }
+    }
     let plugin = engine.load_bytes(
         &def.name,
         &def.plugin_path.display().to_string(),
@@ -131,6 +142,9 @@ pub struct GroupStatus {
     pub previous_version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_reload: Option<ReloadRecord>,
+    /// The candidate version being compiled and checked right now, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub building: Option<String>,
     pub history: Vec<ReloadRecord>,
 }
 
@@ -144,6 +158,12 @@ struct GroupState {
     /// The candidate rolled back from (plugin version, spec fingerprint): not re-applied
     /// until a different candidate is.
     pinned_away: Option<(String, String)>,
+    /// Swaps so far (reloads applied and rollbacks). A pass builds its candidate without a
+    /// lock and swaps it in only if this did not change meanwhile: a rollback made while a
+    /// candidate compiled is not undone by it.
+    swaps: u64,
+    /// The candidate version a pass is building.
+    building: Option<String>,
     history: VecDeque<ReloadRecord>,
 }
 
@@ -153,11 +173,12 @@ pub struct Reloader {
     engine: PluginEngine,
     spec_dir: PathBuf,
     plugin_dir: PathBuf,
-    sources: SourceScope,
+    sources: SpecScope,
     groups: Mutex<BTreeMap<String, GroupState>>,
     /// Spec files or groups set aside in the last pass (not tied to a running group).
     notes: Mutex<Vec<String>>,
-    /// One reload pass at a time.
+    /// One reload pass at a time. A rollback does not take it: it must not wait for a
+    /// pass's compile.
     pass: tokio::sync::Mutex<()>,
 }
 
@@ -169,7 +190,7 @@ impl Reloader {
         engine: PluginEngine,
         spec_dir: &Path,
         plugin_dir: &Path,
-        sources: SourceScope,
+        sources: SpecScope,
     ) -> Arc<Reloader> {
         let now = now_ms();
         let groups = pipeline
@@ -184,6 +205,8 @@ impl Reloader {
                         previous: None,
                         refused: None,
                         pinned_away: None,
+                        swaps: 0,
+                        building: None,
                         history: VecDeque::new(),
                     },
                 )
@@ -223,6 +246,7 @@ impl Reloader {
                         .and_then(|s| s.previous.as_ref())
                         .map(|(p, _)| p.plugin.version().to_owned()),
                     last_reload: st.and_then(|s| s.history.back().cloned()),
+                    building: st.and_then(|s| s.building.clone()),
                     history: st
                         .map(|s| s.history.iter().cloned().collect())
                         .unwrap_or_default(),
@@ -340,8 +364,8 @@ impl Reloader {
             };
             let version = content_version(&bytes);
             let spec_fp = spec_fingerprint(def);
-            {
-                let groups = self.groups.lock().expect("reload state");
+            let swaps = {
+                let mut groups = self.groups.lock().expect("reload state");
                 let st = groups.get(&name);
                 if version == current.plugin.version() && st.is_some_and(|s| s.spec_fp == spec_fp) {
                     continue; // unchanged
@@ -358,7 +382,12 @@ impl Reloader {
                 {
                     continue; // rolled back from: wait for the next change
                 }
-            }
+                let Some(st) = groups.get_mut(&name) else {
+                    continue;
+                };
+                st.building = Some(version.clone());
+                st.swaps
+            };
             let (engine, d) = (self.engine.clone(), def.clone());
             let built =
                 tokio::task::spawn_blocking(move || build_from_bytes(&engine, &d, &bytes)).await;
@@ -366,19 +395,27 @@ impl Reloader {
                 Ok(b) => b,
                 Err(e) => Err(PluginError::Cancelled(e.to_string())),
             };
+            if let Some(st) = self.groups.lock().expect("reload state").get_mut(&name) {
+                st.building = None;
+            }
             match built {
                 Ok(runtime) => {
                     // Swap and bookkeeping under one lock, so a rollback sees both or neither.
                     let old = {
                         let mut groups = self.groups.lock().expect("reload state");
+                        let Some(st) = groups.get_mut(&name).filter(|st| st.swaps == swaps) else {
+                            // Rolled back while this candidate was built: the operator's
+                            // choice stands; the candidate is looked at again next pass.
+                            tracing::info!(group = %name, version = %version, "rolled back while this candidate was built; not applied");
+                            continue;
+                        };
                         let old = self.pipeline.replace(g, Arc::new(runtime));
-                        if let Some(st) = groups.get_mut(&name) {
-                            let old_fp = std::mem::replace(&mut st.spec_fp, spec_fp);
-                            st.previous = Some((old.clone(), old_fp));
-                            st.loaded_at_ms = now_ms();
-                            st.refused = None;
-                            st.pinned_away = None;
-                        }
+                        let old_fp = std::mem::replace(&mut st.spec_fp, spec_fp);
+                        st.previous = Some((old.clone(), old_fp));
+                        st.loaded_at_ms = now_ms();
+                        st.refused = None;
+                        st.pinned_away = None;
+                        st.swaps += 1;
                         old
                     };
                     // Kept for rollback only: its warm instances would hold pool slots.
@@ -482,8 +519,8 @@ impl Reloader {
     /// Serve `group` with the version it had before its last swap. The version rolled back
     /// from is not re-applied until its plugin or spec changes again.
     pub async fn rollback(&self, group: &str) -> Result<String, String> {
-        // Not while a pass may be swapping this group.
-        let _pass = self.pass.lock().await;
+        // Only the state lock, held briefly: a pass swaps under it too, and a candidate
+        // being built meanwhile is discarded (see `GroupState::swaps`).
         let g = self
             .pipeline
             .group_index(group)
@@ -504,6 +541,7 @@ impl Reloader {
         st.refused = None;
         st.previous = Some((old.clone(), old_fp));
         st.loaded_at_ms = now_ms();
+        st.swaps += 1;
         drop(groups);
         tracing::warn!(group, from = old.plugin.version(), to = %to, "plugin rolled back");
         self.record(
@@ -521,12 +559,14 @@ impl Reloader {
 
     /// Watch the spec and plugin directories until `shutdown`, reloading `debounce` after
     /// the last change, and every `poll` regardless (file systems without change events).
-    pub async fn watch(
+    /// The directories are watched when this returns (a change made after it is seen);
+    /// the returned future runs the reloads.
+    pub fn watch(
         self: Arc<Self>,
         debounce: Duration,
         poll: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -554,29 +594,32 @@ impl Reloader {
                 .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
         }
         tracing::info!(specs = %self.spec_dir.display(), plugins = %self.plugin_dir.display(), "watching for plugin and spec changes");
-        let mut ticker = tokio::time::interval(poll);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        loop {
-            tokio::select! {
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(()),
-                _ = ticker.tick() => {}
-                got = rx.recv() => {
-                    if got.is_none() {
-                        return Ok(());
+        Ok(async move {
+            let _watching = watcher;
+            let mut ticker = tokio::time::interval(poll);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                    _ = ticker.tick() => {}
+                    got = rx.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        // Quiet for `debounce` (bounded, so a constant trickle still reloads).
+                        let deadline = tokio::time::Instant::now() + debounce * 20;
+                        while let Ok(Some(())) = tokio::time::timeout_at(
+                            deadline.min(tokio::time::Instant::now() + debounce),
+                            rx.recv(),
+                        )
+                        .await
+                        {}
                     }
-                    // Quiet for `debounce` (bounded, so a constant trickle still reloads).
-                    let deadline = tokio::time::Instant::now() + debounce * 20;
-                    while let Ok(Some(())) = tokio::time::timeout_at(
-                        deadline.min(tokio::time::Instant::now() + debounce),
-                        rx.recv(),
-                    )
-                    .await
-                    {}
                 }
+                self.reload().await;
             }
-            self.reload().await;
-        }
+        })
     }
 }
 

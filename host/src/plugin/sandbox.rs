@@ -1,6 +1,6 @@
 //! What a plugin instance can see and use: an empty WASI context (no preopened directories,
 //! no environment, no arguments, no network, no stdio), a clock stopped at the Unix epoch,
-//! randomness seeded from the plugin's version, a memory cap, and a log routed into the
+//! randomness seeded from a host secret and the plugin's version, a memory cap, and a log routed into the
 //! host's logs.
 
 use super::bindings::feature_host::plugin::{log as wit_log, types as wit};
@@ -41,8 +41,9 @@ pub(super) struct HostState {
 }
 
 impl HostState {
-    /// `seed` makes the plugin's randomness reproducible: the same version fed the same
-    /// events computes the same writes, so replays and backfills agree with live traffic.
+    /// `seed`: the guest's randomness (and std's hash keys) for this version, from the
+    /// engine's secret (see `PluginEngine::seed`): the same in every instance of the version
+    /// within a host, unpredictable outside it.
     pub(super) fn new(group: &str, version: &str, memory_bytes: usize, seed: u64) -> HostState {
         HostState {
             wasi: WasiCtx::builder()

@@ -86,15 +86,17 @@ fn unavailable(e: redis::RedisError) -> SinkError {
 impl RedisCache {
     /// Connect to `url` (`redis://host:port/db`). The connection reconnects by itself.
     pub async fn connect(url: &str) -> anyhow::Result<RedisCache> {
+        // The URL may carry the password: shown redacted.
+        let shown = crate::text::redact_url(url);
         let client = redis::Client::open(url)
-            .map_err(|e| anyhow::anyhow!("invalid Redis URL {url:?}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("invalid Redis URL {shown}: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {shown}: {e}"))?;
         Ok(RedisCache { conn })
     }
 

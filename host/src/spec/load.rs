@@ -3,7 +3,7 @@
 //! (duplicates, references, cycles, cron, durations, plugin files).
 
 use super::model::*;
-use super::scope::{Location, SourceScope};
+use super::scope::{Location, SpecScope, relative_inside};
 use schemars::schema_for;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -78,7 +78,7 @@ pub struct SpecSet {
     pub groups: BTreeMap<String, GroupDef>,
     pub ingestions: BTreeMap<String, IngestionDef>,
     /// Where the ingestions were allowed to read: runs check every file against it again.
-    pub sources: SourceScope,
+    pub sources: SpecScope,
 }
 
 impl SpecSet {
@@ -121,14 +121,14 @@ static VALIDATORS: LazyLock<Validators> = LazyLock::new(|| {
 /// Load and validate every `*.yaml` / `*.yml` below `dir` (recursively). Plugin paths resolve
 /// against `plugin_dir`; batch sources may read below `dir` and from any S3 bucket.
 pub fn load_dir(dir: &Path, plugin_dir: &Path) -> Result<SpecSet, SpecErrors> {
-    load_dir_in(dir, plugin_dir, &SourceScope::spec_dir(dir))
+    load_dir_in(dir, plugin_dir, &SpecScope::spec_dir(dir))
 }
 
 /// [`load_dir`] with batch sources limited to `scope`.
 pub fn load_dir_in(
     dir: &Path,
     plugin_dir: &Path,
-    scope: &SourceScope,
+    scope: &SpecScope,
 ) -> Result<SpecSet, SpecErrors> {
     load_files(&spec_files(dir)?, plugin_dir, scope)
 }
@@ -153,7 +153,7 @@ pub fn spec_files(dir: &Path) -> Result<Vec<PathBuf>, SpecErrors> {
 pub fn load_dir_tolerant(
     dir: &Path,
     plugin_dir: &Path,
-    scope: &SourceScope,
+    scope: &SpecScope,
 ) -> (SpecSet, Vec<SpecError>) {
     let mut files = match spec_files(dir) {
         Ok(f) => f,
@@ -216,7 +216,7 @@ fn collect_yaml(
 pub fn load_files(
     files: &[PathBuf],
     plugin_dir: &Path,
-    scope: &SourceScope,
+    scope: &SpecScope,
 ) -> Result<SpecSet, SpecErrors> {
     let mut errors = Vec::new();
     let mut docs = Vec::new();
@@ -362,7 +362,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn check_semantics(
     docs: Vec<ParsedDoc>,
     plugin_dir: &Path,
-    scope: &SourceScope,
+    scope: &SpecScope,
     errors: &mut Vec<SpecError>,
 ) -> SpecSet {
     let mut set = SpecSet {
@@ -397,7 +397,8 @@ fn check_semantics(
         }
         match doc {
             Document::FeatureGroup(d) => {
-                let group = check_group(&name, &file, d.spec, plugin_dir, &err, &mut problems);
+                let group =
+                    check_group(&name, &file, d.spec, plugin_dir, scope, &err, &mut problems);
                 if problems.is_empty() {
                     set.groups.insert(name, group);
                 }
@@ -564,6 +565,7 @@ fn check_group(
     file: &Path,
     spec: FeatureGroupSpec,
     plugin_dir: &Path,
+    scope: &SpecScope,
     err: &dyn Fn(&str, String) -> SpecError,
     problems: &mut Vec<SpecError>,
 ) -> GroupDef {
@@ -635,7 +637,9 @@ fn check_group(
         ));
     }
     let plugin_path = plugin_dir.join(&spec.plugin.wasm);
-    if !plugin_path.is_file() {
+    if let Err(e) = relative_inside(&spec.plugin.wasm, "plugin directory") {
+        problems.push(err("spec.plugin.wasm", e.to_string()));
+    } else if !plugin_path.is_file() {
         problems.push(err(
             "spec.plugin.wasm",
             format!(
@@ -644,36 +648,89 @@ fn check_group(
                 plugin_dir.display()
             ),
         ));
+    } else if let Some(pinned) = &spec.plugin.sha256 {
+        match file_sha256(&plugin_path) {
+            Ok(actual) if actual.eq_ignore_ascii_case(pinned) => {}
+            Ok(actual) => problems.push(err(
+                "spec.plugin.sha256",
+                format!(
+                    "the spec pins {pinned}, the plugin file's SHA-256 is {actual}; ship the reviewed build, or update the pin"
+                ),
+            )),
+            Err(e) => problems.push(err(
+                "spec.plugin.wasm",
+                format!("cannot read plugin file {}: {e}", plugin_path.display()),
+            )),
+        }
     }
     let golden = match &spec.plugin.golden {
-        Some(rel) => {
-            let path = file.parent().unwrap_or(Path::new(".")).join(rel);
-            crate::plugin::golden::load(&path).unwrap_or_else(|m| {
-                problems.push(err("spec.plugin.golden", m));
+        Some(rel) => match relative_inside(rel, "spec file's directory") {
+            Err(e) => {
+                problems.push(err("spec.plugin.golden", e.to_string()));
                 Vec::new()
-            })
-        }
+            }
+            Ok(()) => {
+                let path = file.parent().unwrap_or(Path::new(".")).join(rel);
+                crate::plugin::golden::load(&path).unwrap_or_else(|m| {
+                    problems.push(err("spec.plugin.golden", m));
+                    Vec::new()
+                })
+            }
+        },
         None => Vec::new(),
     };
+    if let Err(e) = scope.check_table(&spec.store.table) {
+        problems.push(err("spec.store.table", e.to_string()));
+    }
+    for (i, s) in spec.sources.iter().enumerate() {
+        if let Err(e) = scope.check_topic(&s.topic) {
+            problems.push(err(&format!("spec.sources[{i}].topic"), e.to_string()));
+        }
+    }
+    let retry_topic = spec
+        .retry
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("{name}.retry"));
+    let dead_letter_topic = spec
+        .retry
+        .dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{name}.dlq"));
+    for (field, topic) in [
+        ("spec.retry.topic", &retry_topic),
+        ("spec.retry.deadLetterTopic", &dead_letter_topic),
+    ] {
+        if let Err(e) = scope.check_topic(topic) {
+            problems.push(err(field, e.to_string()));
+        }
+    }
     GroupDef {
         golden,
         name: name.to_owned(),
         file: file.to_path_buf(),
-        retry_topic: spec
-            .retry
-            .topic
-            .clone()
-            .unwrap_or_else(|| format!("{name}.retry")),
-        dead_letter_topic: spec
-            .retry
-            .dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| format!("{name}.dlq")),
+        retry_topic,
+        dead_letter_topic,
         spec,
         plugin_path,
         store_ttl,
         cache_ttl,
         retry_backoff,
+    }
+}
+
+/// The SHA-256 of a file, hex, read in pieces.
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read as _;
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(hex::encode(hasher.finalize())),
+            n => hasher.update(&buf[..n]),
+        }
     }
 }
 

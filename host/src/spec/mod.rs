@@ -16,4 +16,4 @@ pub use load::{
     load_dir_tolerant,
 };
 pub use model::*;
-pub use scope::SourceScope;
+pub use scope::SpecScope;

@@ -108,15 +108,22 @@ pub enum FeatureType {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginSpec {
-    /// The component file, relative to the plugin directory (or absolute).
+    /// The component file, relative to the plugin directory (no `..`, not absolute: a spec
+    /// loads only plugins the operator's plugin directory holds).
     #[schemars(regex(pattern = r"\.wasm$"))]
     pub wasm: String,
+    /// The SHA-256 (64 hex digits) of the reviewed build. Set, the host refuses any other
+    /// file under this name — at validation, at start and on every reload — so a plugin
+    /// directory that changes (a sync from a bucket) cannot swap in an unreviewed build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
     /// Passed to the plugin's init call as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
     #[serde(default)]
     pub limits: PluginLimits,
-    /// Golden events: a JSON-lines file (relative to this spec file) of sample events with
+    /// Golden events: a JSON-lines file (relative to this spec file, inside its directory) of sample events with
     /// the writes they must produce. A plugin version that disagrees is refused, at start
     /// and on every reload. `feature-host plugin test --golden` writes such a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,5 @@
-//! Where an Ingestion may read: the operator's allow-lists for batch sources.
+//! What a spec may name: the operator's allow-lists for batch sources, tables and topics,
+//! and the directories plugin and golden files are taken from.
 //!
 //! A spec author chooses a source URI; on a shared host that author is not the operator, and
 //! the host's process can read much that the author must not: `/proc/self/environ` (the admin
@@ -7,10 +8,17 @@
 //! default the spec directory) and an S3 source under one of the configured `s3://bucket/prefix`
 //! entries (by default any: the host's IAM role is then the only bound).
 //!
-//! Checked twice. At validation, [`SourceScope::check_uri`] refuses a spec whose URI can only
+//! Checked twice. At validation, [`SpecScope::check_uri`] refuses a spec whose URI can only
 //! reach outside (file, field and reason, like every spec error). At read time,
-//! [`SourceScope::check_file`] and [`SourceScope::check_s3`] check every file a run lists or
+//! [`SpecScope::check_file`] and [`SpecScope::check_s3`] check every file a run lists or
 //! reads, after symlinks are resolved: a glob or a link inside a root cannot lead out of it.
+//!
+//! Tables and topics: with `FH_TABLE_PREFIXES` / `FH_TOPIC_PREFIXES`, a group's store table
+//! and every topic it reads or hands off through must start with one of the prefixes, the
+//! same plain prefixes an IAM policy (`table/team-a-*`) or a Kafka PREFIXED ACL grants, so a
+//! spec cannot write into another team's table or read its topics through the host's
+//! credentials. Plugin and golden files are named relative to the plugin directory and the
+//! spec's directory, without `..` ([`relative_inside`]).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -59,23 +67,56 @@ pub enum ScopeError {
     },
     #[error("cannot resolve {path}: {reason}")]
     Unresolvable { path: String, reason: String },
+    #[error("{path:?} is absolute; name the file relative to the {base}")]
+    Absolute { path: String, base: &'static str },
+    #[error(
+        "{name:?} does not start with one of the {kind} prefixes this host allows ({allowed}); \
+         the operator sets them with {setting}"
+    )]
+    Prefix {
+        kind: &'static str,
+        name: String,
+        allowed: String,
+        setting: &'static str,
+    },
+}
+
+/// `path` as a spec names a file inside `base` (what the path is relative to, for the
+/// message): relative, without `..`. Lexical: the directory's own contents are the
+/// operator's (the plugin sync, the ConfigMap), so a link inside it is theirs to make.
+pub fn relative_inside(path: &str, base: &'static str) -> Result<(), ScopeError> {
+    let p = Path::new(path);
+    if p.has_root() || p.is_absolute() {
+        return Err(ScopeError::Absolute {
+            path: path.to_owned(),
+            base,
+        });
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(ScopeError::Parent(path.to_owned()));
+    }
+    Ok(())
 }
 
 /// The operator's allow-lists. The default allows no local path and any S3 object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SourceScope {
+pub struct SpecScope {
     /// Canonical directories.
     roots: Vec<PathBuf>,
     /// `(bucket, key prefix)`; `None`: any bucket.
     s3: Option<Vec<(String, String)>>,
+    /// Prefixes store tables must start with; `None`: any table.
+    tables: Option<Vec<String>>,
+    /// Prefixes topics must start with; `None`: any topic.
+    topics: Option<Vec<String>>,
 }
 
-impl SourceScope {
+impl SpecScope {
     /// `roots`: directories local sources may lie under (canonicalized here; one that does
     /// not exist is an error, since a typo would otherwise refuse every source). `s3`:
     /// `s3://bucket/prefix` entries, `None` for any. A prefix is a key directory: `team-a`
     /// allows `team-a/…`, not `team-ab/…`.
-    pub fn new(roots: &[PathBuf], s3: Option<&[String]>) -> anyhow::Result<SourceScope> {
+    pub fn new(roots: &[PathBuf], s3: Option<&[String]>) -> anyhow::Result<SpecScope> {
         let roots = roots
             .iter()
             .map(|r| {
@@ -96,14 +137,57 @@ impl SourceScope {
                     .collect::<anyhow::Result<Vec<_>>>()?,
             ),
         };
-        Ok(SourceScope { roots, s3 })
+        Ok(SpecScope {
+            roots,
+            s3,
+            tables: None,
+            topics: None,
+        })
+    }
+
+    /// This scope, with store tables and topics restricted to names starting with one of
+    /// `tables` / `topics` (`None`: any). An empty prefix is refused: it would allow all
+    /// while reading as a restriction.
+    pub fn with_prefixes(
+        mut self,
+        tables: Option<&[String]>,
+        topics: Option<&[String]>,
+    ) -> anyhow::Result<SpecScope> {
+        let check = |list: Option<&[String]>, setting: &str| -> anyhow::Result<_> {
+            list.map(|l| {
+                l.iter()
+                    .map(|p| {
+                        let p = p.trim();
+                        anyhow::ensure!(
+                            !p.is_empty(),
+                            "{setting} has an empty entry; list the prefixes, or unset it to allow any name"
+                        );
+                        Ok(p.to_owned())
+                    })
+                    .collect()
+            })
+            .transpose()
+        };
+        self.tables = check(tables, "FH_TABLE_PREFIXES")?;
+        self.topics = check(topics, "FH_TOPIC_PREFIXES")?;
+        Ok(self)
+    }
+
+    /// Whether a group may use store table `name`.
+    pub fn check_table(&self, name: &str) -> Result<(), ScopeError> {
+        check_prefix(self.tables.as_deref(), name, "table", "FH_TABLE_PREFIXES")
+    }
+
+    /// Whether a group may read or hand off through topic `name`.
+    pub fn check_topic(&self, name: &str) -> Result<(), ScopeError> {
+        check_prefix(self.topics.as_deref(), name, "topic", "FH_TOPIC_PREFIXES")
     }
 
     /// The default: local sources under the spec directory, S3 anywhere.
-    pub fn spec_dir(dir: &Path) -> SourceScope {
-        SourceScope {
+    pub fn spec_dir(dir: &Path) -> SpecScope {
+        SpecScope {
             roots: std::fs::canonicalize(dir).into_iter().collect(),
-            s3: None,
+            ..SpecScope::default()
         }
     }
 
@@ -228,6 +312,29 @@ impl SourceScope {
     }
 }
 
+fn check_prefix(
+    allowed: Option<&[String]>,
+    name: &str,
+    kind: &'static str,
+    setting: &'static str,
+) -> Result<(), ScopeError> {
+    match allowed {
+        Some(list) if !list.iter().any(|p| name.starts_with(p.as_str())) => {
+            Err(ScopeError::Prefix {
+                kind,
+                name: name.to_owned(),
+                allowed: if list.is_empty() {
+                    "none".into()
+                } else {
+                    list.join(", ")
+                },
+                setting,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Where a source pattern's first glob character (or `{date}` placeholder) is: the part
 /// before it is literal. The pattern's length without one.
 pub fn glob_start(pattern: &str) -> usize {
@@ -328,7 +435,7 @@ mod tests {
     #[test]
     fn the_default_scope_is_the_spec_directory() {
         let (_tmp, specs, file) = dirs();
-        let scope = SourceScope::spec_dir(&specs);
+        let scope = SpecScope::spec_dir(&specs);
         for ok in [
             "data/a.csv",
             "data/*.csv",
@@ -358,7 +465,7 @@ mod tests {
     fn a_symlink_out_of_a_root_is_refused_at_validation_and_per_file() {
         let (_tmp, specs, file) = dirs();
         std::os::unix::fs::symlink("/proc/self", specs.join("data/proc")).unwrap();
-        let scope = SourceScope::spec_dir(&specs);
+        let scope = SpecScope::spec_dir(&specs);
         let e = scope.check_uri("data/proc/environ", &file).unwrap_err();
         assert!(e.to_string().contains("resolved: /proc/"), "{e}");
         // A glob inside the root that would match through the link: refused per file.
@@ -379,7 +486,7 @@ mod tests {
     #[test]
     fn only_the_uri_as_written_may_not_climb() {
         let (_tmp, specs, _) = dirs();
-        let scope = SourceScope::spec_dir(&specs);
+        let scope = SpecScope::spec_dir(&specs);
         let file = specs.join("data/../team.yaml");
         assert_eq!(scope.check_uri("data/a.csv", &file), Ok(()));
     }
@@ -387,9 +494,9 @@ mod tests {
     #[test]
     fn s3_sources_stay_under_their_prefixes() {
         let (_tmp, specs, file) = dirs();
-        let any = SourceScope::spec_dir(&specs);
+        let any = SpecScope::spec_dir(&specs);
         assert_eq!(any.check_uri("s3://other/secret.parquet", &file), Ok(()));
-        let scope = SourceScope::new(
+        let scope = SpecScope::new(
             std::slice::from_ref(&specs),
             Some(&["s3://exports/team-a".into(), "s3://shared/".into()]),
         )
@@ -409,16 +516,80 @@ mod tests {
         ] {
             assert!(scope.check_uri(bad, &file).is_err(), "{bad}");
         }
-        let none = SourceScope::new(&[], Some(&[])).unwrap();
+        let none = SpecScope::new(&[], Some(&[])).unwrap();
         let e = none.check_s3("b", "k").unwrap_err();
         assert!(e.to_string().contains("(none)"), "{e}");
     }
 
     #[test]
     fn bad_allow_lists_are_refused() {
-        assert!(SourceScope::new(&["/no/such/dir".into()], None).is_err());
+        assert!(SpecScope::new(&["/no/such/dir".into()], None).is_err());
         for bad in ["exports/x", "s3://b/x/*", "s3://b/../x"] {
-            assert!(SourceScope::new(&[], Some(&[bad.into()])).is_err(), "{bad}");
+            assert!(SpecScope::new(&[], Some(&[bad.into()])).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_must_carry_an_allowed_prefix() {
+        let any = SpecScope::default();
+        assert!(any.check_table("anything").is_ok());
+        assert!(any.check_topic("anything").is_ok());
+        let scope = SpecScope::default()
+            .with_prefixes(
+                Some(&["team-a-".into(), " shared-".into()]),
+                Some(&["team-a.".into()]),
+            )
+            .unwrap();
+        assert!(scope.check_table("team-a-features").is_ok());
+        assert!(
+            scope.check_table("shared-features").is_ok(),
+            "entries are trimmed"
+        );
+        assert!(scope.check_topic("team-a.clicks").is_ok());
+        let e = scope.check_table("team-ab").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "\"team-ab\" does not start with one of the table prefixes this host allows \
+             (team-a-, shared-); the operator sets them with FH_TABLE_PREFIXES"
+        );
+        assert!(
+            scope.check_topic("team-a").is_err(),
+            "the prefix itself is not a match"
+        );
+        let none = SpecScope::default().with_prefixes(Some(&[]), None).unwrap();
+        assert!(
+            none.check_table("x")
+                .unwrap_err()
+                .to_string()
+                .contains("prefixes this host allows (none)")
+        );
+        assert!(
+            SpecScope::default()
+                .with_prefixes(None, Some(&["".into()]))
+                .is_err(),
+            "an empty prefix would allow every name"
+        );
+    }
+
+    #[test]
+    fn files_a_spec_names_stay_inside_their_directory() {
+        for ok in ["user_activity.wasm", "team-a/v2/x.wasm", "./x.wasm"] {
+            assert!(relative_inside(ok, "plugin directory").is_ok(), "{ok}");
+        }
+        assert_eq!(
+            relative_inside("/etc/x.wasm", "plugin directory")
+                .unwrap_err()
+                .to_string(),
+            "\"/etc/x.wasm\" is absolute; name the file relative to the plugin directory"
+        );
+        for up in ["../x.wasm", "a/../../x.wasm", "a/.."] {
+            assert!(
+                matches!(
+                    relative_inside(up, "plugin directory"),
+                    Err(ScopeError::Parent(_))
+                ),
+                "{up}"
+            );
         }
     }
 }

@@ -30,23 +30,52 @@ pub fn to_json_line(event: &Event, group: &str, failure: &Failure) -> String {
     .to_string()
 }
 
-/// Appends dead letters to a local file.
+/// Why dead letters could not be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The file reached its size limit. The events stay unfinished (the caller reports the
+    /// failure, so they are sent or read again), rather than the disk filling up.
+    #[error(
+        "the dead-letter file {path} is full ({limit_mb} MiB, FH_DEAD_LETTER_MAX_MB): handle \
+         its events (fix, then ingest them again with `feature-host run --events`) and move it \
+         away, or raise the limit"
+    )]
+    Full { path: String, limit_mb: u64 },
+    #[error("cannot write the dead-letter file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Appends dead letters to a local file, up to a size limit.
 #[derive(Debug, Clone)]
 pub struct DeadLetterFile {
     path: PathBuf,
+    limit_mb: u64,
 }
 
+/// The default size limit (`FH_DEAD_LETTER_MAX_MB`).
+pub const DEFAULT_LIMIT_MB: u64 = 1024;
+
 impl DeadLetterFile {
+    /// A file at `path` of at most [`DEFAULT_LIMIT_MB`].
     pub fn new(path: PathBuf) -> DeadLetterFile {
-        DeadLetterFile { path }
+        DeadLetterFile {
+            path,
+            limit_mb: DEFAULT_LIMIT_MB,
+        }
+    }
+
+    /// This file, of at most `limit_mb` MiB.
+    pub fn with_limit_mb(self, limit_mb: u64) -> DeadLetterFile {
+        DeadLetterFile { limit_mb, ..self }
     }
 
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
 
-    /// Append and fsync: the events are only "finished" once this returns.
-    pub fn write(&self, lines: &[String]) -> std::io::Result<()> {
+    /// Append and fsync: the events are only "finished" once this returns. All the lines or
+    /// none: a write that would pass the limit writes nothing.
+    pub fn write(&self, lines: &[String]) -> Result<(), DeadLetterError> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -57,9 +86,44 @@ impl DeadLetterFile {
             .create(true)
             .append(true)
             .open(&self.path)?;
-        for l in lines {
-            writeln!(f, "{l}")?;
+        let adding: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
+        let size = f.metadata()?.len();
+        if size.saturating_add(adding) > self.limit_mb.saturating_mul(1 << 20) {
+            return Err(DeadLetterError::Full {
+                path: self.path.display().to_string(),
+                limit_mb: self.limit_mb,
+            });
         }
-        f.sync_data()
+        let mut text = String::with_capacity(adding as usize);
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        f.write_all(text.as_bytes())?;
+        f.sync_data()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_past_the_limit_writes_nothing() {
+        let path = std::env::temp_dir().join(format!("fh-dlq-{}.jsonl", rand::random::<u32>()));
+        let file = DeadLetterFile::new(path.clone()).with_limit_mb(1);
+        let line = "x".repeat(1000);
+        file.write(&vec![line.clone(); 1000]).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(before, 1001 * 1000);
+        let e = file.write(&vec![line; 100]).unwrap_err();
+        assert!(
+            matches!(e, DeadLetterError::Full { limit_mb: 1, .. }),
+            "{e}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        file.write(&["small".into()]).unwrap();
+        let _ = std::fs::remove_file(&path);
     }
 }

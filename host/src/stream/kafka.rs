@@ -211,15 +211,20 @@ pub fn oauth_token(tokens: Option<&Tokens>) -> Result<OAuthToken, Box<dyn std::e
 pub fn client_config(settings: &RunSettings, brokers: &str) -> anyhow::Result<ClientConfig> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers);
-    for kv in settings
+    for (n, kv) in settings
         .kafka_properties
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
+        .enumerate()
     {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("FH_KAFKA_PROPERTIES entry {kv:?} is not key=value"))?;
+        // Never echoed: an entry may be (part of) a password.
+        let (k, v) = kv.split_once('=').with_context(|| {
+            format!(
+                "FH_KAFKA_PROPERTIES entry {} is not key=value (entries are separated by commas; values are not shown)",
+                n + 1
+            )
+        })?;
         cfg.set(k.trim(), v.trim());
     }
     Ok(cfg)

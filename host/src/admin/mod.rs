@@ -1,14 +1,20 @@
 //! The admin HTTP API: health, readiness, feature lookup, plugin versions and reload status,
 //! batch runs, plugin rollback and backfills (bearer token), and (without Kafka) the event
-//! push endpoint.
+//! push endpoint. Who may call what is in [`access`]; how long and how many in [`serve`].
+
+pub mod access;
+pub mod serve;
+
+pub use access::{Access, Guard, MIN_TOKEN_BYTES, check_token};
+pub use serve::{ServeLimits, serve};
 
 use crate::pipeline::Pipeline;
 use crate::plugin::reload::Reloader;
-use crate::stream::dead_letter::DeadLetterFile;
+use crate::stream::dead_letter::{DeadLetterError, DeadLetterFile};
 use crate::stream::local::{IngestSummary, ingest, parse_source_event};
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use std::collections::BTreeMap;
@@ -20,8 +26,6 @@ pub struct AdminState {
     /// Set when events may be pushed over HTTP (no Kafka configured).
     pub push: Option<DeadLetterFile>,
     pub reloader: Option<Arc<Reloader>>,
-    /// Required (as `Authorization: Bearer …`) by mutating calls; `None` refuses them.
-    pub token: Option<String>,
     /// Batch job state and submission.
     pub batch: Option<crate::batch::BatchContext>,
     /// The Kafka client settings when a consumer runs (readiness waits for it to join its
@@ -36,22 +40,52 @@ pub const READY_PATH: &str = "/readyz";
 /// Prometheus text.
 pub const METRICS_PATH: &str = "/metrics";
 
-pub fn router(state: AdminState) -> Router {
-    let mut r = Router::new()
+/// The routes, each behind the checks of its [`Access`] class.
+pub fn router(state: AdminState, guard: Guard) -> Router {
+    let metrics = state.pipeline.metrics().clone();
+    let class = |access: Access| {
+        let (guard, metrics) = (guard.clone(), metrics.clone());
+        axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let checked = guard.check(access, request.headers());
+                let metrics = metrics.clone();
+                async move {
+                    match checked {
+                        Ok(()) => next.run(request).await,
+                        Err(refusal) => {
+                            metrics
+                                .admin_refusals
+                                .get_or_create(&crate::metrics::RefusalLabels::new(
+                                    refusal.kind.as_str(),
+                                ))
+                                .inc();
+                            error(refusal.status, refusal.message)
+                        }
+                    }
+                }
+            },
+        )
+    };
+    let open = Router::new()
         .route(HEALTH_PATH, get(|| async { "ok" }))
         .route(READY_PATH, get(ready))
-        .route(METRICS_PATH, get(metrics))
+        .route(METRICS_PATH, get(metrics_text))
+        .route_layer(class(Access::Open));
+    let read = Router::new()
         .route("/v1/plugins", get(plugins))
-        .route("/v1/plugins/{group}/rollback", post(rollback))
         .route("/v1/features/{group}/{entity}", get(features))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{run}", get(job))
+        .route_layer(class(Access::Read));
+    let mut write = Router::new()
+        .route("/v1/plugins/{group}/rollback", post(rollback))
         .route("/v1/backfills", post(backfill))
         .route("/v1/dlq/{group}/replay", post(dlq_replay));
     if state.push.is_some() {
-        r = r.route("/v1/events", post(push));
+        write = write.route("/v1/events", post(push));
     }
-    r.with_state(state)
+    let write = write.route_layer(class(Access::Write));
+    open.merge(read).merge(write).with_state(state)
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -91,7 +125,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<AdminState>) -> Response {
+async fn metrics_text(State(s): State<AdminState>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -127,60 +161,7 @@ async fn plugins(State(s): State<AdminState>) -> Response {
     Json(serde_json::json!({ "groups": groups, "notes": notes })).into_response()
 }
 
-/// The shortest admin token the host accepts: a guessable token is no token.
-pub const MIN_TOKEN_BYTES: usize = 32;
-
-/// Refuse a token too short to resist guessing.
-pub fn check_token(token: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        token.len() >= MIN_TOKEN_BYTES,
-        "FH_ADMIN_TOKEN is {} bytes; it must be at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 32`)",
-        token.len()
-    );
-    Ok(())
-}
-
-/// Whether `given` is `token`, in time that depends on neither: both are hashed first, so
-/// the comparison runs over 32 bytes whatever their lengths.
-fn token_matches(given: &str, token: &str) -> bool {
-    use sha2::{Digest, Sha256};
-    let (a, b) = (Sha256::digest(given), Sha256::digest(token));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
-/// `None` when the request carries the configured bearer token, else the refusal.
-fn refusal(s: &AdminState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &s.token else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "mutating calls are disabled: start the host with FH_ADMIN_TOKEN set".into(),
-        ));
-    };
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // The token must not leak through response timing, its length included.
-    let ok = given.is_some_and(|g| token_matches(g, token));
-    (!ok).then(|| {
-        error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        )
-    })
-}
-
-async fn rollback(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-    Path(group): Path<String>,
-) -> Response {
-    if let Some(r) = refusal(&s, &headers) {
-        return r;
-    }
+async fn rollback(State(s): State<AdminState>, Path(group): Path<String>) -> Response {
     let Some(reloader) = &s.reloader else {
         return error(StatusCode::NOT_FOUND, "hot reload is not running".into());
     };
@@ -225,10 +206,7 @@ async fn features(
 /// (it is applied at least once; a client that retries a push may apply it twice), since a
 /// caller that chose one could claim another source's positions — an events file's explicit
 /// offsets share its `local:<topic>` space — and have their events dropped as replays.
-async fn push(State(s): State<AdminState>, headers: HeaderMap, body: String) -> Response {
-    if let Some(r) = refusal(&s, &headers) {
-        return r;
-    }
+async fn push(State(s): State<AdminState>, body: String) -> Response {
     let Some(dead_letters) = &s.push else {
         return error(StatusCode::NOT_FOUND, "push disabled".into());
     };
@@ -257,6 +235,17 @@ async fn push(State(s): State<AdminState>, headers: HeaderMap, body: String) -> 
     }
     match ingest(&s.pipeline, events, unparsed, dead_letters).await {
         Ok(summary) => Json::<IngestSummary>(summary).into_response(),
+        // Come back later: the caller still has its events.
+        Err(e)
+            if e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<DeadLetterError>(),
+                    Some(DeadLetterError::Full { .. })
+                )
+            }) =>
+        {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }
@@ -309,14 +298,7 @@ struct BackfillBody {
 }
 
 /// Create a backfill run; the scheduling replica executes it. Answers with the run.
-async fn backfill(
-    State(s): State<AdminState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(r) = refusal(&s, &headers) {
-        return r;
-    }
+async fn backfill(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
     let Some(b) = &s.batch else {
         return error(
             StatusCode::NOT_FOUND,
@@ -382,13 +364,9 @@ struct ReplayBody {
 /// Re-inject a group's dead letters into its retry topic (see `stream::replay`).
 async fn dlq_replay(
     State(s): State<AdminState>,
-    headers: HeaderMap,
     Path(group): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refusal(&s, &headers) {
-        return r;
-    }
     let Some(client) = &s.kafka else {
         return error(
             StatusCode::NOT_FOUND,
@@ -426,27 +404,5 @@ async fn dlq_replay(
     {
         Ok(summary) => Json(summary).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_match_exactly_and_short_ones_are_refused() {
-        let token = "0123456789abcdef0123456789abcdef";
-        assert!(check_token(token).is_ok());
-        let e = check_token("secret").unwrap_err().to_string();
-        assert!(e.contains("is 6 bytes; it must be at least 32"), "{e}");
-        assert!(token_matches(token, token));
-        for wrong in [
-            "",
-            "0123456789abcdef0123456789abcdee",
-            "0123",
-            &format!("{token}x"),
-        ] {
-            assert!(!token_matches(wrong, token), "{wrong:?}");
-        }
     }
 }
