@@ -207,17 +207,7 @@ fn per_event_cost(wasm: &Path, n: usize) -> anyhow::Result<Vec<(String, f64)>> {
 
 /// `bytes` with a custom section appended: the same program, a new version.
 fn new_version(bytes: &[u8], n: usize) -> Vec<u8> {
-    fn leb(mut v: usize, out: &mut Vec<u8>) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
+    let leb = |v: usize, out: &mut Vec<u8>| crate::stream::offset_map::leb128(v as u64, out);
     let name = b"fh-bench";
     let payload = n.to_le_bytes();
     let mut body = Vec::new();

@@ -355,7 +355,8 @@ fn bits(base: i64, ranges: &[(i64, i64)]) -> Vec<u8> {
     out
 }
 
-fn leb128(mut v: u64, out: &mut Vec<u8>) {
+/// Unsigned LEB128 (as in protobuf and wasm).
+pub(crate) fn leb128(mut v: u64, out: &mut Vec<u8>) {
     loop {
         let byte = (v & 0x7f) as u8;
         v >>= 7;
