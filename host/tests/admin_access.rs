@@ -198,13 +198,14 @@ fn connections_over_the_cap_are_answered_503_until_one_closes() {
     // Two callers that connect and say nothing hold both slots (until the header deadline).
     let first = TcpStream::connect(&addr).unwrap();
     let _second = TcpStream::connect(&addr).unwrap();
-    let (status, body) = http(&addr, "GET", "/healthz", "");
+    // (Probes would still be answered, on the connections kept for them.)
+    let (status, body) = http(&addr, "GET", "/v1/plugins", "");
     assert_eq!(status, 503, "{body}");
     drop(first);
     // The slot frees once the host sees the close; it sees it promptly, but not instantly.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, _) = http(&addr, "GET", "/healthz", "");
+        let (status, _) = http(&addr, "GET", "/v1/plugins", "");
         if status == 200 {
             break;
         }
@@ -214,6 +215,150 @@ fn connections_over_the_cap_are_answered_503_until_one_closes() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(child.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A connection to `to` from the loopback address `from` (127.0.0.2 is another peer than
+/// 127.0.0.1: Linux routes all of 127/8 to loopback).
+fn connect_from(from: &str, to: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&from.into()).unwrap();
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// `GET path` from the loopback address `from`: (status, body).
+fn get_from(from: &str, addr: &str, path: &str) -> (u16, String) {
+    let mut s = connect_from(from, addr);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let (out, _) = until_closed(&mut s);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {out:?}"));
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+#[test]
+fn one_caller_cannot_hold_every_connection() {
+    let dir = data("per-peer");
+    let (mut child, addr) = run_host(
+        &dir,
+        &[
+            ("FH_ADMIN_MAX_CONNECTIONS", "4"),
+            ("FH_ADMIN_MAX_CONNECTIONS_PER_PEER", "2"),
+        ],
+    );
+    // One peer opens every connection the host serves, and says nothing on them.
+    let _held: Vec<TcpStream> = (0..4).map(|_| connect_from("127.0.0.1", &addr)).collect();
+    std::thread::sleep(Duration::from_millis(200)); // the host has accepted them all
+    let (status, body) = get_from("127.0.0.1", &addr, "/v1/plugins");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("FH_ADMIN_MAX_CONNECTIONS_PER_PEER"), "{body}");
+    // Probes from that address still pass (kubelet shares the node's address with whatever
+    // else runs there).
+    assert_eq!(get_from("127.0.0.1", &addr, "/healthz").0, 200);
+    // Another peer is still served.
+    let (status, body) = get_from("127.0.0.2", &addr, "/v1/plugins");
+    assert_eq!(status, 200, "another peer was refused: {body}");
+    assert!(child.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn probes_are_answered_when_every_connection_is_taken() {
+    let dir = data("probes");
+    let (mut child, addr) = run_host(&dir, &[("FH_ADMIN_MAX_CONNECTIONS", "2")]);
+    // Two peers hold both connections.
+    let _a = connect_from("127.0.0.1", &addr);
+    let _b = connect_from("127.0.0.2", &addr);
+    std::thread::sleep(Duration::from_millis(200));
+    // kubelet's probes still get through (a few connections are kept for them) ...
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = get_from("127.0.0.3", &addr, path);
+        assert_eq!(
+            status, 200,
+            "GET {path} with every connection taken: {body}"
+        );
+    }
+    // ... but only probes.
+    let (status, body) = get_from("127.0.0.3", &addr, "/v1/plugins");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("FH_ADMIN_MAX_CONNECTIONS"), "{body}");
+    assert!(child.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One keep-alive `GET /healthz` on `s`: `false` once the host has closed the connection.
+fn keep_alive_probe(s: &mut TcpStream, addr: &str) -> bool {
+    if write!(s, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    if s.read_exact(&mut body).is_err() {
+        return false;
+    }
+    !head.contains("connection: close")
+}
+
+#[test]
+fn a_kept_alive_connection_is_closed_after_its_lifetime() {
+    let dir = data("lifetime");
+    let (mut child, addr) = run_host(&dir, &[("FH_ADMIN_CONNECTION_LIFETIME", "2s")]);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    // A probe every 200 ms never lets the connection idle past the header deadline; only
+    // its lifetime ends it.
+    let start = std::time::Instant::now();
+    let mut answered = 0;
+    while keep_alive_probe(&mut s, &addr) {
+        answered += 1;
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a kept-alive connection was served for 30 s ({answered} requests)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(answered > 0, "the connection was never served");
+    assert!(child.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_loopback_api_refuses_a_request_without_a_host() {
+    let dir = data("no-host");
+    let (mut child, addr) = run_host(&dir, &[]);
+    // HTTP/1.0 needs no Host header. A loopback API answers only requests that name a
+    // loopback host; naming none is refused too (browsers always send one).
+    let (status, body) = http_raw(&addr, "GET /v1/plugins HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Host"), "{body}");
+    // Probes name the host too (kubelet sends the pod's address).
+    let (status, _) = http_raw(&addr, "GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(status, 200);
     assert!(child.terminate());
     let _ = std::fs::remove_dir_all(&dir);
 }

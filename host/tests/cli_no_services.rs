@@ -766,3 +766,50 @@ fn the_local_dead_letter_file_is_bounded() {
     assert!(child.terminate());
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[test]
+fn golden_files_must_be_regular_files_inside_the_spec_directory() {
+    let tmp = std::env::temp_dir().join(format!("fh-golden-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let specs = tmp.join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    // Links a spec author can commit to a synced spec directory.
+    std::os::unix::fs::symlink("/dev/zero", specs.join("zero.jsonl")).unwrap();
+    std::fs::write(tmp.join("outside.jsonl"), "{\"event\": {}}\n").unwrap();
+    std::os::unix::fs::symlink(tmp.join("outside.jsonl"), specs.join("outside.jsonl")).unwrap();
+    let group = |name: &str, golden: &str| {
+        format!(
+            "apiVersion: feature-host/v1\nkind: FeatureGroup\nmetadata: {{name: {name}}}\nspec:\n  entity: user\n  features: [{{name: n, type: int}}]\n  plugin: {{wasm: user_activity.wasm, golden: {golden}}}\n  sources: [{{topic: events}}]\n"
+        )
+    };
+    let docs = [
+        group("zero", "zero.jsonl"),
+        group("outside", "outside.jsonl"),
+    ];
+    std::fs::write(specs.join("groups.yaml"), docs.join("---\n")).unwrap();
+    // Under a 2 GiB address space: reading /dev/zero to its end would otherwise take the
+    // machine's memory.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 2097152; exec \"$0\" validate \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_feature-host"))
+        .arg(&specs)
+        .current_dir(repo())
+        .env("FH_PLUGIN_DIR", repo().join("plugins/dist"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for (doc, problem) in [
+        ("groups.yaml#1: spec.plugin.golden: ", "not a regular file"),
+        ("groups.yaml#2: spec.plugin.golden: ", "outside"),
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(doc) && l.contains(problem)),
+            "no `{doc}… {problem}` in:\n{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -109,6 +109,39 @@ fn wait_for(
     }
 }
 
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(") ")?
+                        .1
+                        .split(' ')
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// `component` with a custom section appended: still valid, the same code, another version.
+fn another_version(component: &[u8]) -> Vec<u8> {
+    let mut content = Vec::new();
+    leb(4, &mut content);
+    content.extend_from_slice(b"note");
+    content.extend_from_slice(b"another build");
+    let mut out = component.to_vec();
+    section(0, &content, &mut out);
+    out
+}
+
 /// A spec directory with one group served by `live.wasm` in a plugin directory beside it.
 fn layout(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (specs, plugins) = (dir.join("specs"), dir.join("plugins"));
@@ -173,6 +206,21 @@ fn a_rollback_during_a_slow_compile_returns_at_once_and_the_compile_is_cut_off()
         Duration::from_secs(60),
         |g| g["building"] == version_of(&slow),
     );
+    // The compiler is the process the kernel kills first when the pod runs out of memory.
+    // (The child may not have started, or set it, the instant the status says "building".)
+    let since = Instant::now();
+    let adjusted = loop {
+        let adj: Vec<String> = children(host.0.id())
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/oom_score_adj")).ok())
+            .map(|a| a.trim().to_owned())
+            .collect();
+        if adj.iter().any(|a| a == "1000") || since.elapsed() > Duration::from_secs(5) {
+            break adj;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(adjusted, ["1000"], "the compiler's oom_score_adj");
     let (status, body) = http_as(&addr, "POST", "/v1/plugins/live/rollback", "", Some(TOKEN));
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&version_of(&v1)), "{body}");
@@ -246,6 +294,142 @@ fn a_compile_over_its_memory_cap_is_refused_and_the_loaded_version_serves() {
     );
     assert_eq!(g["last_reload"]["version"], version_of(&big));
     assert_eq!(g["version"], version_of(&v1));
+    assert!(host.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_candidate_discarded_by_a_rollback_is_not_applied_later() {
+    let dir = std::env::temp_dir().join(format!("fh-compile-discard-{}", std::process::id()));
+    let (specs, plugins) = layout(&dir);
+    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let live = plugins.join("live.wasm");
+    install(&live, &v1);
+    let cache = dir.join("plugin-cache");
+    let env = [
+        ("FH_SPEC_DIR", specs.to_str().unwrap()),
+        ("FH_PLUGIN_DIR", plugins.to_str().unwrap()),
+        ("FH_PLUGIN_CACHE_DIR", cache.to_str().unwrap()),
+        // Every second a full pass looks at the directories again.
+        ("FH_RELOAD_POLL", "1s"),
+    ];
+    let (mut host, addr) = run_host(&dir.join("data"), &env);
+    install(&specs.join("live.yaml"), live_spec(6).as_bytes());
+    wait_for(
+        &addr,
+        "the spec change to be applied",
+        Duration::from_secs(60),
+        |g| g["last_reload"]["result"] == "applied",
+    );
+    // A good candidate, compiled from scratch (seconds): the operator rolls back meanwhile.
+    let v2 = another_version(&v1);
+    install(&live, &v2);
+    wait_for(
+        &addr,
+        "the candidate to compile",
+        Duration::from_secs(60),
+        |g| g["building"] == version_of(&v2),
+    );
+    let (status, body) = http_as(&addr, "POST", "/v1/plugins/live/rollback", "", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    // The candidate is discarded, and said to be ...
+    let g = wait_for(
+        &addr,
+        "the candidate to be discarded",
+        Duration::from_secs(120),
+        |g| g["last_reload"]["result"] == "discarded",
+    );
+    assert_eq!(g["last_reload"]["version"], version_of(&v2), "{g:#}");
+    // ... and later passes leave it alone until the plugin or its spec changes again.
+    std::thread::sleep(Duration::from_secs(4));
+    let g = group_status(&addr);
+    assert_eq!(g["version"], version_of(&v1), "{g:#}");
+    assert_eq!(g["last_reload"]["result"], "discarded", "{g:#}");
+    // A new candidate is applied as usual.
+    install(&specs.join("live.yaml"), live_spec(7).as_bytes());
+    let g = wait_for(
+        &addr,
+        "the next candidate to be applied",
+        Duration::from_secs(120),
+        |g| g["last_reload"]["result"] == "applied",
+    );
+    assert_eq!(g["version"], version_of(&v2), "{g:#}");
+    assert!(host.terminate());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The artifact files in `cache`, by name.
+fn cache_files(cache: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_artifact_cache_is_pruned_bounded_and_keeps_only_accepted_builds() {
+    let dir = std::env::temp_dir().join(format!("fh-compile-cache-{}", std::process::id()));
+    let (specs, plugins) = layout(&dir);
+    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let live = plugins.join("live.wasm");
+    install(&live, &v1);
+    let cache = dir.join("plugin-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    // Left behind a day ago: a write cut off by a crash, and artifacts of other components
+    // (or of an older host) nobody loads any more.
+    let day_ago = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    let mut stale = vec![format!(
+        "{}-{}.tmp-0123456789abcdef",
+        "a".repeat(64),
+        "0".repeat(16)
+    )];
+    stale.extend((0..3).map(|i| format!("{}-{}.cwasm", i.to_string().repeat(64), "f".repeat(16))));
+    for name in &stale {
+        let path = cache.join(name);
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(day_ago)
+            .unwrap();
+    }
+    let (mut host, addr) = run_host(
+        &dir.join("data"),
+        &[
+            ("FH_SPEC_DIR", specs.to_str().unwrap()),
+            ("FH_PLUGIN_DIR", plugins.to_str().unwrap()),
+            ("FH_PLUGIN_CACHE_DIR", cache.to_str().unwrap()),
+            ("FH_PLUGIN_CACHE_MAX_MB", "1"),
+            ("FH_RELOAD_POLL", "1h"),
+        ],
+    );
+    let v1_sha = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&v1))
+    };
+    let files = cache_files(&cache);
+    assert_eq!(
+        files.len(),
+        1,
+        "only the serving plugin's artifact: {files:?}"
+    );
+    assert!(files[0].starts_with(&v1_sha), "{files:?}");
+
+    // A candidate that compiles and is refused leaves nothing in the cache: a tenant cannot
+    // fill the disk with builds nobody serves.
+    let refused = slow_component(1, 10);
+    install(&live, &refused);
+    wait_for(
+        &addr,
+        "the candidate to be refused",
+        Duration::from_secs(60),
+        |g| g["last_reload"]["result"] == "rejected",
+    );
+    assert_eq!(cache_files(&cache), files, "the refused build was cached");
     assert!(host.terminate());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -428,3 +428,53 @@ fn the_pod_is_reachable_and_privileged_only_as_needed() {
     );
     assert!(sync_role.starts_with("arn:aws:iam::"), "{sync_role}");
 }
+
+/// Bytes of a Kubernetes memory quantity (`512Mi`, `4Gi`).
+fn quantity(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    n * match unit {
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "" => 1,
+        other => panic!("unit {other} of {q}"),
+    }
+}
+
+#[test]
+fn a_plugin_compile_at_its_cap_leaves_the_host_its_memory() {
+    // The compiler child counts against the pod's memory limit: at its cap, with the host at
+    // its request, the pod is still under its limit (else the kernel kills the host).
+    let (k, r) = resources();
+    let host = &r["Deployment"]["spec"]["template"]["spec"]["containers"][0];
+    let request = quantity(host["resources"]["requests"]["memory"].as_str().unwrap());
+    let limit = quantity(host["resources"]["limits"]["memory"].as_str().unwrap());
+    let cli = feature_host::cli::Cli::command();
+    let setting = "FH_PLUGIN_COMPILE_MEMORY_MB";
+    let default = cli
+        .find_subcommand("run")
+        .unwrap()
+        .get_arguments()
+        .find(|a| a.get_env().is_some_and(|e| e == setting))
+        .unwrap_or_else(|| panic!("{setting} is not a setting of `feature-host run`"))
+        .get_default_values()[0]
+        .to_string_lossy()
+        .into_owned();
+    let env = host["env"].as_array().unwrap();
+    let mb: u64 = config(&k)
+        .get(setting)
+        .cloned()
+        .or_else(|| {
+            env.iter()
+                .find(|e| e["name"] == setting)
+                .and_then(|e| e["value"].as_str().map(str::to_owned))
+        })
+        .unwrap_or(default)
+        .parse()
+        .unwrap();
+    assert!(
+        (mb << 20) + request <= limit,
+        "{setting} = {mb} MiB plus the host's request of {request} bytes exceeds the pod's limit \
+         of {limit} bytes"
+    );
+}

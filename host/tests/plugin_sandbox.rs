@@ -113,7 +113,10 @@ fn expect_err(r: Result<feature_host::plugin::Plugin, PluginError>) -> PluginErr
 fn components_of_the_wrong_shape_are_refused_with_the_reason() {
     let engine = PluginEngine::new().unwrap();
     let l = limits(300, 32, None);
-    let load = |bytes: &[u8]| engine.load_bytes("g", "x.wasm", bytes, None, &l);
+    let load = |bytes: &[u8]| {
+        let file = feature_host::plugin::ComponentBytes::new(bytes.to_vec());
+        engine.load_bytes("g", "x.wasm", &file, None, &l)
+    };
 
     // Same export names, other types: an SDK from another world.
     let impostor = std::fs::read(fixture("wrong_interface.wasm")).unwrap();
@@ -167,6 +170,24 @@ fn randomness_is_secret_per_host_and_memory_hogs_are_recycled() {
         random(&elsewhere),
         "the seed is public: it follows from the version alone"
     );
+    // Replicas given one deployment secret draw alike (a rebalance moves an entity between
+    // them, a restart replays it); a host with another secret does not.
+    let with_secret = |secret: &str| {
+        PluginEngine::with_settings(&EngineSettings {
+            max_instances: 16,
+            seed_secret: Some(secret.into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .load("g", &wasm, None, &limits(1000, 32, None))
+        .unwrap()
+    };
+    let shared = "seed-secret-0123456789abcdef0123456789";
+    assert_eq!(random(&with_secret(shared)), random(&with_secret(shared)));
+    assert_ne!(
+        random(&with_secret(shared)),
+        random(&with_secret("another-secret-0123456789abcdef01234"))
+    );
 
     // Default threshold (half the cap): a small plugin's instance is reused.
     a.process_blocking(&[event("fine")]).unwrap();
@@ -193,10 +214,14 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
     };
     let wasm = fixture("hostile.wasm");
     let l = limits(1000, 32, None);
-    let first = PluginEngine::with_settings(&settings)
-        .unwrap()
-        .load("g", &wasm, None, &l)
-        .unwrap();
+    let engine = PluginEngine::with_settings(&settings).unwrap();
+    let first = engine.load("g", &wasm, None, &l).unwrap();
+    assert!(
+        cwasm_files(&dir).is_empty(),
+        "kept before the plugin was accepted"
+    );
+    // Accepted (a host does this once the plugin passed its golden events): kept.
+    engine.keep(&first);
     let artifacts = cwasm_files(&dir);
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
     let name = artifacts[0]
@@ -219,10 +244,9 @@ fn precompiled_artifacts_are_reused_and_corrupt_ones_recompiled() {
 
     // A damaged artifact is discarded and the component compiled again.
     std::fs::write(&artifacts[0], b"not machine code").unwrap();
-    let third = PluginEngine::with_settings(&settings)
-        .unwrap()
-        .load("g", &wasm, None, &l)
-        .unwrap();
+    let engine = PluginEngine::with_settings(&settings).unwrap();
+    let third = engine.load("g", &wasm, None, &l).unwrap();
+    engine.keep(&third);
     third.process_blocking(&[event("fine")]).unwrap();
     assert!(std::fs::metadata(&artifacts[0]).unwrap().len() > 1000);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -258,6 +282,8 @@ fn an_artifact_of_another_component_under_this_ones_name_is_not_loaded() {
     let attacker = engine
         .load("attacker", &fixture("hostile.wasm"), None, &l)
         .unwrap();
+    engine.keep(&victim);
+    engine.keep(&attacker);
     let files = cwasm_files(&dir);
     let name_of = |version: &str| {
         files

@@ -325,7 +325,7 @@ async fn context(
         dynamodb_endpoint: Some(stack.dynamodb.clone()),
         create_tables: true,
         cache: CacheKind::Redis,
-        redis_url: Some(stack.redis.clone()),
+        redis_url: Some(stack.redis.as_str().into()),
         batch_position_retention: feature_host::sink::writer::DEFAULT_BATCH_POSITION_RETENTION,
         sources: feature_host::config::ScopeSettings {
             source_roots: vec![tmp.to_path_buf()],

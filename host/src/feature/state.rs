@@ -698,6 +698,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_watermark_out_of_order_still_holds_what_it_lists() {
+        // Stores are written by this host, but an item restored from an older backup or
+        // edited by hand must not make `holds` (a binary search) miss a listed offset and
+        // apply that event a second time.
+        let stored = Watermark::decode("5:40,9,9,3,20").expect("decodes");
+        assert_eq!(
+            stored.applied,
+            vec![9, 20, 40],
+            "sorted, no duplicate, none below 5"
+        );
+        assert!(stored.holds(40) && stored.holds(9) && stored.holds(4));
+        assert!(!stored.holds(10));
+        let json: Watermark =
+            serde_json::from_str(r#"{"floor":5,"applied":[40,9,9,3,20]}"#).expect("parses");
+        assert_eq!(json.applied, vec![9, 20, 40]);
+        assert!(json.holds(40));
+    }
+
+    #[test]
     fn a_new_life_starts_above_every_version_of_the_previous_one() {
         let absent = Versioned::default();
         let first = absent.successor(1_764_000_000_000);
