@@ -74,7 +74,8 @@ pub async fn connect(
         CacheKind::Redis => {
             let url = settings
                 .redis_url
-                .as_deref()
+                .as_ref()
+                .map(|u| u.expose())
                 .context("FH_CACHE=redis needs FH_REDIS_URL")?;
             Arc::new(RedisCache::connect(url).await?)
         }

@@ -60,7 +60,7 @@ pub enum Command {
     RunShard(crate::batch::commands::RunShardArgs),
     /// Compile a component from stdin to stdout under the given caps: the child a serving
     /// host compiles plugins in (see `plugin::compiler`).
-    #[command(name = "compile-plugin", hide = true)]
+    #[command(name = crate::plugin::compiler::SUBCOMMAND, hide = true)]
     CompilePlugin {
         #[arg(long)]
         memory_bytes: u64,
@@ -191,7 +191,7 @@ pub enum PluginCommand {
         admin: String,
         /// The host's FH_ADMIN_TOKEN (needed unless it listens on loopback).
         #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        token: Option<crate::text::Secret>,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -206,7 +206,7 @@ pub enum PluginCommand {
         admin: String,
         /// The host's FH_ADMIN_TOKEN.
         #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
+        token: Option<crate::text::Secret>,
     },
 }
 
@@ -274,7 +274,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(DlqCommand::Replay(args)) => dlq_replay(*args).await,
         Command::Jobs(args) => crate::batch::commands::jobs(args).await,
         Command::RunShard(args) => crate::batch::commands::run_shard(args).await,
-        // Dispatched by the binary's `main` before a runtime starts; here for completeness.
+        // The binary's `main` dispatches it before a runtime starts; this arm serves callers
+        // of the library's `main`.
         Command::CompilePlugin {
             memory_bytes,
             cpu_seconds,
@@ -331,7 +332,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             golden,
         }) => crate::plugin::test_cmd::run(&wasm, &spec, &events, golden).await,
         Command::Plugin(PluginCommand::Status { admin, token, json }) => {
-            plugin_status(&admin, token.as_deref(), json).await
+            plugin_status(&admin, token.as_ref().map(|t| t.expose()), json).await
         }
         Command::Plugin(PluginCommand::Rollback {
             group,
@@ -342,7 +343,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
                 &admin,
                 "POST",
                 &format!("/v1/plugins/{group}/rollback"),
-                token.as_deref(),
+                token.as_ref().map(|t| t.expose()),
             )
             .await?;
             println!("{body}");
@@ -488,8 +489,9 @@ async fn run_host(
     batch: BatchSettings,
 ) -> anyhow::Result<()> {
     if let Some(token) = &run.admin_token {
-        crate::admin::check_token(token)?;
+        crate::admin::check_token(token.expose())?;
     }
+    let admin_limits = run.admin_limits.limits()?;
     let specs = app::load_specs(&stores)?;
     let (writer, jobs) = app::connect(&stores, Some(&batch.jobs_table)).await?;
     if stores.create_tables && stores.store_kind() == StoreKind::Dynamodb {
@@ -577,7 +579,7 @@ async fn run_host(
     let server = tokio::spawn(crate::admin::serve(
         listener,
         admin,
-        run.admin_limits.limits(),
+        admin_limits,
         pipeline.metrics().clone(),
         shutdown_rx.clone(),
     ));

@@ -2,6 +2,7 @@
 //! same binary is configured by flags locally and by env in Kubernetes. `feature-host run
 //! --help` lists them all; the README's configuration table mirrors this file.
 
+use crate::text::Secret;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -85,7 +86,7 @@ pub struct StoreSettings {
 
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
     #[arg(long, env = "FH_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
 
     /// How long an entity keeps a batch run's position entry (its exactly-once record) after
     /// the run last wrote it. Bounds the item: one entry per run × shard that wrote it within
@@ -188,7 +189,7 @@ pub struct RunSettings {
         default_value = "",
         hide_env_values = true
     )]
-    pub kafka_properties: String,
+    pub kafka_properties: Secret,
 
     /// Kafka authentication: `properties` (as FH_KAFKA_PROPERTIES says), `msk-iam`, or
     /// `oauth-unsecured` (local brokers only).
@@ -269,7 +270,7 @@ pub struct RunSettings {
     /// Bearer token (32+ bytes) the admin API's writes require, and its reads too unless it
     /// listens on loopback; unset: those calls are refused.
     #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
 
     #[command(flatten)]
     pub admin_limits: AdminLimits,
@@ -291,18 +292,40 @@ pub struct AdminLimits {
     #[arg(long, env = "FH_ADMIN_REQUEST_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub admin_request_timeout: std::time::Duration,
 
-    /// Connections served at once; one more is answered 503.
+    /// Longest a connection is kept, however busy: then it is closed after its request in
+    /// flight (clients reconnect).
+    #[arg(long, env = "FH_ADMIN_CONNECTION_LIFETIME", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub admin_connection_lifetime: std::time::Duration,
+
+    /// Connections served at once; one more is answered 503 (a few more are kept for
+    /// probes).
     #[arg(long, env = "FH_ADMIN_MAX_CONNECTIONS", default_value_t = 128)]
     pub admin_max_connections: usize,
+
+    /// Connections served at once from one address; one more is answered 503.
+    #[arg(long, env = "FH_ADMIN_MAX_CONNECTIONS_PER_PEER", default_value_t = 16)]
+    pub admin_max_connections_per_peer: usize,
 }
 
 impl AdminLimits {
-    pub fn limits(&self) -> crate::admin::ServeLimits {
-        crate::admin::ServeLimits {
+    pub fn limits(&self) -> anyhow::Result<crate::admin::ServeLimits> {
+        for (name, d) in [
+            ("FH_ADMIN_HEADER_TIMEOUT", self.admin_header_timeout),
+            ("FH_ADMIN_REQUEST_TIMEOUT", self.admin_request_timeout),
+            (
+                "FH_ADMIN_CONNECTION_LIFETIME",
+                self.admin_connection_lifetime,
+            ),
+        ] {
+            anyhow::ensure!(!d.is_zero(), "{name} is 0: no request could be served");
+        }
+        Ok(crate::admin::ServeLimits {
             header_timeout: self.admin_header_timeout,
             request_timeout: self.admin_request_timeout,
+            connection_lifetime: self.admin_connection_lifetime,
             max_connections: self.admin_max_connections,
-        }
+            max_connections_per_peer: self.admin_max_connections_per_peer,
+        })
     }
 }
 
@@ -334,9 +357,22 @@ pub struct PluginSettings {
     #[arg(long, env = "FH_PLUGIN_COMPILE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub compile_timeout: Duration,
 
-    /// Address space the compiling child process may map, in MiB.
-    #[arg(long, env = "FH_PLUGIN_COMPILE_MEMORY_MB", default_value_t = 4096)]
+    /// Address space the compiling child process may map, in MiB. The child counts against
+    /// the pod's memory limit: keep this plus the host's own memory under it.
+    #[arg(long, env = "FH_PLUGIN_COMPILE_MEMORY_MB", default_value_t = 1024)]
     pub compile_memory_mb: u64,
+
+    /// Largest the precompiled-artifact cache may grow, in MiB; past it, the artifacts used
+    /// least recently are deleted.
+    #[arg(long, env = "FH_PLUGIN_CACHE_MAX_MB", default_value_t = 512)]
+    pub cache_max_mb: u64,
+
+    /// Secret (32+ bytes) guest randomness is derived from, with the plugin version. Give
+    /// every replica the same one so a plugin that draws random numbers (or iterates a
+    /// hash map) writes alike wherever, and whenever, an event is processed; unset: each
+    /// process has its own.
+    #[arg(long, env = "FH_PLUGIN_SEED_SECRET", hide_env_values = true)]
+    pub seed_secret: Option<Secret>,
 }
 
 impl PluginSettings {
@@ -346,6 +382,13 @@ impl PluginSettings {
         &self,
         data_dir: &std::path::Path,
     ) -> anyhow::Result<crate::plugin::EngineSettings> {
+        if let Some(secret) = &self.seed_secret {
+            let n = secret.expose().len();
+            anyhow::ensure!(
+                n >= 32,
+                "FH_PLUGIN_SEED_SECRET is {n} bytes; it must be at least 32 (e.g. `openssl rand -hex 32`)"
+            );
+        }
         let exe = std::env::current_exe().map_err(|e| {
             anyhow::anyhow!("cannot find the running binary to compile plugins with: {e}")
         })?;
@@ -361,6 +404,8 @@ impl PluginSettings {
                 timeout: self.compile_timeout,
                 memory_bytes: self.compile_memory_mb.saturating_mul(1 << 20),
             }),
+            cache_max_bytes: self.cache_max_mb.saturating_mul(1 << 20),
+            seed_secret: self.seed_secret.clone(),
         })
     }
 }
@@ -422,7 +467,7 @@ pub struct BatchSettings {
 
     /// POST alerts as JSON (`{"text": …}`, Slack-compatible) to this http:// URL.
     #[arg(long, env = "FH_ALERT_WEBHOOK", hide_env_values = true)]
-    pub alert_webhook: Option<String>,
+    pub alert_webhook: Option<Secret>,
 
     /// Base URL of this host's admin API, for links in local jobs' alerts (default:
     /// `http://<FH_ADMIN_ADDR>`).
@@ -470,4 +515,36 @@ fn parse_retention(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn settings_print_without_their_secrets() {
+        use clap::Parser as _;
+        let secrets = [
+            "token-hunter1-0123456789abcdef0123456789",
+            "hunter2",
+            "hunter3",
+            "hunter4",
+        ];
+        let cli = crate::cli::Cli::try_parse_from([
+            "feature-host",
+            "run",
+            "--admin-token",
+            secrets[0],
+            "--redis-url",
+            "redis://:hunter2@cache.example:6379/0",
+            "--kafka-properties",
+            "sasl.password=hunter3",
+            "--alert-webhook",
+            "https://hooks.example/services/hunter4",
+        ])
+        .unwrap();
+        // What a `debug!(?settings)` or a panic message would print.
+        let shown = format!("{cli:?}");
+        for secret in secrets {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
 }

@@ -13,9 +13,9 @@
 //! `127.0.0.1`, `[::1]`, with any port): a web page whose name an attacker re-points at
 //! 127.0.0.1 (DNS rebinding) sends its own name, and is refused before any route runs.
 
+use crate::text::Secret;
 use axum::http::{HeaderMap, StatusCode, header};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 /// What a route needs from its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,15 +68,15 @@ pub struct Refusal {
 /// The checks for one listening address.
 #[derive(Debug, Clone)]
 pub struct Guard {
-    token: Option<Arc<str>>,
+    token: Option<Secret>,
     loopback: bool,
 }
 
 impl Guard {
     /// For an API listening on `addr`, with the configured token.
-    pub fn new(token: Option<String>, addr: SocketAddr) -> Guard {
+    pub fn new(token: Option<Secret>, addr: SocketAddr) -> Guard {
         Guard {
-            token: token.map(Arc::from),
+            token,
             loopback: addr.ip().is_loopback(),
         }
     }
@@ -88,19 +88,21 @@ impl Guard {
 
     /// `Ok` when a request with `headers` may call a route of class `access`.
     pub fn check(&self, access: Access, headers: &HeaderMap) -> Result<(), Refusal> {
-        if self.loopback
-            && let Some(host) = headers.get(header::HOST)
-            && !host.to_str().is_ok_and(is_loopback_host)
-        {
-            return Err(Refusal {
-                kind: RefusalKind::Host,
-                status: StatusCode::FORBIDDEN,
-                message: format!(
-                    "Host {:?} is not a loopback name; this admin API listens on loopback and \
-                     answers only localhost, 127.0.0.1 and [::1]",
-                    String::from_utf8_lossy(host.as_bytes())
-                ),
-            });
+        if self.loopback {
+            let named = headers.get(header::HOST);
+            if !named.is_some_and(|h| h.to_str().is_ok_and(is_loopback_host)) {
+                let named = named.map_or("no Host header".into(), |h| {
+                    format!("Host {:?}", String::from_utf8_lossy(h.as_bytes()))
+                });
+                return Err(Refusal {
+                    kind: RefusalKind::Host,
+                    status: StatusCode::FORBIDDEN,
+                    message: format!(
+                        "{named}: this admin API listens on loopback and answers only requests \
+                         to localhost, 127.0.0.1 or [::1]"
+                    ),
+                });
+            }
         }
         match access {
             Access::Open => Ok(()),
@@ -126,7 +128,7 @@ impl Guard {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         // The token must not leak through response timing, its length included.
-        if given.is_some_and(|g| token_matches(g, token)) {
+        if given.is_some_and(|g| token_matches(g, token.expose())) {
             Ok(())
         } else {
             Err(Refusal {
@@ -175,6 +177,14 @@ fn token_matches(given: &str, token: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_guard_prints_without_its_token() {
+        let token = "guard-token-0123456789abcdef0123456789";
+        let guard = super::Guard::new(Some(token.into()), "127.0.0.1:80".parse().unwrap());
+        let shown = format!("{guard:?}");
+        assert!(!shown.contains(token), "{shown}");
+    }
+
     use super::*;
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
@@ -251,10 +261,16 @@ mod tests {
         );
         assert_eq!(status(&public, Access::Read, &good), None);
         assert_eq!(status(&public, Access::Write, &good), None);
-        assert_eq!(status(&local, Access::Read, &none), None);
+        let named = headers(&[(header::HOST, "127.0.0.1:80")]);
+        assert_eq!(status(&local, Access::Read, &named), None);
         assert_eq!(
-            status(&local, Access::Write, &none),
+            status(&local, Access::Write, &named),
             Some(StatusCode::UNAUTHORIZED)
+        );
+        // On loopback a request must name the host; one that names none is refused.
+        assert_eq!(
+            status(&local, Access::Open, &none),
+            Some(StatusCode::FORBIDDEN)
         );
         let tokenless = Guard::new(None, "0.0.0.0:80".parse().unwrap());
         assert_eq!(

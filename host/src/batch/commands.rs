@@ -44,7 +44,7 @@ pub struct BackfillArgs {
     pub admin: Option<String>,
     /// The host's FH_ADMIN_TOKEN (with --admin).
     #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<crate::text::Secret>,
     #[command(flatten)]
     pub stores: StoreSettings,
     #[command(flatten)]
@@ -85,7 +85,7 @@ pub struct JobsArgs {
     pub admin: Option<String>,
     /// The host's FH_ADMIN_TOKEN (with --admin, unless it listens on loopback).
     #[arg(long, env = "FH_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<crate::text::Secret>,
     #[command(flatten)]
     pub stores: StoreSettings,
     #[command(flatten)]
@@ -141,7 +141,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<ExitCode> {
             admin,
             "POST",
             "/v1/backfills",
-            args.token.as_deref(),
+            args.token.as_ref().map(|t| t.expose()),
             Some(&body.to_string()),
         )
         .await?;
@@ -318,8 +318,13 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                 Some(r) => format!("/v1/jobs/{r}"),
                 None => "/v1/jobs".into(),
             };
-            let (status, body) =
-                crate::admin_client::request(admin, "GET", &path, args.token.as_deref()).await?;
+            let (status, body) = crate::admin_client::request(
+                admin,
+                "GET",
+                &path,
+                args.token.as_ref().map(|t| t.expose()),
+            )
+            .await?;
             if status != 200 {
                 eprintln!("{body}");
                 return Ok(ExitCode::FAILURE);

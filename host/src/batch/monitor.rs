@@ -178,12 +178,21 @@ async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<()> {
     let (addr, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    // The URL is a credential: errors name it redacted, never by the address sent to.
+    let shown = || crate::text::redact_url(url);
     let (status, answer) = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         crate::admin_client::send(addr, "POST", &path, None, Some(&body.to_string())),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
+    .map_err(|_| anyhow::anyhow!("alert webhook {}: no answer within 5 s", shown()))?
+    .map_err(|e| {
+        let why = e
+            .root_cause()
+            .downcast_ref::<std::io::Error>()
+            .map_or_else(|| "cannot send".to_owned(), |io| io.to_string());
+        anyhow::anyhow!("alert webhook {}: {why}", shown())
+    })?;
     anyhow::ensure!(
         (200..300).contains(&status),
         "webhook answered {status}: {answer}"

@@ -25,7 +25,11 @@ pub fn monitor(ctx: &BatchContext) -> Monitor {
     Monitor {
         jobs: ctx.jobs.clone(),
         stuck_after: ctx.settings.stuck_after,
-        webhook: ctx.settings.alert_webhook.clone(),
+        webhook: ctx
+            .settings
+            .alert_webhook
+            .as_ref()
+            .map(|w| w.expose().to_owned()),
         admin_url: ctx.admin_url.clone(),
         region: super::aws_batch::region(),
         metrics: Some(ctx.pipeline.metrics().clone()),

@@ -171,12 +171,17 @@ pub async fn run_shard(
                     .iter()
                     .map(|f| to_json_line(&events[f.event], &group_name, f))
                     .collect();
-                ctx.dead_letters.write(&lines).with_context(|| {
-                    format!(
-                        "cannot write dead letters to {}",
-                        ctx.dead_letters.path().display()
-                    )
-                })?;
+                // Off the async workers: the write takes a file lock and an fsync.
+                let file = ctx.dead_letters.clone();
+                tokio::task::spawn_blocking(move || file.write(&lines))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the dead-letter write failed: {e}"))?
+                    .with_context(|| {
+                        format!(
+                            "cannot write dead letters to {}",
+                            ctx.dead_letters.path().display()
+                        )
+                    })?;
                 shard.rows_failed += failures.len() as u64;
                 for f in failures
                     .iter()

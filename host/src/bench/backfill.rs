@@ -113,7 +113,7 @@ spec:
     };
     let redis = match &stores.redis_url {
         Some(url) if dynamo.is_some() => Some(
-            redis::Client::open(url.as_str())?
+            redis::Client::open(url.expose())?
                 .get_connection_manager()
                 .await?,
         ),

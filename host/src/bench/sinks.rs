@@ -203,12 +203,12 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
         counts.clone(),
     ));
     let cache: Arc<dyn CacheStore> = Arc::new(CountedCache(
-        RedisCache::connect(&redis_url).await?,
+        RedisCache::connect(redis_url.expose()).await?,
         counts.clone(),
     ));
     let writer = FeatureWriter::new(store.clone(), cache);
     let raw_ddb = DynamoStore::connect(Some(&endpoint)).await.client().clone();
-    let raw_redis = redis::Client::open(redis_url.as_str())?
+    let raw_redis = redis::Client::open(redis_url.expose())?
         .get_connection_manager()
         .await?;
     let (e, f, n) = (args.entities, args.features, args.batches);

@@ -132,6 +132,7 @@ pub const EXPIRING_SOURCE_PREFIX: &str = "batch:";
 /// listed in `applied` (all `>= floor`). The list only holds offsets that raced ahead of
 /// slower ones in the in-flight window, so it stays about as long as that window.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredWatermark")]
 pub struct Watermark {
     pub floor: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -141,7 +142,40 @@ pub struct Watermark {
     pub touched: Option<i64>,
 }
 
+/// A watermark as stored, before [`Watermark::normalized`] restores the order `holds` relies on.
+#[derive(Deserialize)]
+struct StoredWatermark {
+    floor: i64,
+    #[serde(default)]
+    applied: Vec<i64>,
+    #[serde(default)]
+    touched: Option<i64>,
+}
+
+impl From<StoredWatermark> for Watermark {
+    fn from(w: StoredWatermark) -> Self {
+        Watermark {
+            floor: w.floor,
+            applied: w.applied,
+            touched: w.touched,
+        }
+        .normalized()
+    }
+}
+
 impl Watermark {
+    /// The list sorted, without duplicates and without offsets the floor already covers.
+    /// This host writes it that way; a stored item from anywhere else (an old backup, a hand
+    /// edit, another writer the table's policy lets in) is read into that shape, because a
+    /// binary search over an unsorted list misses listed offsets and applies them again.
+    fn normalized(mut self) -> Self {
+        self.applied.sort_unstable();
+        self.applied.dedup();
+        let floor = self.floor;
+        self.applied.retain(|&o| o >= floor);
+        self
+    }
+
     /// Whether the event at `offset` was already absorbed.
     pub fn holds(&self, offset: i64) -> bool {
         offset < self.floor || self.applied.binary_search(&offset).is_ok()
@@ -175,11 +209,14 @@ impl Watermark {
             .filter(|x| !x.is_empty())
             .map(|x| x.parse().ok())
             .collect::<Option<Vec<i64>>>()?;
-        Some(Watermark {
-            floor: floor.parse().ok()?,
-            applied,
-            touched: None,
-        })
+        Some(
+            Watermark {
+                floor: floor.parse().ok()?,
+                applied,
+                touched: None,
+            }
+            .normalized(),
+        )
     }
 }
 

@@ -12,10 +12,16 @@
 //!
 //! An artifact that fails to load (its MAC, a corrupt file, another engine despite the key)
 //! is deleted and recompiled.
+//!
+//! Bounded: only plugins that were accepted are written (see `PluginEngine::keep`), the
+//! cache keeps under its size by deleting the artifacts used least recently (a hit renews
+//! a file's time), and temporary files a crash left behind are deleted when it opens (after
+//! [`ABANDONED_AFTER`]: another replica on the volume may be writing one right now).
 
 use hmac::{KeyInit as _, Mac as _};
 use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
@@ -24,15 +30,24 @@ type Hmac = hmac::Hmac<sha2::Sha256>;
 /// Bytes of the MAC at the start of an artifact file.
 const TAG_BYTES: usize = 32;
 
+/// A temporary file this old was left by a writer that is gone.
+pub(super) const ABANDONED_AFTER: Duration = Duration::from_secs(600);
+
 #[derive(Clone)]
 pub(super) struct ArtifactCache {
     dir: PathBuf,
     engine_hash: String,
     key: [u8; 32],
+    max_bytes: u64,
 }
 
 impl ArtifactCache {
-    pub(super) fn open(dir: &Path, engine: &Engine) -> std::io::Result<ArtifactCache> {
+    /// The cache in `dir`, kept under `max_bytes`.
+    pub(super) fn open(
+        dir: &Path,
+        engine: &Engine,
+        max_bytes: u64,
+    ) -> std::io::Result<ArtifactCache> {
         std::fs::create_dir_all(dir)?;
         #[cfg(unix)]
         {
@@ -41,11 +56,52 @@ impl ArtifactCache {
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
-        Ok(ArtifactCache {
+        let cache = ArtifactCache {
             dir: dir.to_path_buf(),
             engine_hash: format!("{:016x}", h.finish()),
             key: load_or_make_key(&dir.join(".key"))?,
-        })
+            max_bytes,
+        };
+        cache.prune(&[]);
+        Ok(cache)
+    }
+
+    /// Delete abandoned temporary files, then the artifacts used least recently until the
+    /// rest fit in `max_bytes`; never those of the components in `keep` (SHA-256s: the ones
+    /// serving, and the one just written). Errors only cost disk.
+    fn prune(&self, keep: &[&str]) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let mut artifacts = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() || name.starts_with('.') {
+                continue; // the key, and whatever is not ours
+            }
+            let used = meta.modified().unwrap_or(now);
+            if is_temporary(&name) {
+                if now.duration_since(used).unwrap_or_default() >= ABANDONED_AFTER {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            } else if name.ends_with(".cwasm") {
+                artifacts.push((used, meta.len(), name));
+            }
+        }
+        artifacts.sort();
+        let mut total: u64 = artifacts.iter().map(|(_, len, _)| len).sum();
+        for (_, len, name) in artifacts {
+            if total <= self.max_bytes {
+                break;
+            }
+            if !keep.iter().any(|sha| name.starts_with(sha)) {
+                tracing::info!(artifact = %name, "plugin artifact cache full; deleting the artifact used least recently");
+                let _ = std::fs::remove_file(self.dir.join(&name));
+                total -= len;
+            }
+        }
     }
 
     fn name(&self, sha256: &str) -> String {
@@ -86,13 +142,20 @@ impl ArtifactCache {
         // from wasmtime's own serialization; wasmtime additionally checks that they were
         // produced by a compatible engine and refuses them otherwise.
         match unsafe { Component::deserialize(engine, artifact) } {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                // Used: the last to be deleted when the cache is full.
+                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                    let _ = f.set_modified(SystemTime::now());
+                }
+                Some(c)
+            }
             Err(e) => discard(format!("{e:#}")),
         }
     }
 
-    /// Store a compiled component. Failures only cost a recompile later: logged, not fatal.
-    pub(super) fn put(&self, sha256: &str, component: &Component) {
+    /// Store a compiled component, then prune, sparing `in_use` (SHA-256s, this one's among
+    /// them). Failures only cost a recompile later: logged, not fatal.
+    pub(super) fn put(&self, sha256: &str, component: &Component, in_use: &[&str]) {
         let name = self.name(sha256);
         let path = self.dir.join(&name);
         let result = component
@@ -111,7 +174,31 @@ impl ArtifactCache {
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache the precompiled plugin");
         }
+        self.prune(in_use);
     }
+
+    /// The artifact of `sha256` is in use (its plugin was accepted again): the last to go.
+    pub(super) fn renew(&self, sha256: &str) {
+        if let Ok(f) = std::fs::File::options()
+            .write(true)
+            .open(self.dir.join(self.name(sha256)))
+        {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+}
+
+/// `<sha256>-<engine hash>.tmp-<16 hex>`: a temporary file of [`ArtifactCache::put`] (and
+/// nothing else, should the directory be shared).
+fn is_temporary(name: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let Some((stem, random)) = name.split_once(".tmp-") else {
+        return false;
+    };
+    let Some((sha, engine)) = stem.split_once('-') else {
+        return false;
+    };
+    hex(sha, 64) && hex(engine, 16) && hex(random, 16)
 }
 
 /// The directory's MAC key: read, or made (32 random bytes, `0600`, created exclusively so

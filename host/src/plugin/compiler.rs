@@ -12,6 +12,12 @@
 //! The artifact never touches the disk between the two: nothing but the child can have
 //! written what the host then loads (`Component::deserialize` runs it as machine code).
 //!
+//! The child's memory counts against the pod's limit: `FH_PLUGIN_COMPILE_MEMORY_MB` plus
+//! the host's own use must fit under it, or a large compile makes the kernel's OOM killer
+//! choose. The child asks to be chosen first (`oom_score_adj` 1000), which spares the host
+//! where the kernel kills one process (cgroup v1, kubelet's single-process OOM kill); on
+//! cgroup v2 Kubernetes kills the whole container, so the sum is the real bound.
+//!
 //! The limit: the child is a process of the host's own user, so it bounds a compile's
 //! resources, not what a compiler bug could do with them.
 
@@ -130,9 +136,19 @@ pub fn compile_in_child(
                     "the compiler ran out of its {} MiB of address space (FH_PLUGIN_COMPILE_MEMORY_MB)",
                     settings.memory_bytes >> 20
                 ),
-                // RLIMIT_CPU's signal, then its SIGKILL.
-                Some(24 | 9) => format!(
+                // RLIMIT_CPU's signal (its hard limit's SIGKILL never comes: SIGXCPU ends
+                // the child first).
+                Some(24) => format!(
                     "the compiler ran out of its {cpu_seconds} s of CPU time (FH_PLUGIN_COMPILE_TIMEOUT)"
+                ),
+                // Not the deadline's kill (handled above): the kernel's OOM killer, the only
+                // other sender here, which prefers the compiler (its oom_score_adj).
+                Some(9) => format!(
+                    "the compiler was killed (SIGKILL) before it finished, most likely by the \
+                     kernel's out-of-memory killer: the pod (or machine) reached its memory limit. Raise \
+                     that limit, or lower FH_PLUGIN_COMPILE_MEMORY_MB ({} MiB) so a compile \
+                     fails within it",
+                    settings.memory_bytes >> 20
                 ),
                 Some(sig) => format!("the compiler was killed by signal {sig}"),
                 None => format!("the compiler failed ({status})"),
@@ -167,6 +183,10 @@ pub fn child_main(memory_bytes: u64, cpu_seconds: u64, parallel: bool) -> std::p
 fn child(memory_bytes: u64, cpu_seconds: u64, parallel: bool) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use rlimit::Resource;
+    // When the pod (a cgroup) runs out of memory, the kernel kills the process with the
+    // highest score: make that the compiler, not the host. Raising one's own score needs no
+    // privilege; a kernel without the file only loses the preference.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     // Before reading a byte of the component.
     Resource::AS
         .set(memory_bytes, memory_bytes)
@@ -192,4 +212,40 @@ fn child(memory_bytes: u64, cpu_seconds: u64, parallel: bool) -> anyhow::Result<
     out.write_all(&artifact)?;
     out.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in compiler that reads its input and then does `action` to itself.
+    fn compiler(name: &str, action: &str) -> CompilerSettings {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("fh-compiler-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join(name);
+        std::fs::write(&exe, format!("#!/bin/sh\ncat > /dev/null\n{action}\n")).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        CompilerSettings {
+            exe,
+            timeout: Duration::from_secs(60),
+            memory_bytes: 256 << 20,
+        }
+    }
+
+    #[test]
+    fn a_compiler_killed_outright_is_not_said_to_have_run_out_of_cpu() {
+        // What the kernel's OOM killer does when the pod runs out of memory: SIGKILL, and
+        // nothing on stderr.
+        let e = compile_in_child(&compiler("oom.sh", "kill -KILL $$"), "x.wasm", b"", false)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("CPU time"), "{e}");
+        assert!(e.contains("SIGKILL") && e.contains("memory limit"), "{e}");
+        // RLIMIT_CPU's signal is CPU time.
+        let e = compile_in_child(&compiler("cpu.sh", "kill -XCPU $$"), "x.wasm", b"", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPU time"), "{e}");
+    }
 }

@@ -25,9 +25,16 @@ pub struct EngineSettings {
     pub max_instances: u32,
     /// Where precompiled artifacts are kept; `None`: compile on every start.
     pub cache_dir: Option<PathBuf>,
+    /// Largest the artifact cache may grow (the artifacts used least recently go first).
+    pub cache_max_bytes: u64,
     /// Compile in a bounded child process (a serving host); `None`: in this process (tools,
     /// tests, benches).
     pub compiler: Option<CompilerSettings>,
+    /// Guest randomness (and std's hash keys) derive from this and the plugin version
+    /// (`FH_PLUGIN_SEED_SECRET`): replicas given the same secret draw the same numbers for a
+    /// version, so a plugin whose output depends on them writes alike after a rebalance or
+    /// a restart. `None`: a secret of this process's own, so draws differ between hosts.
+    pub seed_secret: Option<crate::text::Secret>,
 }
 
 impl Default for EngineSettings {
@@ -35,7 +42,9 @@ impl Default for EngineSettings {
         EngineSettings {
             max_instances: 1000,
             cache_dir: None,
+            cache_max_bytes: 512 << 20,
             compiler: None,
+            seed_secret: None,
         }
     }
 }
@@ -55,6 +64,10 @@ pub struct PluginEngine {
     /// reload back to an earlier version (a rollback) compiles nothing.
     compiled: Arc<Mutex<Compiled>>,
     artifacts: Option<ArtifactCache>,
+    /// SHA-256s of components compiled here (not loaded from the artifact cache) whose
+    /// plugin has not been accepted yet: written to the cache by [`PluginEngine::keep`] only
+    /// once it is, so a refused candidate leaves nothing on disk. The last few only.
+    fresh: Arc<Mutex<std::collections::VecDeque<String>>>,
     pooling: bool,
     compiler: Option<CompilerSettings>,
     /// Set once the host serves: compiles then use one thread (see [`PluginEngine::serving`]).
@@ -124,7 +137,7 @@ impl PluginEngine {
             |s| s,
         )?;
         let artifacts = match &settings.cache_dir {
-            Some(dir) => match ArtifactCache::open(dir, &engine) {
+            Some(dir) => match ArtifactCache::open(dir, &engine, settings.cache_max_bytes) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "plugin artifact cache unavailable; compiling on every start");
@@ -148,10 +161,18 @@ impl PluginEngine {
             linker: Arc::new(linker),
             compiled: Default::default(),
             artifacts,
+            fresh: Default::default(),
             pooling,
             compiler: settings.compiler.clone(),
             serving: Arc::default(),
-            secret: rand::random(),
+            secret: match &settings.seed_secret {
+                Some(s) => Sha256::new()
+                    .chain_update(b"feature-host guest seed\0")
+                    .chain_update(s.expose().as_bytes())
+                    .finalize()
+                    .into(),
+                None => rand::random(),
+            },
         })
     }
 
@@ -176,22 +197,20 @@ impl PluginEngine {
         config: Option<&serde_json::Value>,
         limits: &PluginLimits,
     ) -> Result<Plugin, PluginError> {
-        let bytes = read_component(path)?;
-        self.load_bytes(group, &path.display().to_string(), &bytes, config, limits)
+        let file = read_component(path)?;
+        self.load_bytes(group, &path.display().to_string(), &file, config, limits)
     }
 
-    /// As [`PluginEngine::load`], from bytes.
+    /// As [`PluginEngine::load`], from a component's bytes.
     pub fn load_bytes(
         &self,
         group: &str,
         path: &str,
-        bytes: &[u8],
+        file: &ComponentBytes,
         config: Option<&serde_json::Value>,
         limits: &PluginLimits,
     ) -> Result<Plugin, PluginError> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
-        let version = sha256[..VERSION_DIGITS].to_owned();
-        let component = self.component(&sha256, path, bytes)?;
+        let component = self.component(file.sha256(), path, file.bytes())?;
         let interface = |e: wasmtime::Error| PluginError::Interface {
             path: path.into(),
             message: format!("{e:#}"),
@@ -201,8 +220,8 @@ impl PluginEngine {
         Plugin::new(
             self.engine.clone(),
             group,
-            self.seed(&version),
-            version,
+            self.seed(file.version()),
+            file.sha256().to_owned(),
             pre,
             config.map_or_else(|| "null".into(), |c| c.to_string()),
             limits.clone(),
@@ -211,7 +230,7 @@ impl PluginEngine {
 
     /// The seed of a version's guest randomness: from this engine's secret, so producers
     /// cannot predict a plugin's hash keys, and the same for every instance of the version
-    /// (they agree on hash order).
+    /// (they agree on hash order) — and on every host sharing `FH_PLUGIN_SEED_SECRET`.
     fn seed(&self, version: &str) -> u64 {
         let mut h = Sha256::new();
         h.update(self.secret);
@@ -246,8 +265,12 @@ impl PluginEngine {
                     path: path.into(),
                     message: format!("{e:#}"),
                 })?;
-                if let Some(a) = &self.artifacts {
-                    a.put(sha256, &c);
+                if self.artifacts.is_some() {
+                    let mut fresh = self.fresh.lock().expect("fresh lock");
+                    if fresh.len() == COMPILED_KEPT {
+                        fresh.pop_front();
+                    }
+                    fresh.push_back(sha256.to_owned());
                 }
                 c
             }
@@ -257,6 +280,31 @@ impl PluginEngine {
             .expect("compiled lock")
             .insert(sha256, &component);
         Ok(component)
+    }
+}
+
+impl PluginEngine {
+    /// `plugin` was accepted (it passed its checks and serves): keep its compiled component
+    /// in the artifact cache (written if it was compiled here, renewed if it came from
+    /// there), sparing the recently compiled components when the cache is pruned.
+    pub fn keep(&self, plugin: &Plugin) {
+        let fresh = {
+            let mut fresh = self.fresh.lock().expect("fresh lock");
+            let at = fresh.iter().position(|d| d == plugin.sha256());
+            at.and_then(|i| fresh.remove(i)).is_some()
+        };
+        let Some(a) = &self.artifacts else { return };
+        if fresh {
+            let recent: Vec<String> = {
+                let compiled = self.compiled.lock().expect("compiled lock");
+                compiled.by_version.keys().cloned().collect()
+            };
+            let mut in_use: Vec<&str> = recent.iter().map(String::as_str).collect();
+            in_use.push(plugin.sha256());
+            a.put(plugin.sha256(), plugin.component(), &in_use);
+        } else {
+            a.renew(plugin.sha256());
+        }
     }
 }
 
@@ -292,9 +340,37 @@ impl Compiled {
 /// components (Python, JavaScript) tens of MiB.
 pub const MAX_COMPONENT_BYTES: u64 = 128 << 20;
 
+/// A component's bytes and their SHA-256 (computed once: the version, the spec's pin and
+/// the caches all use it).
+pub struct ComponentBytes {
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+impl ComponentBytes {
+    pub fn new(bytes: Vec<u8>) -> ComponentBytes {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        ComponentBytes { bytes, sha256 }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The whole digest, lowercase hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The plugin version these bytes are (see [`content_version`]).
+    pub fn version(&self) -> &str {
+        &self.sha256[..VERSION_DIGITS]
+    }
+}
+
 /// A component file's bytes, refused before reading past [`MAX_COMPONENT_BYTES`] (the file
 /// may still grow while it is read).
-pub fn read_component(path: &Path) -> Result<Vec<u8>, PluginError> {
+pub fn read_component(path: &Path) -> Result<ComponentBytes, PluginError> {
     use std::io::Read as _;
     let display = || path.display().to_string();
     let read = |source| PluginError::Read {
@@ -312,7 +388,7 @@ pub fn read_component(path: &Path) -> Result<Vec<u8>, PluginError> {
             limit: MAX_COMPONENT_BYTES,
         });
     }
-    Ok(bytes)
+    Ok(ComponentBytes::new(bytes))
 }
 
 /// Hex digits of a plugin version.

@@ -50,10 +50,40 @@ struct Line {
     retryable: Option<String>,
 }
 
-/// Parse a golden file. The error names the file, the line and the problem.
+/// The largest golden file read: golden events are a handful of examples per plugin.
+pub const MAX_GOLDEN_BYTES: u64 = 16 << 20;
+
+/// Parse a golden file: a regular file of at most [`MAX_GOLDEN_BYTES`]. The error names the
+/// file, the line and the problem.
 pub fn load(path: &Path) -> Result<Vec<GoldenCase>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read golden events {}: {e}", path.display()))?;
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot = |e: std::io::Error| format!("cannot read golden events {}: {e}", path.display());
+    // Non-blocking: a FIFO put in the file's place must not hang the loader (and with it
+    // every later reload); regular files read the same either way.
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    // The opened file, whatever a link pointed to when it was checked.
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(format!(
+            "golden events {} is not a regular file",
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_GOLDEN_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_GOLDEN_BYTES {
+        return Err(format!(
+            "golden events {} are larger than {} MiB",
+            path.display(),
+            MAX_GOLDEN_BYTES >> 20
+        ));
+    }
     let mut cases = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() || line.trim_start().starts_with('#') {

@@ -29,7 +29,8 @@ pub struct Plugin {
 struct PluginInner {
     engine: Engine,
     group: String,
-    version: String,
+    /// SHA-256 of the component, lowercase hex; its first 16 digits are the version.
+    sha256: String,
     seed: u64,
     pre: bindings::FeaturePluginPre<HostState>,
     config_json: String,
@@ -53,7 +54,7 @@ impl Plugin {
         engine: Engine,
         group: &str,
         seed: u64,
-        version: String,
+        sha256: String,
         pre: bindings::FeaturePluginPre<HostState>,
         config_json: String,
         limits: PluginLimits,
@@ -63,7 +64,7 @@ impl Plugin {
             inner: Arc::new(PluginInner {
                 engine,
                 group: group.into(),
-                version,
+                sha256,
                 seed,
                 pre,
                 config_json,
@@ -85,7 +86,17 @@ impl Plugin {
 
     /// Content hash (first 16 hex digits of SHA-256) of the component.
     pub fn version(&self) -> &str {
-        &self.inner.version
+        self.inner.version()
+    }
+
+    /// The compiled component the plugin instantiates.
+    pub(super) fn component(&self) -> &wasmtime::component::Component {
+        self.inner.pre.instance_pre().component()
+    }
+
+    /// The component's whole SHA-256 (lowercase hex): what tells two builds apart.
+    pub fn sha256(&self) -> &str {
+        &self.inner.sha256
     }
 
     /// Instances kept warm right now.
@@ -207,14 +218,18 @@ fn bisect<R, E>(
 }
 
 impl PluginInner {
+    fn version(&self) -> &str {
+        &self.sha256[..16]
+    }
+
     fn tag(&self) -> String {
-        format!("{}@{}", self.group, self.version)
+        format!("{}@{}", self.group, self.version())
     }
 
     fn new_instance(&self) -> Result<Instance, PluginError> {
         let state = HostState::new(
             &self.group,
-            &self.version,
+            self.version(),
             (self.limits.memory_mb as usize) << 20,
             self.seed,
         );

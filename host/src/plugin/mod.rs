@@ -28,7 +28,7 @@ pub mod reload;
 mod sandbox;
 pub mod test_cmd;
 
-pub use engine::{EngineSettings, PluginEngine, content_version};
+pub use engine::{ComponentBytes, EngineSettings, PluginEngine, content_version};
 pub use loaded::{Isolated, Plugin};
 
 use crate::feature::Write;

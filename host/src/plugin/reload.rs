@@ -14,7 +14,8 @@
 //! groups, a group's sources (topics and filters), ordering, retry and dead-letter topics,
 //! and store table — the consumer's subscriptions and lanes are built from them.
 
-use super::{PluginEngine, PluginError, content_version, golden};
+use super::engine::{ComponentBytes, read_component};
+use super::{PluginEngine, PluginError, golden};
 use crate::metrics::ReloadLabels;
 use crate::pipeline::{GroupRuntime, Pipeline};
 use crate::sink::writer::GroupSink;
@@ -32,34 +33,34 @@ const HISTORY: usize = 20;
 
 /// Compile, type-check, initialize and golden-check `def`'s plugin. Blocking.
 pub fn build_runtime(engine: &PluginEngine, def: &GroupDef) -> Result<GroupRuntime, PluginError> {
-    let bytes = super::engine::read_component(&def.plugin_path)?;
-    build_from_bytes(engine, def, &bytes)
+    let file = read_component(&def.plugin_path)?;
+    build_from_bytes(engine, def, &file)
 }
 
 fn build_from_bytes(
     engine: &PluginEngine,
     def: &GroupDef,
-    bytes: &[u8],
+    file: &ComponentBytes,
 ) -> Result<GroupRuntime, PluginError> {
     // The bytes that are compiled are the bytes that are checked.
-    if let Some(pinned) = &def.spec.plugin.sha256 {
-        let actual = hex::encode(Sha256::digest(bytes));
-        if !actual.eq_ignore_ascii_case(pinned) {
-            return Err(PluginError::Pinned {
-                path: def.plugin_path.display().to_string(),
-                pinned: pinned.clone(),
-                actual,
-            });
-        }
+    if let Some(pinned) = &def.spec.plugin.sha256
+        && !file.sha256().eq_ignore_ascii_case(pinned)
+    {
+        return Err(PluginError::Pinned {
+            path: def.plugin_path.display().to_string(),
+            pinned: pinned.clone(),
+            actual: file.sha256().to_owned(),
+        });
     }
     let plugin = engine.load_bytes(
         &def.name,
         &def.plugin_path.display().to_string(),
-        bytes,
+        file,
         def.spec.plugin.config.as_ref(),
         &def.spec.plugin.limits,
     )?;
     golden::check(&plugin, def)?;
+    engine.keep(&plugin);
     Ok(GroupRuntime {
         def: def.clone(),
         plugin,
@@ -104,6 +105,9 @@ pub enum ReloadResult {
     Applied,
     Rejected,
     RolledBack,
+    /// Built, but a rollback was made meanwhile: not applied, and not tried again until the
+    /// plugin or its spec changes.
+    Discarded,
 }
 
 impl ReloadResult {
@@ -112,6 +116,7 @@ impl ReloadResult {
             ReloadResult::Applied => "applied",
             ReloadResult::Rejected => "rejected",
             ReloadResult::RolledBack => "rolled_back",
+            ReloadResult::Discarded => "discarded",
         }
     }
 }
@@ -127,6 +132,19 @@ pub struct ReloadRecord {
     pub error: Option<String>,
     /// Milliseconds from the change being noticed to the swap (applied) or the verdict.
     pub took_ms: u64,
+}
+
+/// Candidates kept pinned away per group: a rollback and the candidates it discarded (more
+/// only if rollbacks keep racing new builds).
+const PINNED_KEPT: usize = 8;
+
+fn pin_away(pinned: &mut Vec<(String, String)>, candidate: (String, String)) {
+    if !pinned.contains(&candidate) {
+        if pinned.len() == PINNED_KEPT {
+            pinned.remove(0);
+        }
+        pinned.push(candidate);
+    }
 }
 
 /// A group's plugin status, as `/v1/plugins` and `feature-host plugin status` show it.
@@ -152,12 +170,12 @@ struct GroupState {
     loaded_at_ms: i64,
     spec_fp: String,
     previous: Option<(Arc<GroupRuntime>, String)>,
-    /// The candidate last rejected (plugin version, spec fingerprint, reason): not retried
+    /// The candidate last rejected (plugin SHA-256, spec fingerprint, reason): not retried
     /// until the plugin or its spec changes again.
     refused: Option<(String, String, String)>,
-    /// The candidate rolled back from (plugin version, spec fingerprint): not re-applied
-    /// until a different candidate is.
-    pinned_away: Option<(String, String)>,
+    /// Candidates rolled back from, or discarded by a rollback (plugin SHA-256, spec
+    /// fingerprint): not applied until a different candidate is.
+    pinned_away: Vec<(String, String)>,
     /// Swaps so far (reloads applied and rollbacks). A pass builds its candidate without a
     /// lock and swaps it in only if this did not change meanwhile: a rollback made while a
     /// candidate compiled is not undone by it.
@@ -204,7 +222,7 @@ impl Reloader {
                         spec_fp: spec_fingerprint(&rt.def),
                         previous: None,
                         refused: None,
-                        pinned_away: None,
+                        pinned_away: Vec::new(),
                         swaps: 0,
                         building: None,
                         history: VecDeque::new(),
@@ -349,8 +367,8 @@ impl Reloader {
                 continue;
             }
             let path = def.plugin_path.clone();
-            let read = tokio::task::spawn_blocking(move || super::engine::read_component(&path));
-            let bytes = match read.await {
+            let read = tokio::task::spawn_blocking(move || read_component(&path));
+            let file = match read.await {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
                     self.reject(&name, None, "", e.to_string(), noticed, true);
@@ -362,25 +380,27 @@ impl Reloader {
                     continue;
                 }
             };
-            let version = content_version(&bytes);
+            let (sha256, version) = (file.sha256().to_owned(), file.version().to_owned());
             let spec_fp = spec_fingerprint(def);
             let swaps = {
                 let mut groups = self.groups.lock().expect("reload state");
                 let st = groups.get(&name);
-                if version == current.plugin.version() && st.is_some_and(|s| s.spec_fp == spec_fp) {
+                // Whole digests: two builds made to share a 16-digit version are still two.
+                if sha256 == current.plugin.sha256() && st.is_some_and(|s| s.spec_fp == spec_fp) {
                     continue; // unchanged
                 }
                 if st
                     .and_then(|s| s.refused.as_ref())
-                    .is_some_and(|(v, f, _)| *v == version && *f == spec_fp)
+                    .is_some_and(|(d, f, _)| *d == sha256 && *f == spec_fp)
                 {
                     continue; // already refused: wait for the next change
                 }
-                if st
-                    .and_then(|s| s.pinned_away.as_ref())
-                    .is_some_and(|(v, f)| *v == version && *f == spec_fp)
-                {
-                    continue; // rolled back from: wait for the next change
+                if st.is_some_and(|s| {
+                    s.pinned_away
+                        .iter()
+                        .any(|(d, f)| *d == sha256 && *f == spec_fp)
+                }) {
+                    continue; // rolled back from, or discarded: wait for the next change
                 }
                 let Some(st) = groups.get_mut(&name) else {
                     continue;
@@ -390,7 +410,7 @@ impl Reloader {
             };
             let (engine, d) = (self.engine.clone(), def.clone());
             let built =
-                tokio::task::spawn_blocking(move || build_from_bytes(&engine, &d, &bytes)).await;
+                tokio::task::spawn_blocking(move || build_from_bytes(&engine, &d, &file)).await;
             let built = match built {
                 Ok(b) => b,
                 Err(e) => Err(PluginError::Cancelled(e.to_string())),
@@ -403,18 +423,37 @@ impl Reloader {
                     // Swap and bookkeeping under one lock, so a rollback sees both or neither.
                     let old = {
                         let mut groups = self.groups.lock().expect("reload state");
-                        let Some(st) = groups.get_mut(&name).filter(|st| st.swaps == swaps) else {
-                            // Rolled back while this candidate was built: the operator's
-                            // choice stands; the candidate is looked at again next pass.
-                            tracing::info!(group = %name, version = %version, "rolled back while this candidate was built; not applied");
+                        let Some(st) = groups.get_mut(&name) else {
                             continue;
                         };
+                        if st.swaps != swaps {
+                            // Rolled back while this candidate was built: the operator's
+                            // choice stands, until the plugin or its spec changes again.
+                            pin_away(&mut st.pinned_away, (sha256, spec_fp));
+                            drop(groups);
+                            tracing::warn!(group = %name, version = %version, "rolled back while this candidate was built; discarded");
+                            self.record(
+                                &name,
+                                ReloadRecord {
+                                    at_ms: now_ms(),
+                                    result: ReloadResult::Discarded,
+                                    version: Some(version),
+                                    error: Some(
+                                        "a rollback was made while this candidate was built; it \
+                                         is applied once its plugin or spec changes again"
+                                            .into(),
+                                    ),
+                                    took_ms: noticed.elapsed().as_millis() as u64,
+                                },
+                            );
+                            continue;
+                        }
                         let old = self.pipeline.replace(g, Arc::new(runtime));
                         let old_fp = std::mem::replace(&mut st.spec_fp, spec_fp);
                         st.previous = Some((old.clone(), old_fp));
                         st.loaded_at_ms = now_ms();
                         st.refused = None;
-                        st.pinned_away = None;
+                        st.pinned_away.clear();
                         st.swaps += 1;
                         old
                     };
@@ -441,7 +480,7 @@ impl Reloader {
                         !matches!(e, PluginError::Timeout { .. } | PluginError::Cancelled(_));
                     self.reject(
                         &name,
-                        Some(version),
+                        Some(sha256),
                         &spec_fp,
                         e.to_string(),
                         noticed,
@@ -479,19 +518,20 @@ impl Reloader {
     fn reject(
         &self,
         group: &str,
-        version: Option<String>,
+        sha256: Option<String>,
         spec_fp: &str,
         reason: String,
         noticed: std::time::Instant,
         remember: bool,
     ) {
+        let version = sha256.as_ref().map(|d| d[..16].to_owned());
         {
             let mut groups = self.groups.lock().expect("reload state");
             let Some(st) = groups.get_mut(group) else {
                 return;
             };
             let key = (
-                version.clone().unwrap_or_default(),
+                sha256.unwrap_or_default(),
                 spec_fp.to_owned(),
                 reason.clone(),
             );
@@ -537,7 +577,10 @@ impl Reloader {
         let old = self.pipeline.replace(g, previous);
         let _ = old.plugin.reset_pool(false);
         let old_fp = std::mem::replace(&mut st.spec_fp, previous_fp);
-        st.pinned_away = Some((old.plugin.version().to_owned(), old_fp.clone()));
+        pin_away(
+            &mut st.pinned_away,
+            (old.plugin.sha256().to_owned(), old_fp.clone()),
+        );
         st.refused = None;
         st.previous = Some((old.clone(), old_fp));
         st.loaded_at_ms = now_ms();

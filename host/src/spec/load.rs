@@ -3,7 +3,7 @@
 //! (duplicates, references, cycles, cron, durations, plugin files).
 
 use super::model::*;
-use super::scope::{Location, SpecScope, relative_inside};
+use super::scope::{Location, SpecScope, file_inside, relative_inside};
 use schemars::schema_for;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -219,16 +219,38 @@ pub fn load_files(
     scope: &SpecScope,
 ) -> Result<SpecSet, SpecErrors> {
     let mut errors = Vec::new();
-    let mut docs = Vec::new();
+    let mut texts = Vec::new();
     for file in files {
         match std::fs::read_to_string(file) {
-            Ok(text) => parse_file(file, &text, &mut docs, &mut errors),
+            Ok(text) => texts.push((file.clone(), text)),
             Err(e) => errors.push(SpecError {
                 file: file.display().to_string(),
                 field: String::new(),
                 message: format!("cannot read file: {e}"),
             }),
         }
+    }
+    validate(&texts, plugin_dir, scope, errors)
+}
+
+/// [`load_files`] of files already read: `(path, text)` (the fuzz target's entry).
+pub fn load_texts(
+    texts: &[(PathBuf, String)],
+    plugin_dir: &Path,
+    scope: &SpecScope,
+) -> Result<SpecSet, SpecErrors> {
+    validate(texts, plugin_dir, scope, Vec::new())
+}
+
+fn validate(
+    texts: &[(PathBuf, String)],
+    plugin_dir: &Path,
+    scope: &SpecScope,
+    mut errors: Vec<SpecError>,
+) -> Result<SpecSet, SpecErrors> {
+    let mut docs = Vec::new();
+    for (file, text) in texts {
+        parse_file(file, text, &mut docs, &mut errors);
     }
     let set = check_semantics(docs, plugin_dir, scope, &mut errors);
     // Group each file's problems together (stable: structural before semantic).
@@ -670,11 +692,21 @@ fn check_group(
                 Vec::new()
             }
             Ok(()) => {
-                let path = file.parent().unwrap_or(Path::new(".")).join(rel);
-                crate::plugin::golden::load(&path).unwrap_or_else(|m| {
-                    problems.push(err("spec.plugin.golden", m));
-                    Vec::new()
-                })
+                let dir = file
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let path = dir.join(rel);
+                match file_inside(&path, dir) {
+                    Err(e) => {
+                        problems.push(err("spec.plugin.golden", e.to_string()));
+                        Vec::new()
+                    }
+                    Ok(()) => crate::plugin::golden::load(&path).unwrap_or_else(|m| {
+                        problems.push(err("spec.plugin.golden", m));
+                        Vec::new()
+                    }),
+                }
             }
         },
         None => Vec::new(),

@@ -69,6 +69,17 @@ pub enum ScopeError {
     Unresolvable { path: String, reason: String },
     #[error("{path:?} is absolute; name the file relative to the {base}")]
     Absolute { path: String, base: &'static str },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: String },
+    #[error(
+        "{path} resolves to {resolved}, outside {dir}: the file must lie in the spec file's \
+         directory (a link may point only within it)"
+    )]
+    OutsideDir {
+        path: String,
+        resolved: String,
+        dir: String,
+    },
     #[error(
         "{name:?} does not start with one of the {kind} prefixes this host allows ({allowed}); \
          the operator sets them with {setting}"
@@ -82,8 +93,9 @@ pub enum ScopeError {
 }
 
 /// `path` as a spec names a file inside `base` (what the path is relative to, for the
-/// message): relative, without `..`. Lexical: the directory's own contents are the
-/// operator's (the plugin sync, the ConfigMap), so a link inside it is theirs to make.
+/// message): relative, without `..`. Lexical: for the plugin directory, whose contents are
+/// the operator's (the plugin sync from S3, which makes no links), a link inside it is
+/// theirs to make. Files in the spec directory are also checked with [`file_inside`].
 pub fn relative_inside(path: &str, base: &'static str) -> Result<(), ScopeError> {
     let p = Path::new(path);
     if p.has_root() || p.is_absolute() {
@@ -94,6 +106,35 @@ pub fn relative_inside(path: &str, base: &'static str) -> Result<(), ScopeError>
     }
     if p.components().any(|c| c == Component::ParentDir) {
         return Err(ScopeError::Parent(path.to_owned()));
+    }
+    Ok(())
+}
+
+/// `path`, a file a spec names in its own directory `dir` (after [`relative_inside`]), is a
+/// regular file that resolves inside `dir`. For files beside the spec (golden events): spec
+/// directories are often synced from the spec authors' repository, where anyone can commit
+/// a link to `/dev/zero` or to another team's files. `Ok` for a path that does not exist
+/// (reading it then says so).
+pub fn file_inside(path: &Path, dir: &Path) -> Result<(), ScopeError> {
+    let shown = || path.display().to_string();
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if !meta.is_file() {
+        return Err(ScopeError::NotAFile { path: shown() });
+    }
+    let unresolvable = |e: std::io::Error| ScopeError::Unresolvable {
+        path: shown(),
+        reason: e.to_string(),
+    };
+    let resolved = path.canonicalize().map_err(unresolvable)?;
+    let dir = dir.canonicalize().map_err(unresolvable)?;
+    if !resolved.starts_with(&dir) {
+        return Err(ScopeError::OutsideDir {
+            path: shown(),
+            resolved: resolved.display().to_string(),
+            dir: dir.display().to_string(),
+        });
     }
     Ok(())
 }

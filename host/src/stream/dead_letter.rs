@@ -86,6 +86,10 @@ impl DeadLetterFile {
             .create(true)
             .append(true)
             .open(&self.path)?;
+        // The size check and the append under one exclusive lock (released when `f` is
+        // dropped): writers that each saw room for one more write would otherwise all make
+        // it. `flock` also covers other processes on the same data directory.
+        f.lock()?;
         let adding: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
         let size = f.metadata()?.len();
         if size.saturating_add(adding) > self.limit_mb.saturating_mul(1 << 20) {
@@ -125,5 +129,35 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
         file.write(&["small".into()]).unwrap();
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn writers_racing_for_the_last_room_do_not_pass_the_limit() {
+        // Several writers (the HTTP push, the stream, two processes on one data dir) each
+        // see room for one more write; only as many as fit may make it.
+        for round in 0..10 {
+            let path = std::env::temp_dir().join(format!(
+                "fh-dlq-race-{}-{round}.jsonl",
+                rand::random::<u32>()
+            ));
+            let barrier = std::sync::Barrier::new(16);
+            std::thread::scope(|s| {
+                for _ in 0..16 {
+                    let (path, barrier) = (path.clone(), &barrier);
+                    s.spawn(move || {
+                        let file = DeadLetterFile::new(path).with_limit_mb(1);
+                        let line = "x".repeat(100 << 10);
+                        barrier.wait();
+                        while file.write(std::slice::from_ref(&line)).is_ok() {}
+                    });
+                }
+            });
+            let size = std::fs::metadata(&path).unwrap().len();
+            let _ = std::fs::remove_file(&path);
+            assert!(
+                size <= 1 << 20,
+                "round {round}: the file grew to {size} bytes"
+            );
+        }
     }
 }

@@ -213,6 +213,7 @@ pub fn client_config(settings: &RunSettings, brokers: &str) -> anyhow::Result<Cl
     cfg.set("bootstrap.servers", brokers);
     for (n, kv) in settings
         .kafka_properties
+        .expose()
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
