@@ -512,6 +512,32 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
+    fn a_stored_float_that_is_not_finite_is_an_unreadable_item() {
+        // This host never stores NaN or an infinity (check_write refuses them), so reading one
+        // means another writer: passing it on would let `max` and `min` misbehave, and
+        // writing it back would turn an infinity into "0" without a word.
+        let types = BTreeMap::from([
+            ("f".to_string(), FeatureType::Float),
+            ("l".to_string(), FeatureType::FloatList),
+            ("emb".to_string(), FeatureType::Vector),
+        ]);
+        let nan: Vec<u8> = [0.5f32, f32::NAN].iter().flat_map(|f| f.to_le_bytes()).collect();
+        for (name, attr) in [
+            ("f:f", AttributeValue::N("inf".into())),
+            ("f:f", AttributeValue::N("1e400".into())),
+            ("f:untyped", AttributeValue::N("NaN".into())),
+            ("f:l", AttributeValue::L(vec![AttributeValue::N("-inf".into())])),
+            ("f:emb", AttributeValue::B(nan.into())),
+            // Not a whole number of f32s: its last bytes would be dropped.
+            ("f:emb", AttributeValue::B(vec![0, 0, 128, 63, 1].into())),
+        ] {
+            let item = Item::from([(name.to_string(), attr.clone())]);
+            let got = decode_item(&item, &types);
+            assert!(got.is_err(), "{name} = {attr:?} decoded as {got:?}");
+        }
+    }
+
+    #[test]
     fn item_round_trip() {
         let mut state = EntityState::default();
         let cell = |v: Option<Value>, t| Cell {
