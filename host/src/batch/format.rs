@@ -284,6 +284,47 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_parquet_file_is_an_error_with_its_place_not_a_panic() {
+        // Found by the `rows` fuzz target: one byte of a dictionary page zeroed makes the
+        // parquet crate's dictionary decoder assert (a panic), which would fail the shard
+        // as "reader task failed" without saying which file is damaged.
+        let path =
+            std::env::temp_dir().join(format!("fh-damaged-{}.parquet", rand::random::<u64>()));
+        let rows: Vec<(String, String, &str, i64)> = (0..40)
+            .map(|i| {
+                (
+                    format!("u{}", i % 7),
+                    format!("i{i}"),
+                    "view",
+                    1_700_000_000_000 + i,
+                )
+            })
+            .collect();
+        write_click_parquet(&path, &rows, 16).unwrap();
+        let mut file = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file[7] = 0;
+        let unit = Unit {
+            row_group: Some(0),
+            ..unit("s3://exports/clicks.parquet")
+        };
+        let mut records = Vec::new();
+        let got = decode_unit(Bytes::from(file), &unit, BatchFormat::Parquet, 1, 16, |b| {
+            records.extend(b);
+            true
+        });
+        let problems: Vec<String> = records.into_iter().filter_map(Result::err).collect();
+        let said = match got {
+            Err(e) => format!("{e:#}"),
+            Ok(()) => problems.join("; "),
+        };
+        assert!(
+            said.contains("s3://exports/clicks.parquet") && said.contains("row group 0"),
+            "{said:?}"
+        );
+    }
+
+    #[test]
     fn jsonl_skips_blank_lines_and_resumes_by_record() {
         let data = b"{\"a\":1}\r\n\n  \n{\"a\":2}\n{\"a\":3}";
         let all = collect(data, BatchFormat::Jsonl, 0, &unit("x"));
