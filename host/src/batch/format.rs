@@ -128,26 +128,51 @@ pub fn decode_unit(
             }
         }
         BatchFormat::Parquet => {
-            let reader = SerializedFileReader::new(bytes)
-                .with_context(|| format!("cannot open Parquet file {}", unit.uri))?;
             let rg = unit.row_group.unwrap_or(0) as usize;
-            anyhow::ensure!(
-                rg < reader.num_row_groups(),
-                "{} has no row group {rg}: the file changed since the run was planned",
-                unit.uri
-            );
-            let group = reader.get_row_group(rg)?;
-            let rows = group
-                .get_row_iter(None)
-                .with_context(|| format!("cannot read row group {rg} of {}", unit.uri))?;
-            for row in rows.skip(skip as usize) {
-                let r = row
-                    .map(|row| {
-                        serde_json::to_vec(&row.to_json_value()).expect("JSON values serialize")
-                    })
-                    .map_err(|e| format!("{} row group {rg}: {e}", unit.uri));
-                if !push(r, &mut out) {
-                    return Ok(());
+            // The parquet crate asserts on some damaged pages instead of returning an error
+            // (found by fuzzing); a panic here would fail the shard without naming the file.
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || -> anyhow::Result<bool> {
+                    let reader = SerializedFileReader::new(bytes)
+                        .with_context(|| format!("cannot open Parquet file {}", unit.uri))?;
+                    anyhow::ensure!(
+                        rg < reader.num_row_groups(),
+                        "{} has no row group {rg}: the file changed since the run was planned",
+                        unit.uri
+                    );
+                    let group = reader.get_row_group(rg)?;
+                    let rows = group
+                        .get_row_iter(None)
+                        .with_context(|| format!("cannot read row group {rg} of {}", unit.uri))?;
+                    for row in rows.skip(skip as usize) {
+                        let r = row
+                            .map(|row| {
+                                serde_json::to_vec(&row.to_json_value())
+                                    .expect("JSON values serialize")
+                            })
+                            .map_err(|e| format!("{} row group {rg}: {e}", unit.uri));
+                        if !push(r, &mut out) {
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                },
+            ));
+            match read {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    anyhow::bail!(
+                        "cannot read row group {rg} of {}: the file is damaged (the Parquet \
+                         reader failed: {why}); export it again",
+                        unit.uri
+                    );
                 }
             }
         }

@@ -433,8 +433,12 @@ pub fn decode_item(
                 .or_default()
                 .event_time_ms = t;
         } else if let Some(f) = name.strip_prefix("f:") {
-            let value = decode_value(attr, types.get(f).copied())
-                .ok_or_else(|| corrupt(format!("feature {f:?}")))?;
+            let value = decode_value(attr, types.get(f).copied()).ok_or_else(|| {
+                corrupt(format!(
+                    "feature {f:?} is not a value of its type (a float must be finite, \
+                         a vector a whole number of f32s)"
+                ))
+            })?;
             state.features.entry(f.to_owned()).or_default().value = Some(value);
         } else if let Some(f) = name.strip_prefix("i:") {
             let times = attr
@@ -465,7 +469,9 @@ pub fn decode_item(
 
 fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
     let int = |a: &AttributeValue| a.as_n().ok()?.parse::<i64>().ok();
-    let float = |a: &AttributeValue| a.as_n().ok()?.parse::<f64>().ok();
+    // This host stores finite floats only (`check_write`); anything else is another writer's.
+    let float =
+        |a: &AttributeValue| Some(a.as_n().ok()?.parse::<f64>().ok()?).filter(|f| f.is_finite());
     Some(match (a, ty) {
         (AttributeValue::Bool(b), _) => Value::Bool(*b),
         (AttributeValue::S(s), _) => Value::String(s.clone()),
@@ -473,12 +479,20 @@ fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
         (AttributeValue::N(_), _) => int(a)
             .map(Value::Int)
             .or_else(|| float(a).map(Value::Float))?,
-        (AttributeValue::B(b), Some(FeatureType::Vector)) => Value::Vector(
-            b.as_ref()
+        (AttributeValue::B(b), Some(FeatureType::Vector)) => {
+            let bytes = b.as_ref();
+            if bytes.len() % 4 != 0 {
+                return None;
+            }
+            let v: Vec<f32> = bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
+                .collect();
+            if !v.iter().all(|f| f.is_finite()) {
+                return None;
+            }
+            Value::Vector(v)
+        }
         (AttributeValue::B(b), _) => Value::Bytes(b.clone().into_inner()),
         (AttributeValue::L(l), Some(FeatureType::StringList)) => Value::StringList(
             l.iter()
@@ -521,12 +535,18 @@ mod tests {
             ("l".to_string(), FeatureType::FloatList),
             ("emb".to_string(), FeatureType::Vector),
         ]);
-        let nan: Vec<u8> = [0.5f32, f32::NAN].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let nan: Vec<u8> = [0.5f32, f32::NAN]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         for (name, attr) in [
             ("f:f", AttributeValue::N("inf".into())),
             ("f:f", AttributeValue::N("1e400".into())),
             ("f:untyped", AttributeValue::N("NaN".into())),
-            ("f:l", AttributeValue::L(vec![AttributeValue::N("-inf".into())])),
+            (
+                "f:l",
+                AttributeValue::L(vec![AttributeValue::N("-inf".into())]),
+            ),
             ("f:emb", AttributeValue::B(nan.into())),
             // Not a whole number of f32s: its last bytes would be dropped.
             ("f:emb", AttributeValue::B(vec![0, 0, 128, 63, 1].into())),
