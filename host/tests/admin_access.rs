@@ -271,6 +271,14 @@ fn one_caller_cannot_hold_every_connection() {
     // Another peer is still served.
     let (status, body) = get_from("127.0.0.2", &addr, "/v1/plugins");
     assert_eq!(status, 200, "another peer was refused: {body}");
+    // The refusal answered on a connection kept for probes is counted like any other.
+    let (_, metrics) = get_from("127.0.0.2", &addr, "/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fh_admin_refusals_total{reason=\"peer\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "the per-peer refusal is not counted:\n{metrics}");
     assert!(child.terminate());
     let _ = std::fs::remove_dir_all(&dir);
 }
