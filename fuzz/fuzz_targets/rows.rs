@@ -5,7 +5,7 @@
 //! footer, damaged files do).
 #![no_main]
 
-use feature_host::batch::format::{decode_unit, write_click_parquet};
+use feature_host::batch::format::{decode_unit, sample_click_parquet};
 use feature_host::batch::plan::Unit;
 use feature_host::spec::BatchFormat;
 use libfuzzer_sys::fuzz_target;
@@ -14,23 +14,7 @@ use std::sync::OnceLock;
 /// A Parquet file of 40 click rows in row groups of 16 (Snappy, as exports are).
 fn valid_parquet() -> &'static [u8] {
     static FILE: OnceLock<Vec<u8>> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("fh-fuzz-{}.parquet", std::process::id()));
-        let rows: Vec<(String, String, &str, i64)> = (0..40)
-            .map(|i| {
-                (
-                    format!("u{}", i % 7),
-                    format!("i{i}"),
-                    "view",
-                    1_700_000_000_000 + i,
-                )
-            })
-            .collect();
-        write_click_parquet(&path, &rows, 16).expect("write the Parquet seed");
-        let bytes = std::fs::read(&path).expect("read the Parquet seed");
-        let _ = std::fs::remove_file(&path);
-        bytes
-    })
+    FILE.get_or_init(|| sample_click_parquet(40, 16).expect("write the Parquet seed"))
 }
 
 fuzz_target!(|data: &[u8]| {

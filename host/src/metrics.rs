@@ -69,8 +69,8 @@ pub struct ReloadLabels {
 /// Labels of admin API refusals.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// `connections` (over the cap), `timeout` (request deadline), `host` (not a loopback
-    /// name), `token` (missing, wrong, or none configured).
+    /// `connections` (over the cap), `peer` (over the per-address cap), `timeout` (request
+    /// deadline), `host` (not a loopback name), `token` (missing, wrong, or none configured).
     pub reason: String,
 }
 

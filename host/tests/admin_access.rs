@@ -278,7 +278,10 @@ fn one_caller_cannot_hold_every_connection() {
         .find_map(|l| l.strip_prefix("fh_admin_refusals_total{reason=\"peer\"} "))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
-    assert!(refused >= 1, "the per-peer refusal is not counted:\n{metrics}");
+    assert!(
+        refused >= 1,
+        "the per-peer refusal is not counted:\n{metrics}"
+    );
     assert!(child.terminate());
     let _ = std::fs::remove_dir_all(&dir);
 }

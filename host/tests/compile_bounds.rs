@@ -142,14 +142,17 @@ fn another_version(component: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A spec directory with one group served by `live.wasm` in a plugin directory beside it.
-fn layout(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+/// A spec directory with one group served by `live.wasm` in a plugin directory beside it,
+/// installed from the example plugin: the two directories and that plugin's bytes.
+fn layout(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
     let (specs, plugins) = (dir.join("specs"), dir.join("plugins"));
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(&specs).unwrap();
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::write(specs.join("live.yaml"), live_spec(5)).unwrap();
-    (specs, plugins)
+    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    install(&plugins.join("live.wasm"), &v1);
+    (specs, plugins, v1)
 }
 
 /// The spec of group `live`, its plugin config's `last_k` set to `last_k`.
@@ -162,10 +165,8 @@ fn live_spec(last_k: u32) -> String {
 #[test]
 fn a_rollback_during_a_slow_compile_returns_at_once_and_the_compile_is_cut_off() {
     let dir = std::env::temp_dir().join(format!("fh-compile-{}", std::process::id()));
-    let (specs, plugins) = layout(&dir);
-    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let (specs, plugins, v1) = layout(&dir);
     let live = plugins.join("live.wasm");
-    install(&live, &v1);
     let cache = dir.join("plugin-cache");
     let env = |timeout: &'static str| {
         vec![
@@ -264,10 +265,8 @@ fn a_rollback_during_a_slow_compile_returns_at_once_and_the_compile_is_cut_off()
 #[test]
 fn a_compile_over_its_memory_cap_is_refused_and_the_loaded_version_serves() {
     let dir = std::env::temp_dir().join(format!("fh-compile-mem-{}", std::process::id()));
-    let (specs, plugins) = layout(&dir);
-    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let (specs, plugins, v1) = layout(&dir);
     let live = plugins.join("live.wasm");
-    install(&live, &v1);
     let (mut host, addr) = run_host(
         &dir.join("data"),
         &[
@@ -301,10 +300,8 @@ fn a_compile_over_its_memory_cap_is_refused_and_the_loaded_version_serves() {
 #[test]
 fn a_candidate_discarded_by_a_rollback_is_not_applied_later() {
     let dir = std::env::temp_dir().join(format!("fh-compile-discard-{}", std::process::id()));
-    let (specs, plugins) = layout(&dir);
-    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let (specs, plugins, v1) = layout(&dir);
     let live = plugins.join("live.wasm");
-    install(&live, &v1);
     let cache = dir.join("plugin-cache");
     let env = [
         ("FH_SPEC_DIR", specs.to_str().unwrap()),
@@ -372,10 +369,8 @@ fn cache_files(cache: &Path) -> Vec<String> {
 #[test]
 fn the_artifact_cache_is_pruned_bounded_and_keeps_only_accepted_builds() {
     let dir = std::env::temp_dir().join(format!("fh-compile-cache-{}", std::process::id()));
-    let (specs, plugins) = layout(&dir);
-    let v1 = std::fs::read(repo().join("plugins/dist/user_activity.wasm")).unwrap();
+    let (specs, plugins, v1) = layout(&dir);
     let live = plugins.join("live.wasm");
-    install(&live, &v1);
     let cache = dir.join("plugin-cache");
     std::fs::create_dir_all(&cache).unwrap();
     // Left behind a day ago: a write cut off by a crash, and artifacts of other components

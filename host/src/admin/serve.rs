@@ -107,11 +107,15 @@ pub async fn serve(
     // Connections kept for probes, for a caller over either cap: kubelet probes from the
     // node's address, which other processes on the node may share.
     let probes_busy = app.clone().layer(axum::middleware::from_fn_with_state(
-        Arc::new(busy(limits.max_connections)),
+        Arc::new((busy(limits.max_connections), "connections", metrics.clone())),
         probes_only,
     ));
     let probes_peer = app.clone().layer(axum::middleware::from_fn_with_state(
-        Arc::new(busy_peer(limits.max_connections_per_peer)),
+        Arc::new((
+            busy_peer(limits.max_connections_per_peer),
+            "peer",
+            metrics.clone(),
+        )),
         probes_only,
     ));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -232,16 +236,19 @@ fn busy(cap: usize) -> String {
     )
 }
 
-/// On a connection kept for probes: probes are served, anything else is told to come back.
+/// On a connection kept for probes: probes are served, anything else is told to come back
+/// (and counted as refused for the cap that sent it here).
 async fn probes_only(
-    axum::extract::State(busy): axum::extract::State<Arc<String>>,
+    axum::extract::State(refusal): axum::extract::State<Arc<(String, &'static str, Arc<Metrics>)>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     match request.uri().path() {
         "/healthz" | "/readyz" => next.run(request).await,
         _ => {
-            let mut r = super::error(StatusCode::SERVICE_UNAVAILABLE, busy.to_string());
+            let (message, reason, metrics) = &*refusal;
+            refused(metrics, reason);
+            let mut r = super::error(StatusCode::SERVICE_UNAVAILABLE, message.clone());
             r.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("1"),

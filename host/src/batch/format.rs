@@ -219,6 +219,27 @@ fn csv_value(v: &str) -> serde_json::Value {
     v.into()
 }
 
+/// The bytes of a Parquet file of `n` views by 7 users, a millisecond apart, in row groups of
+/// `group_rows` (written by [`write_click_parquet`]): a valid file for tests and the `rows`
+/// fuzz target to damage.
+pub fn sample_click_parquet(n: i64, group_rows: usize) -> anyhow::Result<Vec<u8>> {
+    let path = std::env::temp_dir().join(format!("fh-sample-{}.parquet", rand::random::<u64>()));
+    let rows: Vec<(String, String, &str, i64)> = (0..n)
+        .map(|i| {
+            (
+                format!("u{}", i % 7),
+                format!("i{i}"),
+                "view",
+                1_700_000_000_000 + i,
+            )
+        })
+        .collect();
+    let written = write_click_parquet(&path, &rows, group_rows);
+    let bytes = written.and_then(|()| Ok(std::fs::read(&path)?));
+    let _ = std::fs::remove_file(&path);
+    bytes
+}
+
 /// Write a Parquet file of `rows` (each `(user_id, item_id, type, ts)`) in row groups of
 /// `group_rows`, Snappy-compressed: the shape of a click-stream export. Used by the backfill
 /// benchmark and the tests to generate sources.
@@ -313,21 +334,7 @@ mod tests {
         // Found by the `rows` fuzz target: one byte of a dictionary page zeroed makes the
         // parquet crate's dictionary decoder assert (a panic), which would fail the shard
         // as "reader task failed" without saying which file is damaged.
-        let path =
-            std::env::temp_dir().join(format!("fh-damaged-{}.parquet", rand::random::<u64>()));
-        let rows: Vec<(String, String, &str, i64)> = (0..40)
-            .map(|i| {
-                (
-                    format!("u{}", i % 7),
-                    format!("i{i}"),
-                    "view",
-                    1_700_000_000_000 + i,
-                )
-            })
-            .collect();
-        write_click_parquet(&path, &rows, 16).unwrap();
-        let mut file = std::fs::read(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let mut file = sample_click_parquet(40, 16).unwrap();
         file[7] = 0;
         let unit = Unit {
             row_group: Some(0),
