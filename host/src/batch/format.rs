@@ -6,9 +6,11 @@
 //!   a JSON number, `true`/`false` a boolean, an empty field `null`, anything else a string.
 //! - Parquet: each row as a JSON object (nested groups as objects, lists as arrays).
 //!
-//! A record that cannot be decoded (a CSV row with the wrong field count, a corrupt Parquet
-//! page) is handed on as an error and dead-lettered with its reason; the rest of the file
-//! still loads.
+//! A record that cannot be decoded (a CSV row with the wrong field count, a Parquet row the
+//! reader rejects) is handed on as an error and dead-lettered with its reason; the rest of
+//! the file still loads. A file the reader cannot get through at all (a damaged footer or
+//! page, on which the parquet crate may even panic) fails its shard, naming the file and row
+//! group.
 
 use super::plan::Unit;
 use super::source::{SourceFile, Sources};

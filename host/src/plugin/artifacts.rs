@@ -143,10 +143,7 @@ impl ArtifactCache {
         // produced by a compatible engine and refuses them otherwise.
         match unsafe { Component::deserialize(engine, artifact) } {
             Ok(c) => {
-                // Used: the last to be deleted when the cache is full.
-                if let Ok(f) = std::fs::File::options().write(true).open(&path) {
-                    let _ = f.set_modified(SystemTime::now());
-                }
+                touch(&path); // used: the last to be deleted when the cache is full
                 Some(c)
             }
             Err(e) => discard(format!("{e:#}")),
@@ -179,12 +176,14 @@ impl ArtifactCache {
 
     /// The artifact of `sha256` is in use (its plugin was accepted again): the last to go.
     pub(super) fn renew(&self, sha256: &str) {
-        if let Ok(f) = std::fs::File::options()
-            .write(true)
-            .open(self.dir.join(self.name(sha256)))
-        {
-            let _ = f.set_modified(SystemTime::now());
-        }
+        touch(&self.dir.join(self.name(sha256)));
+    }
+}
+
+/// Mark an artifact used now (pruning deletes the least recently used first).
+fn touch(path: &Path) {
+    if let Ok(f) = std::fs::File::options().write(true).open(path) {
+        let _ = f.set_modified(SystemTime::now());
     }
 }
 
