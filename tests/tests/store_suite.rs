@@ -348,4 +348,87 @@ async fn dynamodb_and_redis() {
         pttl > 0 && pttl <= CACHE_TTL.as_millis() as i64,
         "Redis expiry {pttl} ms"
     );
+
+    unreadable_items_fail_only_their_entity(&b, &client, &mut redis).await;
+}
+
+/// An item this host cannot read (another writer's, or a float serde read as infinity) fails
+/// its own entity, named in the error, and no other entity of the batch: one bad item must
+/// not dead-letter a whole group's events. It is not overwritten either.
+async fn unreadable_items_fail_only_their_entity(
+    b: &Backends,
+    client: &aws_sdk_dynamodb::Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    let id = unique();
+    let stored = sink(b, &format!("unreadable-{id}"), CacheStrategy::WriteThrough);
+    let bad = stored.target.key("bad");
+    client
+        .put_item()
+        .table_name(&b.table)
+        .item("pk", AttributeValue::S(bad.clone()))
+        .item("v", AttributeValue::S("not a number".into()))
+        .send()
+        .await
+        .unwrap();
+    // A vector component beyond f32's range: serde reads it as infinity, which would be
+    // written back as `null` and leave the entry unreadable for good.
+    let cached = sink(
+        b,
+        &format!("unreadable-cache-{id}"),
+        CacheStrategy::CacheOnly,
+    );
+    let bad_cached = cached.target.key("bad");
+    let state = r#"{"features":{"x":{"value":{"t":"vector","v":[1e39]},"event_time_ms":1}}}"#;
+    let _: () = redis::cmd("HSET")
+        .arg(RedisCache::redis_key(&bad_cached))
+        .arg("__v")
+        .arg(1)
+        .arg("__s")
+        .arg(state)
+        .query_async(redis)
+        .await
+        .unwrap();
+    for (s, bad) in [(&stored, &bad), (&cached, &bad_cached)] {
+        let r = b
+            .writer
+            .apply(
+                s,
+                vec![("bad".into(), event(0).1), ("good".into(), event(1).1)],
+            )
+            .await;
+        let failed: Vec<&String> = r.failed.iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            failed,
+            [bad],
+            "{:?}: only the unreadable entity fails",
+            s.strategy
+        );
+        assert_eq!(
+            r.written, 1,
+            "{:?}: the readable entity is written",
+            s.strategy
+        );
+        let reason = r.failed[0].1.to_string();
+        assert!(
+            reason.contains(bad.as_str()),
+            "the reason names the item: {reason}"
+        );
+        assert!(
+            load(b, s, "good").await.is_some(),
+            "{:?}: the good entity",
+            s.strategy
+        );
+    }
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(RedisCache::redis_key(&bad_cached))
+        .arg("__s")
+        .query_async(redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        raw.as_deref(),
+        Some(state),
+        "the unreadable entry is left as it was"
+    );
 }

@@ -288,6 +288,24 @@ mod tests {
         ));
     }
 
+    /// DynamoDB's numbers span 1e-130 to 9.99e125 in magnitude: a larger float would fail
+    /// the entity's every later write, so it is refused; a smaller one is stored as 0, as
+    /// it would underflow in any arithmetic.
+    #[test]
+    fn floats_fit_every_store() {
+        for big in [1e126, -1e200, f64::MAX] {
+            let e = check_write(&spec(), w("spend", Op::Set(Value::Float(big))));
+            assert!(
+                e.as_ref().is_err_and(|e| e.to_string().contains("range")),
+                "{big}: {e:?}"
+            );
+        }
+        let out = check_write(&spec(), w("spend", Op::Incr(Value::Float(-1e-140)))).unwrap();
+        assert_eq!(out.op, Op::Incr(Value::Float(0.0)));
+        let out = check_write(&spec(), w("spend", Op::Max(Value::Float(9.9e125)))).unwrap();
+        assert_eq!(out.op, Op::Max(Value::Float(9.9e125)));
+    }
+
     /// A hostile plugin cannot make one write larger than any store can hold.
     #[test]
     fn oversized_writes_are_refused() {

@@ -698,6 +698,37 @@ mod tests {
         assert_eq!(get(&s, "f"), Some(&Value::Float(1.5)));
     }
 
+    /// A float sum stays a number every store holds (DynamoDB: 1e-130 to 9.99e125 in
+    /// magnitude; JSON: finite): beyond, the entity's every later write would fail, or it
+    /// would be stored as `null` and never read again.
+    #[test]
+    fn float_increments_stay_storable() {
+        let sum = |deltas: &[f64]| {
+            let mut s = EntityState::default();
+            for (o, d) in deltas.iter().enumerate() {
+                s.apply(&m(
+                    Some(o as i64),
+                    vec![("f", Op::Incr(Value::Float(*d)), 1)],
+                ));
+            }
+            match get(&s, "f") {
+                Some(Value::Float(f)) => *f,
+                other => panic!("{other:?}"),
+            }
+        };
+        for deltas in [
+            &[9e125, 9e125][..],
+            &[-9e125, -9e125],
+            &[f64::MAX, f64::MAX],
+        ] {
+            let f = sum(deltas);
+            assert!(f.is_finite() && f.abs() < 1e126, "{deltas:?} gave {f}");
+        }
+        let f = sum(&[2e-130, -1.5e-130]);
+        assert!(f == 0.0 || f.abs() >= 1e-130, "{f}");
+        assert_eq!(sum(&[1.5, 2.25]), 3.75);
+    }
+
     #[test]
     fn out_of_order_offsets_apply_once_each() {
         let mut s = EntityState::default();

@@ -557,6 +557,33 @@ mod tests {
         }
     }
 
+    /// A spec may retype a feature (bytes to vector, a list to another kind of list): the
+    /// values stored before stay readable as what they are, and the next write replaces them.
+    /// Refusing them would fail every later event of the entity.
+    #[test]
+    fn a_value_stored_before_its_feature_was_retyped_still_reads() {
+        let types = BTreeMap::from([
+            ("emb".to_string(), FeatureType::Vector),
+            ("names".to_string(), FeatureType::StringList),
+            ("score".to_string(), FeatureType::Float),
+        ]);
+        let item = Item::from([
+            ("f:emb".to_string(), AttributeValue::B(vec![1, 2, 3].into())),
+            (
+                "f:names".to_string(),
+                AttributeValue::L(vec![AttributeValue::N("4".into())]),
+            ),
+            ("f:score".to_string(), AttributeValue::S("high".into())),
+        ]);
+        let state = decode_item(&item, &types)
+            .expect("a retyped feature reads")
+            .state;
+        let value = |f: &str| state.features[f].value.clone();
+        assert_eq!(value("emb"), Some(Value::Bytes(vec![1, 2, 3])));
+        assert_eq!(value("names"), Some(Value::IntList(vec![4])));
+        assert_eq!(value("score"), Some(Value::String("high".into())));
+    }
+
     #[test]
     fn item_round_trip() {
         let mut state = EntityState::default();
