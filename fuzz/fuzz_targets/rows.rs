@@ -5,7 +5,7 @@
 //! footer, damaged files do).
 #![no_main]
 
-use feature_host::batch::format::{decode_unit, sample_click_parquet};
+use feature_host::batch::format::{decode_footer, decode_unit, sample_click_parquet};
 use feature_host::batch::plan::Unit;
 use feature_host::spec::BatchFormat;
 use libfuzzer_sys::fuzz_target;
@@ -59,16 +59,35 @@ fuzz_target!(|data: &[u8]| {
         rows: None,
         bytes: file.len() as u64,
     };
-    let mut rows = 0usize;
-    let _ = decode_unit(
-        bytes::Bytes::from(file),
-        &unit,
-        format,
-        u64::from(selector >> 4 & 3),
-        16,
-        |batch| {
-            rows += batch.len();
-            rows < 100_000
-        },
-    );
+    // Planning reads a Parquet file's footer on its own (two range reads, not the file):
+    // that decoder must not panic either.
+    if format == BatchFormat::Parquet && file.len() >= 12 && file.ends_with(b"PAR1") {
+        let end = file.len() - 8;
+        let len = u32::from_le_bytes(file[end..end + 4].try_into().expect("4 bytes")) as usize;
+        if len <= end {
+            let _ = decode_footer("fuzz", &file[end - len..end]);
+        }
+    }
+    // Every record, resumed after `skip`, is the same as read from the start: a shard that
+    // resumes from its checkpoint neither loses nor repeats a row. Every error names the file.
+    let file = bytes::Bytes::from(file);
+    let read = |skip: u64| {
+        let mut records = Vec::new();
+        let result = decode_unit(file.clone(), &unit, format, skip, 16, |batch| {
+            records.extend(batch);
+            records.len() < 100_000
+        });
+        (result.map_err(|e| format!("{e:#}")), records)
+    };
+    let (whole, all) = read(0);
+    let skip = u64::from(selector >> 4 & 3);
+    let (resumed, rest) = read(skip);
+    let problems = all.iter().chain(&rest).filter_map(|r| r.as_ref().err());
+    for problem in problems.chain(whole.as_ref().err()).chain(resumed.as_ref().err()) {
+        assert!(problem.contains("fuzz"), "an error without its file: {problem}");
+    }
+    if whole.is_ok() && resumed.is_ok() && all.len() < 100_000 {
+        let from = (skip as usize).min(all.len());
+        assert_eq!(rest, all[from..], "resumed after {skip} records");
+    }
 });

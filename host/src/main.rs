@@ -22,6 +22,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A panic, caught (a damaged Parquet page's, a task's) or not, is logged like every other
+    // error, with its place: a JSON log pipeline would miss the default hook's plain text.
+    std::panic::set_hook(Box::new(|info| {
+        let place = info.location().map(ToString::to_string).unwrap_or_default();
+        let message = info.payload_as_str().unwrap_or("(no message)");
+        tracing::error!(%place, message, "panic");
+    }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

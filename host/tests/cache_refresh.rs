@@ -59,7 +59,8 @@ async fn replay_after_a_crash_between_store_and_cache(strategy: CacheStrategy) {
         .await
         .unwrap()
         .pop()
-        .flatten()
+        .unwrap()
+        .unwrap()
         .unwrap();
     let first = v1.version;
     assert_eq!(stored.version, first + 1);

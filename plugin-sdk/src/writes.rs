@@ -2,6 +2,9 @@ use crate::{Event, Value, bindings::feature_host::plugin::types as wit};
 
 /// An operation the host applies atomically to one feature in the store.
 ///
+/// A float must be finite and at most 9.99e125 in magnitude (DynamoDB's number range): the
+/// host dead-letters an event with any other, and stores one below 1e-130 as 0.
+///
 /// ```
 /// use feature_host_plugin_sdk::{Op, Value};
 /// let op = Op::Append { item: Value::from("item-9"), cap: 20 };
@@ -11,7 +14,8 @@ use crate::{Event, Value, bindings::feature_host::plugin::types as wit};
 pub enum Op {
     /// Replace the value, unless the stored value is newer by event time.
     Set(Value),
-    /// Add to a numeric feature; every event counts exactly once.
+    /// Add to a numeric feature; every event counts exactly once. Sums saturate where the
+    /// stores stop: integers at the ends of `i64`, floats at ±9.99e125.
     Incr(Value),
     /// Keep the larger of the stored and the given value.
     Max(Value),

@@ -119,7 +119,8 @@ async fn load(b: &Backends, sink: &GroupSink, entity: &str) -> Option<Versioned>
         .await
         .unwrap()
         .pop()
-        .flatten()
+        .unwrap()
+        .unwrap()
 }
 
 /// Out of order, in several batches, then all replayed in another order: the newest event
@@ -223,7 +224,8 @@ async fn strategies(b: &Backends, prefix: &str) {
             .await
             .unwrap()
             .pop()
-            .flatten();
+            .unwrap()
+            .unwrap();
         let cached = Cache::get(&*b.cache, &key).await.unwrap();
         let now = unix_now();
         let expires = |v: &Versioned, ttl: Duration| {

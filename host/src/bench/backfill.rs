@@ -203,7 +203,7 @@ spec:
                             .load(&sink.target, &keys)
                             .await?,
                     ) {
-                        if let Some(v) = v {
+                        if let Some(v) = v? {
                             items.insert(u.clone(), (sink.target.key(u), v));
                         }
                     }

@@ -17,7 +17,7 @@ use crate::feature::{Mutation, Op, Position, Value, Versioned};
 use crate::sink::dynamo::{DynamoStore, encode_item};
 use crate::sink::redis_cache::RedisCache;
 use crate::sink::writer::{CacheStore, FeatureWriter, GroupSink};
-use crate::sink::{Cache, CacheFill, SinkError, Store, Target};
+use crate::sink::{Cache, CacheFill, Loaded, SinkError, Store, Target};
 use crate::spec::{CacheStrategy, FeatureType};
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -70,7 +70,7 @@ impl Store for CountedStore {
     async fn ensure_table(&self, table: &str) -> Result<(), SinkError> {
         self.0.ensure_table(table).await
     }
-    async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         self.1
             .ddb
             .fetch_add(keys.len().div_ceil(100) as u64, Ordering::Relaxed);
@@ -121,7 +121,7 @@ impl Store for CountedCache {
     fn backend(&self) -> &'static str {
         Store::backend(&self.0)
     }
-    async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         self.one();
         self.0.load(t, keys).await
     }

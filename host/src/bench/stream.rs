@@ -20,7 +20,7 @@ use crate::pipeline::Pipeline;
 use crate::retry::InPlace;
 use crate::sink::memory_cache::MemoryCache;
 use crate::sink::writer::{CacheStore, FeatureWriter};
-use crate::sink::{SinkError, Store, Target};
+use crate::sink::{Loaded, SinkError, Store, Target};
 use crate::stream::consumer::{StreamSettings, consume};
 use crate::stream::kafka::to_event;
 use crate::stream::partition::Limits;
@@ -89,11 +89,7 @@ impl Store for SlowStore {
         "slow-memory"
     }
 
-    async fn load(
-        &self,
-        target: &Target,
-        keys: &[String],
-    ) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         self.inner.load(target, keys).await
     }
 

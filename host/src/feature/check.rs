@@ -2,7 +2,7 @@
 //! reaches a store. A failed check dead-letters the event: it is a plugin or spec bug that a
 //! retry cannot fix.
 
-use super::value::{Op, Value, Write};
+use super::value::{MAX_FLOAT, Op, Value, Write};
 use crate::spec::{FeatureGroupSpec, FeatureType};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -26,8 +26,11 @@ pub enum WriteCheckError {
     EmptyEntity { feature: String },
     #[error("append to {feature:?} with cap 0")]
     ZeroCap { feature: String },
-    #[error("feature {feature:?}: NaN and infinite floats cannot be stored")]
-    NonFinite { feature: String },
+    #[error(
+        "feature {feature:?}: the float {value} cannot be stored (floats must be finite and at \
+         most {MAX_FLOAT:e} in magnitude, DynamoDB's number range)"
+    )]
+    UnstorableFloat { feature: String, value: f64 },
     #[error("entity id of {len} bytes in write to {feature:?}; at most {MAX_ENTITY_BYTES}")]
     EntityTooLong { feature: String, len: usize },
     #[error("feature {feature:?}: a value of {bytes} bytes; at most {MAX_VALUE_BYTES}")]
@@ -77,21 +80,13 @@ pub fn check_write(spec: &FeatureGroupSpec, mut write: Write) -> Result<Write, W
         });
     }
     let ty = decl.ty;
-    let finite = |v: &Value| match v {
-        Value::Float(f) => f.is_finite(),
-        Value::FloatList(l) => l.iter().all(|f| f.is_finite()),
-        Value::Vector(l) => l.iter().all(|f| f.is_finite()),
-        _ => true,
-    };
-    let all_finite = match &write.op {
-        Op::Set(v) | Op::Incr(v) | Op::Max(v) | Op::Min(v) | Op::Append { item: v, .. } => {
-            finite(v)
-        }
-        Op::Delete => true,
-    };
-    if !all_finite {
-        return Err(WriteCheckError::NonFinite {
+    if let Op::Set(v) | Op::Incr(v) | Op::Max(v) | Op::Min(v) | Op::Append { item: v, .. } =
+        &mut write.op
+        && let Err(value) = v.make_storable()
+    {
+        return Err(WriteCheckError::UnstorableFloat {
             feature: write.feature,
+            value,
         });
     }
     let mismatch = |op: &Op, v: &Value| WriteCheckError::TypeMismatch {
@@ -279,7 +274,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, WriteCheckError::ZeroCap { .. }));
         let e = check_write(&spec(), w("spend", Op::Set(Value::Float(f64::NAN)))).unwrap_err();
-        assert!(matches!(e, WriteCheckError::NonFinite { .. }));
+        assert!(matches!(e, WriteCheckError::UnstorableFloat { .. }));
         let mut empty = w("clicks", Op::Delete);
         empty.entity.clear();
         assert!(matches!(

@@ -10,13 +10,14 @@
 //! - **Event time wins.** `set` and `delete` older than the feature's event time are skipped
 //!   (counted as stale); `overwrite` mutations (backfills) bypass this. A delete leaves a
 //!   tombstone so an older set cannot resurrect the feature.
-//! - `incr` counts every (non-replayed) event; `max`/`min` keep the extreme; `append` inserts
+//! - `incr` counts every (non-replayed) event, its sums saturating where the stores stop
+//!   (ints at the ends of `i64`, floats at ±[`MAX_FLOAT`](super::value::MAX_FLOAT)); `max`/`min` keep the extreme; `append` inserts
 //!   into a last-k list by event time, newest first, capped.
 //!
 //! Each op of a mutation is judged on its own: a stale `set` does not block an `incr` of the
 //! same event.
 
-use super::value::{Op, Value};
+use super::value::{Op, Value, saturate_float};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -51,6 +52,14 @@ pub struct Versioned {
 }
 
 impl Versioned {
+    /// Decode a versioned state stored as JSON (the embedded store's items), as
+    /// [`EntityState::from_stored_json`] does.
+    pub fn from_stored_json(bytes: &[u8]) -> Result<Versioned, String> {
+        let v: Versioned = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        v.state.check_finite()?;
+        Ok(v)
+    }
+
     /// The version of the write that replaces this one. An absent entity (version 0) starts
     /// from the clock, `now_ms` × 1000, not from 1: DynamoDB deletes an expired item, and the
     /// entity written again must not take versions a cache still holds for its previous life
@@ -249,6 +258,26 @@ impl ApplyOutcome {
 }
 
 impl EntityState {
+    /// Decode a state stored as JSON (the Redis cache's `__s`). serde reads an f32 beyond
+    /// its range as infinity, which would be written back as `null` and leave the entry
+    /// unreadable for good: a state holding a non-finite float is refused, naming the feature.
+    pub fn from_stored_json(bytes: &[u8]) -> Result<EntityState, String> {
+        let state: EntityState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        state.check_finite()?;
+        Ok(state)
+    }
+
+    fn check_finite(&self) -> Result<(), String> {
+        match self
+            .features
+            .iter()
+            .find(|(_, c)| c.value.as_ref().is_some_and(|v| !v.is_finite()))
+        {
+            Some((name, _)) => Err(format!("feature {name:?} holds a float that is not finite")),
+            None => Ok(()),
+        }
+    }
+
     /// Merge `m` into this state.
     pub fn apply(&mut self, m: &Mutation) -> ApplyOutcome {
         let mut out = ApplyOutcome::default();
@@ -337,12 +366,12 @@ impl EntityState {
                 let value = match cell.and_then(|c| c.value.as_ref()) {
                     Some(Value::Int(a)) => match delta {
                         Value::Int(d) => Value::Int(a.saturating_add(*d)),
-                        Value::Float(d) => Value::Float(*a as f64 + d),
+                        Value::Float(d) => Value::Float(saturate_float(*a as f64 + d)),
                         other => other.clone(),
                     },
                     Some(Value::Float(a)) => match delta {
-                        Value::Int(d) => Value::Float(a + *d as f64),
-                        Value::Float(d) => Value::Float(a + d),
+                        Value::Int(d) => Value::Float(saturate_float(a + *d as f64)),
+                        Value::Float(d) => Value::Float(saturate_float(a + d)),
                         other => other.clone(),
                     },
                     // Absent, tombstoned, or a type the spec no longer declares: restart.
@@ -727,6 +756,16 @@ mod tests {
         let f = sum(&[2e-130, -1.5e-130]);
         assert!(f == 0.0 || f.abs() >= 1e-130, "{f}");
         assert_eq!(sum(&[1.5, 2.25]), 3.75);
+    }
+
+    /// serde reads an f32 beyond its range as infinity; a stored state holding one must be
+    /// refused as unreadable, not merged and written back as `null`.
+    #[test]
+    fn a_stored_vector_beyond_f32_is_unreadable() {
+        let json = br#"{"features":{"x":{"value":{"t":"vector","v":[1e39]},"event_time_ms":1}}}"#;
+        assert!(EntityState::from_stored_json(json).is_err());
+        let fine = br#"{"features":{"x":{"value":{"t":"vector","v":[1e38]},"event_time_ms":1}}}"#;
+        assert!(EntityState::from_stored_json(fine).is_ok());
     }
 
     #[test]

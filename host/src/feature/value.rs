@@ -2,6 +2,35 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The largest float magnitude every store holds: DynamoDB's numbers stop below 1e126, and
+/// a feature beyond it would fail its entity's every later write. (The f64 nearest 1e126 is
+/// just below it, but is written `1e126`, which DynamoDB refuses: this is the one before.)
+pub const MAX_FLOAT: f64 = 9.999_999_999_999_998e125;
+/// The smallest nonzero float magnitude DynamoDB holds; a smaller one is stored as 0.
+pub const MIN_FLOAT: f64 = 1e-130;
+
+/// `f` as every store holds it: a magnitude below [`MIN_FLOAT`] becomes 0; `None` when it
+/// is NaN, infinite or beyond [`MAX_FLOAT`].
+pub fn storable_float(f: f64) -> Option<f64> {
+    if f.abs() < MIN_FLOAT {
+        Some(0.0)
+    } else if f.abs() <= MAX_FLOAT {
+        Some(f)
+    } else {
+        None
+    }
+}
+
+/// `f` brought into what every store holds, saturating at ±[`MAX_FLOAT`] as integer sums
+/// saturate at the ends of `i64` (NaN, which no stored sum can produce, becomes 0).
+pub fn saturate_float(f: f64) -> f64 {
+    if f.is_nan() {
+        0.0
+    } else {
+        storable_float(f).unwrap_or(MAX_FLOAT.copysign(f))
+    }
+}
+
 /// A typed feature value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", content = "v", rename_all = "kebab-case")]
@@ -30,6 +59,33 @@ impl Value {
             Value::FloatList(l) => 8 * l.len(),
             Value::StringList(l) => l.iter().map(|s| s.len() + 8).sum(),
             Value::Vector(v) => 4 * v.len(),
+        }
+    }
+
+    /// Bring the value's floats into what every store holds ([`storable_float`]); on
+    /// failure, the first float that no store can hold.
+    pub fn make_storable(&mut self) -> Result<(), f64> {
+        let fit = |f: &mut f64| storable_float(*f).map(|s| *f = s).ok_or(*f);
+        match self {
+            Value::Float(f) => fit(f),
+            Value::FloatList(l) => l.iter_mut().try_for_each(fit),
+            // Stored as raw bytes (DynamoDB) or JSON: any finite f32 fits.
+            Value::Vector(v) => match v.iter().find(|f| !f.is_finite()) {
+                Some(f) => Err(f64::from(*f)),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether every float in the value is finite: what JSON can hold, so what a state
+    /// decoded from JSON must hold to be written back unchanged.
+    pub fn is_finite(&self) -> bool {
+        match self {
+            Value::Float(f) => f.is_finite(),
+            Value::FloatList(l) => l.iter().all(|f| f.is_finite()),
+            Value::Vector(v) => v.iter().all(|f| f.is_finite()),
+            _ => true,
         }
     }
 

@@ -12,7 +12,7 @@
 //! | `p:<src>#<part>` | applied offsets from that source partition: `floor[:o1,o2…]` |
 //! | `ttl` (N)        | expiry, Unix seconds (DynamoDB TTL attribute)              |
 
-use super::{SinkError, Store, Target, unix_now};
+use super::{Loaded, SinkError, Store, Target, unix_now};
 use crate::feature::{EntityState, Value, Versioned, Watermark};
 use crate::spec::FeatureType;
 use async_trait::async_trait;
@@ -277,11 +277,7 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn load(
-        &self,
-        target: &Target,
-        keys: &[String],
-    ) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         // Futures collected first: a closure in the stream would not be `Send` for every
         // lifetime, which `async_trait` needs.
         let requests: Vec<_> = keys
@@ -301,12 +297,15 @@ impl Store for DynamoStore {
             }
         }
         let now = unix_now();
-        keys.iter()
+        Ok(keys
+            .iter()
             .map(|k| match found.remove(k) {
-                Some(item) => Ok(Some(decode_item(&item, &target.types)?.unless_expired(now))),
+                Some(item) => decode_item(&item, &target.types)
+                    .map(|v| Some(v.unless_expired(now)))
+                    .map_err(|why| SinkError::unreadable(BACKEND, k, why)),
                 None => Ok(None),
             })
-            .collect()
+            .collect())
     }
 
     async fn compare_and_swap(
@@ -398,25 +397,19 @@ fn format_float(f: f64) -> String {
     }
 }
 
-fn corrupt(what: String) -> SinkError {
-    SinkError::Rejected {
-        backend: BACKEND,
-        message: format!("unreadable item: {what}"),
-    }
-}
-
-fn num<T: std::str::FromStr>(a: &AttributeValue, what: &str) -> Result<T, SinkError> {
+fn num<T: std::str::FromStr>(a: &AttributeValue, what: &str) -> Result<T, String> {
     a.as_n()
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| corrupt(format!("{what} is not a number")))
+        .ok_or_else(|| format!("{what} is not a number"))
 }
 
-/// Decode an item; `types` are the group's declared feature types.
+/// Decode an item; `types` are the group's declared feature types. The error says what in
+/// the item is unreadable; [`SinkError::unreadable`] names the item.
 pub fn decode_item(
     item: &Item,
     types: &std::collections::BTreeMap<String, FeatureType>,
-) -> Result<Versioned, SinkError> {
+) -> Result<Versioned, String> {
     let mut state = EntityState::default();
     let mut version = 0;
     let mut touched = Vec::new();
@@ -433,17 +426,13 @@ pub fn decode_item(
                 .or_default()
                 .event_time_ms = t;
         } else if let Some(f) = name.strip_prefix("f:") {
-            let value = decode_value(attr, types.get(f).copied()).ok_or_else(|| {
-                corrupt(format!(
-                    "feature {f:?} is not a value of its type (a float must be finite, \
-                         a vector a whole number of f32s)"
-                ))
-            })?;
+            let value = decode_value(attr, types.get(f).copied())
+                .ok_or_else(|| format!("feature {f:?} is not a value (floats must be finite)"))?;
             state.features.entry(f.to_owned()).or_default().value = Some(value);
         } else if let Some(f) = name.strip_prefix("i:") {
             let times = attr
                 .as_l()
-                .map_err(|_| corrupt(name.clone()))?
+                .map_err(|_| format!("{name} is not a list"))?
                 .iter()
                 .map(|a| num(a, name))
                 .collect::<Result<_, _>>()?;
@@ -453,7 +442,7 @@ pub fn decode_item(
                 .as_s()
                 .ok()
                 .and_then(|s| Watermark::decode(s))
-                .ok_or_else(|| corrupt(name.clone()))?;
+                .ok_or_else(|| format!("{name} is not a list of applied offsets"))?;
             state.positions.insert(p.to_owned(), wm);
         } else if let Some(p) = name.strip_prefix("pt:") {
             touched.push((p, num(attr, name)?));
@@ -467,20 +456,36 @@ pub fn decode_item(
     Ok(Versioned { version, state })
 }
 
+/// A stored value as its declared type, else as what it is: a spec may retype a feature
+/// (bytes to vector, one kind of list to another), and the values stored before stay
+/// readable until the next write replaces them ([`EntityState::apply`] restarts a value of
+/// a type the spec no longer declares). `None` only for what no type reads: a float that is
+/// not finite (this host stores none, `check_write`; passing it on would let `max` and `min`
+/// misbehave), a set or map, a list of mixed kinds.
 fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
-    let int = |a: &AttributeValue| a.as_n().ok()?.parse::<i64>().ok();
-    // This host stores finite floats only (`check_write`); anything else is another writer's.
-    let float =
-        |a: &AttributeValue| Some(a.as_n().ok()?.parse::<f64>().ok()?).filter(|f| f.is_finite());
+    ty.and_then(|ty| typed_value(a, ty))
+        .or_else(|| untyped_value(a))
+}
+
+fn int(a: &AttributeValue) -> Option<i64> {
+    a.as_n().ok()?.parse::<i64>().ok()
+}
+
+fn float(a: &AttributeValue) -> Option<f64> {
+    Some(a.as_n().ok()?.parse::<f64>().ok()?).filter(|f| f.is_finite())
+}
+
+fn strings(l: &[AttributeValue]) -> Option<Vec<String>> {
+    l.iter().map(|x| x.as_s().ok().cloned()).collect()
+}
+
+fn typed_value(a: &AttributeValue, ty: FeatureType) -> Option<Value> {
     Some(match (a, ty) {
-        (AttributeValue::Bool(b), _) => Value::Bool(*b),
-        (AttributeValue::S(s), _) => Value::String(s.clone()),
-        (AttributeValue::N(_), Some(FeatureType::Float)) => Value::Float(float(a)?),
-        (AttributeValue::N(_), _) => int(a)
-            .map(Value::Int)
-            .or_else(|| float(a).map(Value::Float))?,
-        (AttributeValue::B(b), Some(FeatureType::Vector)) => {
+        (AttributeValue::N(_), FeatureType::Float) => Value::Float(float(a)?),
+        (AttributeValue::B(b), FeatureType::Vector) => {
             let bytes = b.as_ref();
+            // Not a whole number of finite f32s: bytes written before the feature was a
+            // vector, read as bytes rather than cut or passed on as NaN.
             if bytes.len() % 4 != 0 {
                 return None;
             }
@@ -493,26 +498,29 @@ fn decode_value(a: &AttributeValue, ty: Option<FeatureType>) -> Option<Value> {
             }
             Value::Vector(v)
         }
-        (AttributeValue::B(b), _) => Value::Bytes(b.clone().into_inner()),
-        (AttributeValue::L(l), Some(FeatureType::StringList)) => Value::StringList(
-            l.iter()
-                .map(|x| x.as_s().ok().cloned())
-                .collect::<Option<_>>()?,
-        ),
-        (AttributeValue::L(l), Some(FeatureType::FloatList)) => {
+        (AttributeValue::L(l), FeatureType::StringList) => Value::StringList(strings(l)?),
+        (AttributeValue::L(l), FeatureType::FloatList) => {
             Value::FloatList(l.iter().map(float).collect::<Option<_>>()?)
         }
-        (AttributeValue::L(l), _) => {
+        _ => return None,
+    })
+}
+
+fn untyped_value(a: &AttributeValue) -> Option<Value> {
+    Some(match a {
+        AttributeValue::Bool(b) => Value::Bool(*b),
+        AttributeValue::S(s) => Value::String(s.clone()),
+        AttributeValue::N(_) => int(a)
+            .map(Value::Int)
+            .or_else(|| float(a).map(Value::Float))?,
+        AttributeValue::B(b) => Value::Bytes(b.clone().into_inner()),
+        AttributeValue::L(l) => {
             if let Some(ints) = l.iter().map(int).collect::<Option<Vec<_>>>() {
                 Value::IntList(ints)
             } else if let Some(fs) = l.iter().map(float).collect::<Option<Vec<_>>>() {
                 Value::FloatList(fs)
             } else {
-                Value::StringList(
-                    l.iter()
-                        .map(|x| x.as_s().ok().cloned())
-                        .collect::<Option<_>>()?,
-                )
+                Value::StringList(strings(l)?)
             }
         }
         _ => return None,
@@ -547,13 +555,17 @@ mod tests {
                 "f:l",
                 AttributeValue::L(vec![AttributeValue::N("-inf".into())]),
             ),
-            ("f:emb", AttributeValue::B(nan.into())),
-            // Not a whole number of f32s: its last bytes would be dropped.
-            ("f:emb", AttributeValue::B(vec![0, 0, 128, 63, 1].into())),
         ] {
             let item = Item::from([(name.to_string(), attr.clone())]);
             let got = decode_item(&item, &types);
             assert!(got.is_err(), "{name} = {attr:?} decoded as {got:?}");
+        }
+        // A vector blob holding NaN, or not a whole number of f32s (its last bytes would
+        // be cut), is not a vector: it reads as the bytes it is, never as a vector.
+        for blob in [nan, vec![0, 0, 128, 63, 1]] {
+            let item = Item::from([("f:emb".to_string(), AttributeValue::B(blob.clone().into()))]);
+            let state = decode_item(&item, &types).unwrap().state;
+            assert_eq!(state.features["emb"].value, Some(Value::Bytes(blob)));
         }
     }
 

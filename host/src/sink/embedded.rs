@@ -1,7 +1,7 @@
 //! The embedded store: a redb file, for running with no services. Same semantics as DynamoDB
 //! (compare-and-swap on the item version, TTL honoured on read).
 
-use super::{SinkError, Store, Target, unix_now};
+use super::{Loaded, SinkError, Store, Target, unix_now};
 use crate::feature::Versioned;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -51,11 +51,8 @@ impl EmbeddedStore {
     }
 }
 
-fn decode(bytes: &[u8]) -> Result<Versioned, SinkError> {
-    serde_json::from_slice(bytes).map_err(|e| SinkError::Rejected {
-        backend: BACKEND,
-        message: format!("corrupt item: {e}"),
-    })
+fn decode(key: &str, bytes: &[u8]) -> Result<Versioned, SinkError> {
+    Versioned::from_stored_json(bytes).map_err(|why| SinkError::unreadable(BACKEND, key, why))
 }
 
 #[async_trait]
@@ -64,24 +61,22 @@ impl Store for EmbeddedStore {
         BACKEND
     }
 
-    async fn load(
-        &self,
-        target: &Target,
-        keys: &[String],
-    ) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         let db = self.db.clone();
-        let keys: Vec<String> = keys
+        let keys: Vec<(String, String)> = keys
             .iter()
-            .map(|k| Self::item_key(&target.table, k))
+            .map(|k| (Self::item_key(&target.table, k), k.clone()))
             .collect();
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_read().map_err(err)?;
             let table = tx.open_table(ITEMS).map_err(err)?;
             let now = unix_now();
             keys.iter()
-                .map(|k| match table.get(k.as_str()).map_err(err)? {
-                    Some(v) => Ok(Some(decode(v.value())?.unless_expired(now))),
-                    None => Ok(None),
+                .map(|(item, k)| {
+                    Ok(match table.get(item.as_str()).map_err(err)? {
+                        Some(v) => decode(k, v.value()).map(|v| Some(v.unless_expired(now))),
+                        None => Ok(None),
+                    })
                 })
                 .collect()
         })
@@ -97,19 +92,19 @@ impl Store for EmbeddedStore {
         next: &Versioned,
     ) -> Result<bool, SinkError> {
         let db = self.db.clone();
-        let key = Self::item_key(&target.table, key);
+        let (item, key) = (Self::item_key(&target.table, key), key.to_owned());
         let bytes = serde_json::to_vec(next).map_err(err)?;
         tokio::task::spawn_blocking(move || {
             // redb has one writer at a time: the version check and the write are atomic.
             let tx = db.begin_write().map_err(err)?;
             let swapped = {
                 let mut table = tx.open_table(ITEMS).map_err(err)?;
-                let current = match table.get(key.as_str()).map_err(err)? {
-                    Some(v) => decode(v.value())?.version,
+                let current = match table.get(item.as_str()).map_err(err)? {
+                    Some(v) => decode(&key, v.value())?.version,
                     None => 0,
                 };
                 if current == expected {
-                    table.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+                    table.insert(item.as_str(), bytes.as_slice()).map_err(err)?;
                     true
                 } else {
                     false

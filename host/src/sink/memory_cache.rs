@@ -1,7 +1,7 @@
 //! The in-process cache, for running with no services. Same version rules as the Redis
 //! cache; also usable as the store of `cache-only` groups.
 
-use super::{Cache, CacheFill, SinkError, Store, Target};
+use super::{Cache, CacheFill, Loaded, SinkError, Store, Target};
 use crate::feature::Versioned;
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -117,14 +117,10 @@ impl Store for MemoryCache {
         "memory cache"
     }
 
-    async fn load(
-        &self,
-        _target: &Target,
-        keys: &[String],
-    ) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, _target: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            out.push(Cache::get(self, k).await?);
+            out.push(Ok(Cache::get(self, k).await?));
         }
         Ok(out)
     }

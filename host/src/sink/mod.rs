@@ -47,6 +47,26 @@ pub enum SinkError {
     },
 }
 
+impl SinkError {
+    /// An item that exists but cannot be read (another writer's, or damaged). Retrying
+    /// cannot help, so its entity's events are dead-lettered, naming the item, until it is
+    /// fixed or deleted; the batch's other entities are written, and the item is left as it
+    /// is rather than overwritten.
+    pub fn unreadable(backend: &'static str, key: &str, why: impl std::fmt::Display) -> Self {
+        SinkError::Rejected {
+            backend,
+            message: format!(
+                "item {key:?} is unreadable: {why} (fix or delete the item; its entity's \
+                 events are dead-lettered until then)"
+            ),
+        }
+    }
+}
+
+/// One key as a store read it: `Ok(None)` when absent or expired, `Err` when the item is
+/// there but unreadable ([`SinkError::unreadable`]) — that key's entity fails, not the batch.
+pub type Loaded = Result<Option<Versioned>, SinkError>;
+
 /// Where and how one group's items are stored.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -73,12 +93,9 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
-    /// Current state of each key (`None`: absent or expired).
-    async fn load(
-        &self,
-        target: &Target,
-        keys: &[String],
-    ) -> Result<Vec<Option<Versioned>>, SinkError>;
+    /// Current state of each key, in the order of `keys`. The outer error fails every key
+    /// (the store did not answer); an inner one only its key.
+    async fn load(&self, target: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError>;
 
     /// Replace the item at `key` with `next` iff its version is still `expected`
     /// (0: the item must not exist). False when another writer won the race.

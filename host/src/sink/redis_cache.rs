@@ -11,8 +11,8 @@
 //! values. All writes are Lua scripts that check `__v` server-side, so a delayed writer or reader can
 //! never replace a newer entry with an older one.
 
-use super::{Cache, CacheFill, SinkError, Store, Target};
-use crate::feature::Versioned;
+use super::{Cache, CacheFill, Loaded, SinkError, Store, Target};
+use crate::feature::{EntityState, Versioned};
 use async_trait::async_trait;
 use redis::Script;
 use redis::aio::ConnectionManager;
@@ -123,7 +123,7 @@ impl RedisCache {
         Ok(out)
     }
 
-    async fn read(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn read(&self, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         let mut pipe = redis::pipe();
         for k in keys {
             pipe.cmd("HMGET")
@@ -136,17 +136,18 @@ impl RedisCache {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|(v, s, inv)| match (v, s, inv) {
-                (Some(version), Some(state), None) => serde_json::from_str(&state)
-                    .map(|state| Some(Versioned { version, state }))
-                    .map_err(|e| SinkError::Rejected {
-                        backend: BACKEND,
-                        message: format!("corrupt cache entry: {e}"),
-                    }),
+        Ok(rows
+            .into_iter()
+            .zip(keys)
+            .map(|((v, s, inv), key)| match (v, s, inv) {
+                (Some(version), Some(state), None) => {
+                    EntityState::from_stored_json(state.as_bytes())
+                        .map(|state| Some(Versioned { version, state }))
+                        .map_err(|why| SinkError::unreadable(BACKEND, key, why))
+                }
                 _ => Ok(None),
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -191,7 +192,10 @@ impl Cache for RedisCache {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Versioned>, SinkError> {
-        Ok(self.read(&[key.to_owned()]).await?.pop().flatten())
+        self.read(&[key.to_owned()])
+            .await?
+            .pop()
+            .unwrap_or(Ok(None))
     }
 }
 
@@ -201,11 +205,7 @@ impl Store for RedisCache {
         BACKEND
     }
 
-    async fn load(
-        &self,
-        _target: &Target,
-        keys: &[String],
-    ) -> Result<Vec<Option<Versioned>>, SinkError> {
+    async fn load(&self, _target: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
         self.read(keys).await
     }
 

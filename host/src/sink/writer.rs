@@ -2,7 +2,7 @@
 //! the read path.
 
 use super::cache_repair::CacheRepairs;
-use super::{Cache, CacheFill, SinkError, Store, Target, unix_now, unix_now_ms};
+use super::{Cache, CacheFill, Loaded, SinkError, Store, Target, unix_now, unix_now_ms};
 use crate::feature::{ApplyOutcome, Mutation, Versioned};
 use crate::spec::{CacheStrategy, GroupDef};
 use futures::stream::{self, StreamExt};
@@ -209,7 +209,14 @@ impl FeatureWriter {
             };
             let mut swaps = Vec::new();
             for (key, cur) in pending.iter().zip(current) {
-                let cur = cur.unwrap_or_default();
+                let cur = match cur {
+                    Ok(cur) => cur.unwrap_or_default(),
+                    // Unreadable: this entity fails, the item is left as it is.
+                    Err(e) => {
+                        report.failed.push((key.clone(), e));
+                        continue;
+                    }
+                };
                 let mut next = Versioned {
                     version: cur.successor(now_ms),
                     state: cur.state.clone(),
@@ -317,6 +324,11 @@ impl FeatureWriter {
         report
     }
 
+    async fn load_one(&self, sink: &GroupSink, key: String) -> Loaded {
+        let loaded = self.store.load(&sink.target, &[key]).await?.pop();
+        loaded.unwrap_or(Ok(None))
+    }
+
     /// Read an entity: the cache first, the store on a miss (filling the cache for
     /// write-through and write-around groups).
     pub async fn get(
@@ -326,9 +338,7 @@ impl FeatureWriter {
     ) -> Result<Option<Versioned>, SinkError> {
         let key = sink.target.key(entity);
         match sink.strategy {
-            CacheStrategy::StoreOnly => Ok(live(
-                self.store.load(&sink.target, &[key]).await?.pop().flatten(),
-            )),
+            CacheStrategy::StoreOnly => Ok(live(self.load_one(sink, key).await?)),
             CacheStrategy::CacheOnly => Ok(live(
                 Cache::get(&*self.cache, &key)
                     .await?
@@ -339,9 +349,7 @@ impl FeatureWriter {
             {
                 // The cached entry may be older than the store: read the store, and leave
                 // the cache to the repair queue.
-                Ok(live(
-                    self.store.load(&sink.target, &[key]).await?.pop().flatten(),
-                ))
+                Ok(live(self.load_one(sink, key).await?))
             }
             CacheStrategy::WriteThrough | CacheStrategy::WriteAround => {
                 match Cache::get(&*self.cache, &key).await {
@@ -354,11 +362,8 @@ impl FeatureWriter {
                     Err(e) => tracing::warn!(error = %e, "cache read failed; reading the store"),
                 }
                 let found = live(
-                    self.store
-                        .load(&sink.target, std::slice::from_ref(&key))
+                    self.load_one(sink, key.clone())
                         .await?
-                        .pop()
-                        .flatten()
                         .map(|v| v.unless_expired(unix_now())),
                 );
                 if let Some(entry) = &found
@@ -439,7 +444,10 @@ mod tests {
         let stored = Store::load(&*store, &s.target, &["g#u".into()])
             .await
             .unwrap();
-        assert_eq!(Some(cached.version), stored[0].as_ref().map(|v| v.version));
+        assert_eq!(
+            Some(cached.version),
+            stored[0].as_ref().unwrap().as_ref().map(|v| v.version)
+        );
     }
 
     #[tokio::test]
@@ -528,11 +536,7 @@ mod tests {
         fn backend(&self) -> &'static str {
             "refusing"
         }
-        async fn load(
-            &self,
-            t: &Target,
-            keys: &[String],
-        ) -> Result<Vec<Option<Versioned>>, SinkError> {
+        async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
             Store::load(&self.0, t, keys).await
         }
         async fn compare_and_swap(
