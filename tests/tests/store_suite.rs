@@ -391,7 +391,40 @@ async fn unreadable_items_fail_only_their_entity(
         .query_async(redis)
         .await
         .unwrap();
-    for (s, bad) in [(&stored, &bad), (&cached, &bad_cached)] {
+    // Another writer's version that is not a number, and a key of another type.
+    let versioned = sink(
+        b,
+        &format!("unreadable-version-{id}"),
+        CacheStrategy::CacheOnly,
+    );
+    let bad_version = versioned.target.key("bad");
+    let _: () = redis::cmd("HSET")
+        .arg(RedisCache::redis_key(&bad_version))
+        .arg("__v")
+        .arg("1.5")
+        .arg("__s")
+        .arg("{}")
+        .query_async(redis)
+        .await
+        .unwrap();
+    let typed = sink(
+        b,
+        &format!("unreadable-type-{id}"),
+        CacheStrategy::CacheOnly,
+    );
+    let bad_type = typed.target.key("bad");
+    let _: () = redis::cmd("SET")
+        .arg(RedisCache::redis_key(&bad_type))
+        .arg("a string")
+        .query_async(redis)
+        .await
+        .unwrap();
+    for (s, bad) in [
+        (&stored, &bad),
+        (&cached, &bad_cached),
+        (&versioned, &bad_version),
+        (&typed, &bad_type),
+    ] {
         let r = b
             .writer
             .apply(
@@ -421,6 +454,42 @@ async fn unreadable_items_fail_only_their_entity(
             "{:?}: the good entity",
             s.strategy
         );
+    }
+    // In front of a store, such a cache entry is replaced, not a reason to fail the batch's
+    // cache update (and, through the repair queue, every later one).
+    let fronted = sink(
+        b,
+        &format!("unreadable-front-{id}"),
+        CacheStrategy::WriteThrough,
+    );
+    let (versioned_key, typed_key) = (fronted.target.key("v"), fronted.target.key("t"));
+    let _: () = redis::cmd("HSET")
+        .arg(RedisCache::redis_key(&versioned_key))
+        .arg("__v")
+        .arg("abc")
+        .query_async(redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(RedisCache::redis_key(&typed_key))
+        .arg("a string")
+        .query_async(redis)
+        .await
+        .unwrap();
+    let r = b
+        .writer
+        .apply(
+            &fronted,
+            vec![("v".into(), event(0).1), ("t".into(), event(1).1)],
+        )
+        .await;
+    assert!(
+        r.failed.is_empty() && r.cache_error.is_none() && r.cache_queued == 0,
+        "{r:?}"
+    );
+    for key in [&versioned_key, &typed_key] {
+        let hit = Cache::get(&*b.cache, key).await.unwrap();
+        assert!(hit.is_some(), "{key} is cached");
     }
     let raw: Option<String> = redis::cmd("HGET")
         .arg(RedisCache::redis_key(&bad_cached))

@@ -556,14 +556,20 @@ mod tests {
                 AttributeValue::L(vec![AttributeValue::N("-inf".into())]),
             ),
         ] {
-            let item = Item::from([(name.to_string(), attr.clone())]);
+            let item = Item::from([
+                ("v".to_string(), AttributeValue::N("1".into())),
+                (name.to_string(), attr.clone()),
+            ]);
             let got = decode_item(&item, &types);
             assert!(got.is_err(), "{name} = {attr:?} decoded as {got:?}");
         }
         // A vector blob holding NaN, or not a whole number of f32s (its last bytes would
         // be cut), is not a vector: it reads as the bytes it is, never as a vector.
         for blob in [nan, vec![0, 0, 128, 63, 1]] {
-            let item = Item::from([("f:emb".to_string(), AttributeValue::B(blob.clone().into()))]);
+            let item = Item::from([
+                ("v".to_string(), AttributeValue::N("1".into())),
+                ("f:emb".to_string(), AttributeValue::B(blob.clone().into())),
+            ]);
             let state = decode_item(&item, &types).unwrap().state;
             assert_eq!(state.features["emb"].value, Some(Value::Bytes(blob)));
         }
@@ -580,6 +586,7 @@ mod tests {
             ("score".to_string(), FeatureType::Float),
         ]);
         let item = Item::from([
+            ("v".to_string(), AttributeValue::N("1".into())),
             ("f:emb".to_string(), AttributeValue::B(vec![1, 2, 3].into())),
             (
                 "f:names".to_string(),
@@ -594,6 +601,32 @@ mod tests {
         assert_eq!(value("emb"), Some(Value::Bytes(vec![1, 2, 3])));
         assert_eq!(value("names"), Some(Value::IntList(vec![4])));
         assert_eq!(value("score"), Some(Value::String("high".into())));
+    }
+
+    /// Another writer's item without a version would be swapped as absent and lose every
+    /// race (contended, retried for ever): it is unreadable. A number beyond what this host
+    /// writes reads as the largest it does, or every later write of the item is refused.
+    #[test]
+    fn another_writers_versions_and_numbers() {
+        let types = BTreeMap::from([("f".to_string(), FeatureType::Float)]);
+        for v in [None, Some("0")] {
+            let mut item = Item::from([("f:f".to_string(), AttributeValue::N("1".into()))]);
+            if let Some(v) = v {
+                item.insert("v".into(), AttributeValue::N(v.into()));
+            }
+            assert!(decode_item(&item, &types).is_err(), "version {v:?}");
+        }
+        let item = Item::from([
+            ("v".to_string(), AttributeValue::N("3".into())),
+            (
+                "f:f".to_string(),
+                AttributeValue::N("9.99999999999999999e125".into()),
+            ),
+        ]);
+        let v = decode_item(&item, &types).unwrap();
+        let stored = &encode_item("k", &v)["f:f"];
+        let written: f64 = stored.as_n().unwrap().parse().unwrap();
+        assert!(written < 1e126, "written back as {stored:?}");
     }
 
     #[test]
