@@ -27,7 +27,14 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         let place = info.location().map(ToString::to_string).unwrap_or_default();
         let message = info.payload_as_str().unwrap_or("(no message)");
-        tracing::error!(%place, message, "panic");
+        // As the default hook does: a backtrace when RUST_BACKTRACE asks for one.
+        let backtrace = std::backtrace::Backtrace::capture();
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(%place, message, %backtrace, "panic")
+            }
+            _ => tracing::error!(%place, message, "panic"),
+        }
     }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

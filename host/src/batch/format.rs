@@ -170,7 +170,7 @@ pub fn decode_unit(
                     "{} has no row group {rg}: the file changed since the run was planned",
                     unit.uri
                 );
-                let group = reader.get_row_group(rg)?;
+                let group = reader.get_row_group(rg).with_context(what)?;
                 let rows = group
                     .get_row_iter(None)
                     .with_context(|| format!("cannot read row group {rg} of {}", unit.uri))?;

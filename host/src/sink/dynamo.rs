@@ -13,6 +13,7 @@
 //! | `ttl` (N)        | expiry, Unix seconds (DynamoDB TTL attribute)              |
 
 use super::{Loaded, SinkError, Store, Target, unix_now};
+use crate::feature::value::saturate_float;
 use crate::feature::{EntityState, Value, Versioned, Watermark};
 use crate::spec::FeatureType;
 use async_trait::async_trait;
@@ -453,6 +454,11 @@ pub fn decode_item(
             wm.touched = Some(t);
         }
     }
+    // This host writes versions from 1 up; an item without one is another writer's, and
+    // swapping it as absent would lose every race.
+    if version == 0 {
+        return Err("the item has no version (`v`)".into());
+    }
     Ok(Versioned { version, state })
 }
 
@@ -471,8 +477,11 @@ fn int(a: &AttributeValue) -> Option<i64> {
     a.as_n().ok()?.parse::<i64>().ok()
 }
 
+/// A stored number as a float. One of DynamoDB's 38 digits may lie beyond what this host
+/// writes (`MAX_FLOAT`): it reads as the nearest this host can write back.
 fn float(a: &AttributeValue) -> Option<f64> {
-    Some(a.as_n().ok()?.parse::<f64>().ok()?).filter(|f| f.is_finite())
+    let f = a.as_n().ok()?.parse::<f64>().ok()?;
+    f.is_finite().then(|| saturate_float(f))
 }
 
 fn strings(l: &[AttributeValue]) -> Option<Vec<String>> {

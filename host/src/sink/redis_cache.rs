@@ -26,11 +26,13 @@ const BACKEND: &str = "Redis";
 static PUT_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local cur = redis.call('HMGET', KEYS[1], '__v', '__inv')
+local cur = redis.pcall('HMGET', KEYS[1], '__v', '__inv')
 local v = tonumber(ARGV[1])
-if cur[1] then
+-- A key of another type, or a version that is not a number, is not this host's entry: a
+-- cache in front of a store replaces it.
+if type(cur) == 'table' and cur[1] then
   local cv = tonumber(cur[1])
-  if (cur[2] and v < cv) or ((not cur[2]) and v <= cv) then return 0 end
+  if cv and ((cur[2] and v < cv) or ((not cur[2]) and v <= cv)) then return 0 end
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], '__v', ARGV[1])
@@ -46,7 +48,8 @@ return 1
 static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local cv = tonumber(redis.call('HGET', KEYS[1], '__v') or '0')
+local cur = redis.pcall('HGET', KEYS[1], '__v')
+local cv = type(cur) == 'string' and tonumber(cur) or 0
 if cv > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], '__v', ARGV[1], '__inv', '1')
@@ -132,20 +135,40 @@ impl RedisCache {
                 .arg("__s")
                 .arg("__inv");
         }
-        let rows: Vec<(Option<u64>, Option<String>, Option<String>)> = pipe
+        // Per key: another writer's key of another type fails its own entity only.
+        type Row = (Option<String>, Option<String>, Option<String>);
+        let rows: Vec<redis::RedisResult<Row>> = pipe
+            .ignore_errors()
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
         Ok(rows
             .into_iter()
             .zip(keys)
-            .map(|((v, s, inv), key)| match (v, s, inv) {
-                (Some(version), Some(state), None) => {
-                    EntityState::from_stored_json(state.as_bytes())
-                        .map(|state| Some(Versioned { version, state }))
-                        .map_err(|why| SinkError::unreadable(BACKEND, key, why))
+            .map(|(row, key)| {
+                let (v, s, inv) = row.map_err(|e| match e.code() {
+                    Some("WRONGTYPE") => SinkError::unreadable(BACKEND, key, e),
+                    _ => unavailable(e),
+                })?;
+                let version = v
+                    .map(|v| {
+                        v.parse::<u64>().map_err(|_| {
+                            SinkError::unreadable(
+                                BACKEND,
+                                key,
+                                format!("__v {v:?} is not a version"),
+                            )
+                        })
+                    })
+                    .transpose()?;
+                match (version, s, inv) {
+                    (Some(version), Some(state), None) => {
+                        EntityState::from_stored_json(state.as_bytes())
+                            .map(|state| Some(Versioned { version, state }))
+                            .map_err(|why| SinkError::unreadable(BACKEND, key, why))
+                    }
+                    _ => Ok(None),
                 }
-                _ => Ok(None),
             })
             .collect())
     }

@@ -199,6 +199,18 @@ impl FeatureWriter {
                 break;
             }
             let current = match store.load(&sink.target, &pending).await {
+                // A key without an answer would be neither written nor failed: its events
+                // would count as done.
+                Ok(c) if c.len() != pending.len() => {
+                    let e = SinkError::Unavailable {
+                        backend: store.backend(),
+                        message: format!("answered {} of {} keys", c.len(), pending.len()),
+                    };
+                    report
+                        .failed
+                        .extend(pending.drain(..).map(|k| (k, e.clone())));
+                    break;
+                }
                 Ok(c) => c,
                 Err(e) => {
                     report
