@@ -83,8 +83,14 @@ fuzz_target!(|data: &[u8]| {
     let skip = u64::from(selector >> 4 & 3);
     let (resumed, rest) = read(skip);
     let problems = all.iter().chain(&rest).filter_map(|r| r.as_ref().err());
-    for problem in problems.chain(whole.as_ref().err()).chain(resumed.as_ref().err()) {
-        assert!(problem.contains("fuzz"), "an error without its file: {problem}");
+    for problem in problems
+        .chain(whole.as_ref().err())
+        .chain(resumed.as_ref().err())
+    {
+        assert!(
+            problem.contains("fuzz"),
+            "an error without its file: {problem}"
+        );
     }
     if whole.is_ok() && resumed.is_ok() && all.len() < 100_000 {
         let from = (skip as usize).min(all.len());

@@ -354,6 +354,21 @@ async fn dynamodb_and_redis() {
     unreadable_items_fail_only_their_entity(&b, &client, &mut redis).await;
 }
 
+/// Write the cache key of `key` as another writer would: `cmd` (HSET, SET) with `args`.
+async fn put_raw(
+    redis: &mut redis::aio::MultiplexedConnection,
+    cmd: &str,
+    key: &str,
+    args: &[&str],
+) {
+    let _: () = redis::cmd(cmd)
+        .arg(RedisCache::redis_key(key))
+        .arg(args)
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
 /// An item this host cannot read (another writer's, or a float serde read as infinity) fails
 /// its own entity, named in the error, and no other entity of the batch: one bad item must
 /// not dead-letter a whole group's events. It is not overwritten either.
@@ -382,15 +397,7 @@ async fn unreadable_items_fail_only_their_entity(
     );
     let bad_cached = cached.target.key("bad");
     let state = r#"{"features":{"x":{"value":{"t":"vector","v":[1e39]},"event_time_ms":1}}}"#;
-    let _: () = redis::cmd("HSET")
-        .arg(RedisCache::redis_key(&bad_cached))
-        .arg("__v")
-        .arg(1)
-        .arg("__s")
-        .arg(state)
-        .query_async(redis)
-        .await
-        .unwrap();
+    put_raw(redis, "HSET", &bad_cached, &["__v", "1", "__s", state]).await;
     // Another writer's version that is not a number, and a key of another type.
     let versioned = sink(
         b,
@@ -398,27 +405,14 @@ async fn unreadable_items_fail_only_their_entity(
         CacheStrategy::CacheOnly,
     );
     let bad_version = versioned.target.key("bad");
-    let _: () = redis::cmd("HSET")
-        .arg(RedisCache::redis_key(&bad_version))
-        .arg("__v")
-        .arg("1.5")
-        .arg("__s")
-        .arg("{}")
-        .query_async(redis)
-        .await
-        .unwrap();
+    put_raw(redis, "HSET", &bad_version, &["__v", "1.5", "__s", "{}"]).await;
     let typed = sink(
         b,
         &format!("unreadable-type-{id}"),
         CacheStrategy::CacheOnly,
     );
     let bad_type = typed.target.key("bad");
-    let _: () = redis::cmd("SET")
-        .arg(RedisCache::redis_key(&bad_type))
-        .arg("a string")
-        .query_async(redis)
-        .await
-        .unwrap();
+    put_raw(redis, "SET", &bad_type, &["a string"]).await;
     for (s, bad) in [
         (&stored, &bad),
         (&cached, &bad_cached),
@@ -463,19 +457,8 @@ async fn unreadable_items_fail_only_their_entity(
         CacheStrategy::WriteThrough,
     );
     let (versioned_key, typed_key) = (fronted.target.key("v"), fronted.target.key("t"));
-    let _: () = redis::cmd("HSET")
-        .arg(RedisCache::redis_key(&versioned_key))
-        .arg("__v")
-        .arg("abc")
-        .query_async(redis)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("SET")
-        .arg(RedisCache::redis_key(&typed_key))
-        .arg("a string")
-        .query_async(redis)
-        .await
-        .unwrap();
+    put_raw(redis, "HSET", &versioned_key, &["__v", "abc"]).await;
+    put_raw(redis, "SET", &typed_key, &["a string"]).await;
     let r = b
         .writer
         .apply(
