@@ -171,9 +171,7 @@ pub fn decode_unit(
                     unit.uri
                 );
                 let group = reader.get_row_group(rg).with_context(what)?;
-                let rows = group
-                    .get_row_iter(None)
-                    .with_context(|| format!("cannot read row group {rg} of {}", unit.uri))?;
+                let rows = group.get_row_iter(None).with_context(what)?;
                 for row in rows.skip(skip as usize) {
                     let r = row
                         .map(|row| {

@@ -11,7 +11,8 @@
 //!   (counted as stale); `overwrite` mutations (backfills) bypass this. A delete leaves a
 //!   tombstone so an older set cannot resurrect the feature.
 //! - `incr` counts every (non-replayed) event, its sums saturating where the stores stop
-//!   (ints at the ends of `i64`, floats at ±[`MAX_FLOAT`](super::value::MAX_FLOAT)); `max`/`min` keep the extreme; `append` inserts
+//!   (ints at the ends of `i64`, floats at ±[`MAX_FLOAT`](super::value::MAX_FLOAT));
+//!   `max`/`min` keep the extreme; `append` inserts
 //!   into a last-k list by event time, newest first, capped.
 //!
 //! Each op of a mutation is judged on its own: a stale `set` does not block an `incr` of the

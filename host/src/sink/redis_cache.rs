@@ -135,8 +135,7 @@ impl RedisCache {
                 .arg("__s")
                 .arg("__inv");
         }
-        // Per key: another writer's key of another type fails its own entity only.
-        type Row = (Option<String>, Option<String>, Option<String>);
+        // Per key (`decode_row`): one key of another type must not fail the others.
         let rows: Vec<redis::RedisResult<Row>> = pipe
             .ignore_errors()
             .query_async(&mut self.conn.clone())
@@ -145,32 +144,34 @@ impl RedisCache {
         Ok(rows
             .into_iter()
             .zip(keys)
-            .map(|(row, key)| {
-                let (v, s, inv) = row.map_err(|e| match e.code() {
-                    Some("WRONGTYPE") => SinkError::unreadable(BACKEND, key, e),
-                    _ => unavailable(e),
-                })?;
-                let version = v
-                    .map(|v| {
-                        v.parse::<u64>().map_err(|_| {
-                            SinkError::unreadable(
-                                BACKEND,
-                                key,
-                                format!("__v {v:?} is not a version"),
-                            )
-                        })
-                    })
-                    .transpose()?;
-                match (version, s, inv) {
-                    (Some(version), Some(state), None) => {
-                        EntityState::from_stored_json(state.as_bytes())
-                            .map(|state| Some(Versioned { version, state }))
-                            .map_err(|why| SinkError::unreadable(BACKEND, key, why))
-                    }
-                    _ => Ok(None),
-                }
-            })
+            .map(|(row, key)| decode_row(key, row))
             .collect())
+    }
+}
+
+/// What a read asks of each key: `HMGET __v __s __inv`.
+type Row = (Option<String>, Option<String>, Option<String>);
+
+/// One key's [`Row`]. Another writer's key of another type, or a `__v` that is
+/// not a version, is unreadable: its own entity fails, not the batch.
+fn decode_row(key: &str, row: redis::RedisResult<Row>) -> Loaded {
+    let unreadable = |why: &dyn std::fmt::Display| SinkError::unreadable(BACKEND, key, why);
+    let (v, s, inv) = row.map_err(|e| match e.code() {
+        Some("WRONGTYPE") => unreadable(&e),
+        _ => unavailable(e),
+    })?;
+    let version = match v {
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| unreadable(&format!("__v {v:?} is not a version")))?,
+        ),
+        None => None,
+    };
+    match (version, s, inv) {
+        (Some(version), Some(state), None) => EntityState::from_stored_json(state.as_bytes())
+            .map(|state| Some(Versioned { version, state }))
+            .map_err(|why| unreadable(&why)),
+        _ => Ok(None),
     }
 }
 
