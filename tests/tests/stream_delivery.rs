@@ -92,6 +92,58 @@ async fn rolling_restart_of_two_replicas_loses_nothing_and_applies_nothing_twice
     s.exact_and_committed(b, &group_id, 4, N).await;
 }
 
+/// A replica told to stop in the middle of a rebalance: the new replica has just received
+/// its first assignment, so the old one is between the cooperative protocol's two rounds and
+/// the second round's assignment can reach it while it closes. Closing is still a clean
+/// stop — exit 0, everything it finished committed — and the stream stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_rebalance_exits_cleanly() {
+    let _serial = SERIAL.lock().await;
+    const N: usize = 600;
+    const ROUNDS: usize = 4;
+    let s = Setup::clicks(Stack::from_env(), 4).await;
+    let group_id = format!("midreb-{}", s.id);
+    let producing =
+        produce_clicks_in_background(&s.stack, &s.topic, 0..N, Duration::from_millis(10));
+    let spawn = |name: &str| {
+        let port = free_port();
+        let mut env = s.env(&group_id, name);
+        env.retain(|(k, _)| *k != "FH_ADMIN_ADDR");
+        env.push(("FH_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+        (Host::spawn(&["run"], &env), port)
+    };
+    let joined = |port: u16| async move {
+        let text = http_get(port, "/metrics").await?;
+        (metric(&text, "fh_consumer_joined") >= 1.0).then_some(())
+    };
+    let (mut old, port) = spawn("r0");
+    eventually(Duration::from_secs(60), "the first replica to join", || {
+        joined(port)
+    })
+    .await;
+    for round in 1..=ROUNDS {
+        let (new, port) = spawn(&format!("r{round}"));
+        // Polled closely: the window between the new member's first assignment and the
+        // old member's second round is short.
+        let start = std::time::Instant::now();
+        while joined(port).await.is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "replica r{round} never joined"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let status = old.terminate();
+        assert!(
+            status.success(),
+            "round {round}: a replica stopped mid-rebalance exits 0, got {status}"
+        );
+        old = new;
+    }
+    producing.await.unwrap();
+    s.exact_and_committed(old, &group_id, 4, N).await;
+}
+
 /// Two hosts share the partitions; one is SIGKILLed mid-stream. The broker expires it after
 /// the session timeout and gives its partitions to the survivor, which re-processes from the
 /// last commit: nothing lost, nothing applied twice, every partition committed to its end.
