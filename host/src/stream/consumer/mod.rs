@@ -302,7 +302,7 @@ impl ClientContext for Ctx {
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Ctx>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.assign(tpl),
+            Rebalance::Assign(tpl) => self.shared.assign(consumer, tpl),
             Rebalance::Revoke(tpl) => self
                 .shared
                 .revoke(consumer, tpl, consumer.assignment_lost()),

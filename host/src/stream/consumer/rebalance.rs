@@ -8,20 +8,28 @@ impl Shared {
     /// starts fetching them (so no message of theirs reaches the main queue). What the
     /// previous owner finished above its commit is read at the first delivery
     /// ([`Shared::resume`]).
-    pub(super) fn assign(&self, tpl: &TopicPartitionList) {
+    ///
+    /// An assignment served while the consumer closes (the second round of a cooperative
+    /// rebalance that began just before the stop) is not taken: this host consumes nothing
+    /// more, the close revokes it at once, and the new owner resumes from the commit.
+    pub(super) fn assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
         self.metrics.consumer_joined.set(1);
-        let consumer = self.consumer.get().and_then(Weak::upgrade);
-        let sources = match consumer.as_deref().map(|c| sources(c, tpl)) {
-            Some(Ok(s)) => s,
-            failed => {
+        // Splitting a partition's queue needs the shared handle, which is gone only while
+        // the consumer is being dropped, that is closed.
+        let Some(handle) = self.consumer.get().and_then(Weak::upgrade) else {
+            tracing::info!(
+                partitions = tpl.count(),
+                "assignment received while the consumer closes: not taken; the group's next owner resumes from the commit"
+            );
+            return;
+        };
+        let sources = match sources(consumer, tpl) {
+            Ok(s) => s,
+            Err(e) => {
                 // Not tracked: their messages are ignored (never processed, never
                 // committed) until the host restarts and asks again.
-                let why = match failed {
-                    Some(Err(e)) => e.to_string(),
-                    _ => "the consumer is gone".into(),
-                };
                 return self.fail(format!(
-                    "cannot read the assigned topics' ids, which name their positions: {why}"
+                    "cannot read the assigned topics' ids, which name their positions: {e}"
                 ));
             }
         };
@@ -31,10 +39,7 @@ impl Shared {
             let tp = (el.topic().to_owned(), el.partition());
             let source = sources.get(&tp.0).cloned().unwrap_or_else(|| tp.0.clone());
             tracing::info!(topic = %tp.0, partition = tp.1, %source, "partition assigned");
-            if let Some(mut q) = consumer
-                .as_ref()
-                .and_then(|c| c.split_partition_queue(&tp.0, tp.1))
-            {
+            if let Some(mut q) = handle.split_partition_queue(&tp.0, tp.1) {
                 let wake = self.wake.clone();
                 q.set_nonempty_callback(move || wake.notify());
                 queues.insert(tp.clone(), q);
