@@ -4,13 +4,13 @@
 //! (DynamoDB's `ttl` attribute, Redis `PEXPIRE`).
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use feature_host::feature::{Mutation, Op, Position, Value, Versioned};
+use feature_host::feature::{EntityState, Mutation, Op, Position, Value, Versioned};
 use feature_host::sink::dynamo::DynamoStore;
 use feature_host::sink::embedded::EmbeddedStore;
 use feature_host::sink::memory_cache::MemoryCache;
 use feature_host::sink::redis_cache::RedisCache;
 use feature_host::sink::writer::{CacheStore, FeatureWriter, GroupSink};
-use feature_host::sink::{Cache, Store, Target, unix_now};
+use feature_host::sink::{Cache, SinkError, Store, Swap, Target, unix_now};
 use feature_host::spec::{CacheStrategy, FeatureType};
 use feature_host_e2e::{Stack, unique};
 use std::sync::Arc;
@@ -274,11 +274,75 @@ async fn strategies(b: &Backends, prefix: &str) {
     }
 }
 
+/// A batch's swaps through one call are answered each on its own and in order: a swap at
+/// the expected version wins, one whose item moved on loses, whatever their order. On the
+/// store and on the cache serving as a `cache-only` store (Redis: one pipeline).
+async fn batch_swaps(b: &Backends, group: &str) {
+    let s = sink(b, group, CacheStrategy::CacheOnly);
+    let entry = |version: u64| {
+        let mut state = EntityState::default();
+        state.apply(&event(version as usize).1);
+        Versioned { version, state }
+    };
+    let (one, two) = (entry(1), entry(2));
+    for (name, store) in [
+        ("store", b.store.clone()),
+        ("cache", b.cache.clone() as Arc<dyn Store>),
+    ] {
+        let (fresh, moved) = (
+            format!("{group}#{name}-fresh"),
+            format!("{group}#{name}-moved"),
+        );
+        assert!(
+            store
+                .compare_and_swap(&s.target, &moved, 0, &one)
+                .await
+                .unwrap()
+        );
+        let asks = [
+            Swap {
+                key: &moved,
+                expected: 0,
+                next: &two,
+            },
+            Swap {
+                key: &fresh,
+                expected: 0,
+                next: &one,
+            },
+            Swap {
+                key: &moved,
+                expected: 1,
+                next: &two,
+            },
+        ];
+        let answers: Vec<bool> = store
+            .compare_and_swap_many(&s.target, &asks)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            answers,
+            [false, true, true],
+            "{name}: each swap answered in order"
+        );
+        let loaded = store.load(&s.target, &[fresh, moved]).await.unwrap();
+        let versions: Vec<u64> = loaded
+            .into_iter()
+            .map(|l| l.unwrap().unwrap().version)
+            .collect();
+        assert_eq!(versions, [1, 2], "{name}");
+    }
+}
+
 async fn suite(b: &Backends) {
     let id = unique();
     out_of_order_and_replayed(b, &format!("ooo-{id}")).await;
     stale_sets_and_overwrite(b, &format!("stale-{id}")).await;
     strategies(b, &format!("strategy-{id}")).await;
+    batch_swaps(b, &format!("swaps-{id}")).await;
 }
 
 #[tokio::test]
@@ -352,6 +416,51 @@ async fn dynamodb_and_redis() {
     );
 
     unreadable_items_fail_only_their_entity(&b, &client, &mut redis).await;
+    a_key_of_another_type_fails_only_its_swap(&b, &mut redis).await;
+}
+
+/// In a batch's one pipeline of swaps, another writer's key of another type fails its own
+/// swap (as data: `Rejected`), and the others of the pipeline are written.
+async fn a_key_of_another_type_fails_only_its_swap(
+    b: &Backends,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    let s = sink(
+        b,
+        &format!("swap-type-{}", unique()),
+        CacheStrategy::CacheOnly,
+    );
+    let (typed, good) = (s.target.key("typed"), s.target.key("good"));
+    put_raw(redis, "SET", &typed, &["a string"]).await;
+    let next = Versioned {
+        version: 1,
+        state: EntityState::default(),
+    };
+    let asks = [
+        Swap {
+            key: &typed,
+            expected: 0,
+            next: &next,
+        },
+        Swap {
+            key: &good,
+            expected: 0,
+            next: &next,
+        },
+    ];
+    let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&answers[0], Err(SinkError::Rejected { .. })),
+        "the key of another type: {:?}",
+        answers[0]
+    );
+    assert!(
+        matches!(answers[1], Ok(true)),
+        "the other swap: {:?}",
+        answers[1]
+    );
 }
 
 /// Write the cache key of `key` as another writer would: `cmd` (HSET, SET) with `args`.

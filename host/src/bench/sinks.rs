@@ -9,7 +9,8 @@
 //! time like a partition's batches. Our requests per batch (counted, not assumed):
 //! DynamoDB `BatchGetItem` per 100 keys plus one conditional `PutItem` per entity; Redis one
 //! pipeline for write-through / write-around; for cache-only one read pipeline plus one
-//! script call per entity. The raw loop sends exactly those.
+//! pipeline of the batch's compare-and-swap scripts. The raw loop sends exactly those,
+//! unconditioned (plain `HSET`s).
 
 use super::{Report, unique};
 use crate::config::StoreSettings;
@@ -17,7 +18,7 @@ use crate::feature::{Mutation, Op, Position, Value, Versioned};
 use crate::sink::dynamo::{DynamoStore, encode_item};
 use crate::sink::redis_cache::RedisCache;
 use crate::sink::writer::{CacheStore, FeatureWriter, GroupSink};
-use crate::sink::{Cache, CacheFill, Loaded, SinkError, Store, Target};
+use crate::sink::{Cache, CacheFill, Loaded, SinkError, Store, Swap, Target};
 use crate::spec::{CacheStrategy, FeatureType};
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -135,6 +136,14 @@ impl Store for CountedCache {
         self.one();
         self.0.compare_and_swap(t, key, expected, next).await
     }
+    async fn compare_and_swap_many(
+        &self,
+        t: &Target,
+        swaps: &[Swap<'_>],
+    ) -> Result<Vec<Result<bool, SinkError>>, SinkError> {
+        self.one();
+        self.0.compare_and_swap_many(t, swaps).await
+    }
 }
 
 const STRATEGIES: [(CacheStrategy, &str); 4] = [
@@ -145,7 +154,7 @@ const STRATEGIES: [(CacheStrategy, &str); 4] = [
 ];
 
 /// Concurrent conditional writes per batch: the writer's bound, used by the raw loop too.
-const CONCURRENCY: usize = 128;
+const CONCURRENCY: usize = crate::sink::SWAP_CONCURRENCY;
 
 fn sink(args: &SinksBenchArgs, id: &str, strategy: CacheStrategy) -> GroupSink {
     GroupSink {
@@ -402,8 +411,8 @@ pub(super) async fn raw_redis_pipeline(
     Ok(())
 }
 
-/// Cache-only: one read pipeline (`HMGET` per entity), then per entity one round trip
-/// (`HSET` + `EXPIREAT` pipelined) at the writer's concurrency.
+/// Cache-only: one read pipeline (`HMGET` per entity), then one write pipeline (per entity
+/// `HSET` + `EXPIREAT`).
 async fn raw_redis_cache_only(
     conn: &redis::aio::ConnectionManager,
     entries: &[(String, Vec<String>)],
@@ -418,8 +427,8 @@ async fn raw_redis_cache_only(
     }
     let _: Vec<redis::Value> = pipe.query_async(&mut conn.clone()).await?;
     let expire_at = crate::sink::unix_now() + 600;
-    let writes = entries.iter().map(|(key, fields)| async move {
-        let mut pipe = redis::pipe();
+    let mut pipe = redis::pipe();
+    for (key, fields) in entries {
         pipe.cmd("HSET")
             .arg(key)
             .arg("__v")
@@ -430,8 +439,7 @@ async fn raw_redis_cache_only(
             .arg(key)
             .arg(expire_at)
             .ignore();
-        pipe.query_async::<()>(&mut conn.clone()).await?;
-        anyhow::Ok(())
-    });
-    all_ok(writes, CONCURRENCY).await
+    }
+    pipe.query_async::<()>(&mut conn.clone()).await?;
+    Ok(())
 }

@@ -20,6 +20,7 @@ pub mod writer;
 use crate::feature::Versioned;
 use crate::spec::FeatureType;
 use async_trait::async_trait;
+use futures::stream::{self, StreamExt};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -106,7 +107,52 @@ pub trait Store: Send + Sync {
         expected: u64,
         next: &Versioned,
     ) -> Result<bool, SinkError>;
+
+    /// [`compare_and_swap`](Store::compare_and_swap) of every swap of a batch, answered
+    /// in their order. The outer error fails every swap (the store did not answer); an
+    /// inner one only its own.
+    ///
+    /// By default one request per swap, [`SWAP_CONCURRENCY`] in flight: DynamoDB has no
+    /// conditional batch write. A store that can send them together overrides it (Redis:
+    /// one pipeline, one round trip per batch).
+    async fn compare_and_swap_many(
+        &self,
+        target: &Target,
+        swaps: &[Swap<'_>],
+    ) -> Result<Vec<Result<bool, SinkError>>, SinkError> {
+        // Futures collected first: a closure inside the stream would have to be general
+        // over the swaps' lifetimes for the trait's `Send` bound.
+        let asks: Vec<_> = swaps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| async move {
+                let answer = self
+                    .compare_and_swap(target, s.key, s.expected, s.next)
+                    .await;
+                (i, answer)
+            })
+            .collect();
+        let mut answers: Vec<(usize, Result<bool, SinkError>)> = stream::iter(asks)
+            .buffer_unordered(SWAP_CONCURRENCY)
+            .collect()
+            .await;
+        answers.sort_unstable_by_key(|(i, _)| *i);
+        Ok(answers.into_iter().map(|(_, a)| a).collect())
+    }
 }
+
+/// One conditional write of a batch: [`Store::compare_and_swap`]'s arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct Swap<'a> {
+    pub key: &'a str,
+    /// The version the item must still have (0: it must not exist).
+    pub expected: u64,
+    pub next: &'a Versioned,
+}
+
+/// Conditional writes in flight at once where a store takes them one by one: bounds the
+/// load one batch puts on DynamoDB.
+pub const SWAP_CONCURRENCY: usize = 128;
 
 /// One cache write of a write-through group.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@
 //! values. All writes are Lua scripts that check `__v` server-side, so a delayed writer or reader can
 //! never replace a newer entry with an older one.
 
-use super::{Cache, CacheFill, Loaded, SinkError, Store, Target};
+use super::{Cache, CacheFill, Loaded, SinkError, Store, Swap, Target};
 use crate::feature::{EntityState, Versioned};
 use async_trait::async_trait;
 use redis::Script;
@@ -240,25 +240,76 @@ impl Store for RedisCache {
         expected: u64,
         next: &Versioned,
     ) -> Result<bool, SinkError> {
-        let mut inv = CAS.key(Self::redis_key(key));
-        inv.arg(expected)
-            .arg(next.version)
-            .arg(next.state.expires_at.unwrap_or(0))
-            .arg(Self::fields(next)?);
-        let swapped: i64 = inv
+        let swapped: i64 = cas(key, expected, next)?
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(|e| {
-                // A value of a different type at the key is data, not an outage.
-                if e.code() == Some("WRONGTYPE") {
-                    SinkError::Rejected {
-                        backend: BACKEND,
-                        message: e.to_string(),
-                    }
-                } else {
-                    unavailable(e)
-                }
-            })?;
+            .map_err(swap_error)?;
         Ok(swapped == 1)
+    }
+
+    /// One pipeline for the batch: the script is loaded once, then each swap is an
+    /// `EVALSHA`, and each is answered on its own (`ignore_errors`), so a key of another
+    /// type fails only its entity.
+    async fn compare_and_swap_many(
+        &self,
+        _target: &Target,
+        swaps: &[Swap<'_>],
+    ) -> Result<Vec<Result<bool, SinkError>>, SinkError> {
+        let mut answers: Vec<Option<Result<bool, SinkError>>> = vec![None; swaps.len()];
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors().load_script(&CAS).ignore();
+        let mut sent = Vec::with_capacity(swaps.len());
+        for (i, s) in swaps.iter().enumerate() {
+            match cas(s.key, s.expected, s.next) {
+                Ok(inv) => {
+                    pipe.invoke_script(&inv);
+                    sent.push(i);
+                }
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        if !sent.is_empty() {
+            let replies: Vec<redis::RedisResult<i64>> = pipe
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            if replies.len() != sent.len() {
+                return Err(SinkError::Unavailable {
+                    backend: BACKEND,
+                    message: format!("answered {} of {} swaps", replies.len(), sent.len()),
+                });
+            }
+            for (i, reply) in sent.into_iter().zip(replies) {
+                answers[i] = Some(reply.map(|n| n == 1).map_err(swap_error));
+            }
+        }
+        Ok(answers.into_iter().flatten().collect())
+    }
+}
+
+/// The [`CAS`] script's invocation for one swap.
+fn cas<'a>(
+    key: &str,
+    expected: u64,
+    next: &Versioned,
+) -> Result<redis::ScriptInvocation<'a>, SinkError> {
+    let mut inv = CAS.key(RedisCache::redis_key(key));
+    inv.arg(expected)
+        .arg(next.version)
+        .arg(next.state.expires_at.unwrap_or(0))
+        .arg(RedisCache::fields(next)?);
+    Ok(inv)
+}
+
+/// A swap's failure: a value of a different type at the key is data (that entity fails),
+/// anything else an outage.
+fn swap_error(e: redis::RedisError) -> SinkError {
+    if e.code() == Some("WRONGTYPE") {
+        SinkError::Rejected {
+            backend: BACKEND,
+            message: e.to_string(),
+        }
+    } else {
+        unavailable(e)
     }
 }

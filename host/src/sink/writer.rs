@@ -2,18 +2,15 @@
 //! the read path.
 
 use super::cache_repair::CacheRepairs;
-use super::{Cache, CacheFill, Loaded, SinkError, Store, Target, unix_now, unix_now_ms};
+use super::{Cache, CacheFill, Loaded, SinkError, Store, Swap, Target, unix_now, unix_now_ms};
 use crate::feature::{ApplyOutcome, Mutation, Versioned};
 use crate::spec::{CacheStrategy, GroupDef};
-use futures::stream::{self, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Compare-and-swap rounds before giving up on a contended entity.
 const MAX_CAS_ROUNDS: u32 = 16;
-/// Concurrent conditional writes per batch.
-const WRITE_CONCURRENCY: usize = 128;
 
 /// A cache that can also serve as the store of `cache-only` groups.
 pub trait CacheStore: Cache + Store {}
@@ -260,18 +257,31 @@ impl FeatureWriter {
                 report.positions_expired += next.state.expire_positions(now, retention);
                 swaps.push((key.clone(), cur.version, next, outcome, replayed));
             }
-            let results: Vec<_> = stream::iter(swaps)
-                .map(|(key, expected, next, outcome, replayed)| {
-                    let store = store.clone();
-                    let target = &sink.target;
-                    async move {
-                        let ok = store.compare_and_swap(target, &key, expected, &next).await;
-                        (key, next, outcome, replayed, ok)
-                    }
+            let asks: Vec<Swap<'_>> = swaps
+                .iter()
+                .map(|(key, expected, next, ..)| Swap {
+                    key,
+                    expected: *expected,
+                    next,
                 })
-                .buffer_unordered(WRITE_CONCURRENCY)
-                .collect()
-                .await;
+                .collect();
+            let answers = match store.compare_and_swap_many(&sink.target, &asks).await {
+                Ok(a) if a.len() == asks.len() => a,
+                // A swap without an answer would be neither written nor failed.
+                Ok(a) => {
+                    let e = SinkError::Unavailable {
+                        backend: store.backend(),
+                        message: format!("answered {} of {} swaps", a.len(), asks.len()),
+                    };
+                    vec![Err(e); asks.len()]
+                }
+                Err(e) => vec![Err(e); asks.len()],
+            };
+            drop(asks);
+            let results = swaps
+                .into_iter()
+                .zip(answers)
+                .map(|((key, _, next, outcome, replayed), ok)| (key, next, outcome, replayed, ok));
             pending.clear();
             for (key, next, outcome, replayed, ok) in results {
                 match ok {
@@ -584,6 +594,74 @@ mod tests {
             Cache::get(&*cache, "g#good").await.unwrap().is_some(),
             "the good entity is cached"
         );
+    }
+
+    /// A store that counts its batch calls, answering some with fewer swaps than asked.
+    struct Batches {
+        inner: MemoryCache,
+        calls: std::sync::atomic::AtomicUsize,
+        short: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Batches {
+        fn backend(&self) -> &'static str {
+            "batches"
+        }
+        async fn load(&self, t: &Target, keys: &[String]) -> Result<Vec<Loaded>, SinkError> {
+            Store::load(&self.inner, t, keys).await
+        }
+        async fn compare_and_swap(
+            &self,
+            t: &Target,
+            key: &str,
+            e: u64,
+            n: &Versioned,
+        ) -> Result<bool, SinkError> {
+            self.inner.compare_and_swap(t, key, e, n).await
+        }
+        async fn compare_and_swap_many(
+            &self,
+            t: &Target,
+            swaps: &[Swap<'_>],
+        ) -> Result<Vec<Result<bool, SinkError>>, SinkError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut answers = self.inner.compare_and_swap_many(t, swaps).await?;
+            if self.short {
+                answers.pop();
+            }
+            Ok(answers)
+        }
+    }
+
+    /// A batch's swaps go to the store in one call (Redis sends them as one pipeline).
+    #[tokio::test]
+    async fn a_batch_swaps_in_one_call() {
+        let store = Arc::new(Batches {
+            inner: MemoryCache::new(),
+            calls: Default::default(),
+            short: false,
+        });
+        let w = FeatureWriter::new(store.clone(), Arc::new(MemoryCache::new()));
+        let batch = (0..50).map(|i| (format!("u{i}"), incr(i))).collect();
+        let r = w.apply(&sink(CacheStrategy::StoreOnly), batch).await;
+        assert_eq!((r.written, r.failed.len()), (50, 0));
+        assert_eq!(store.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A swap the store did not answer is failed, not counted as done: its events retry.
+    #[tokio::test]
+    async fn swaps_without_an_answer_fail() {
+        let store = Arc::new(Batches {
+            inner: MemoryCache::new(),
+            calls: Default::default(),
+            short: true,
+        });
+        let w = FeatureWriter::new(store, Arc::new(MemoryCache::new()));
+        let batch = (0..3).map(|i| (format!("u{i}"), incr(i))).collect();
+        let r = w.apply(&sink(CacheStrategy::StoreOnly), batch).await;
+        assert_eq!((r.written, r.failed.len()), (0, 3), "{r:?}");
+        assert!(matches!(r.failed[0].1, SinkError::Unavailable { .. }));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
