@@ -274,10 +274,15 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
         // Ours and raw alternate batch by batch, so both see the services in the same state
         // (DynamoDB Local's JIT warms up over the run; the machine is shared).
         let (mut ours_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
+        // Where the time goes: this process's CPU and Redis's, each sampled outside the
+        // timed windows.
+        let (mut ours_cpu, mut raw_cpu) = (Cpu::default(), Cpu::default());
         for b in 1..=n {
+            let before = Cpu::sample(&raw_redis).await;
             let start = Instant::now();
             let r = writer.apply(&sink, batch(&args, b)).await;
             ours_time += start.elapsed();
+            ours_cpu.add(&before, &Cpu::sample(&raw_redis).await);
             anyhow::ensure!(
                 r.failed.is_empty() && r.cache_error.is_none() && r.written == e,
                 "batch {b} of {name}: written {} of {e}, failed {:?}, cache {:?}",
@@ -285,6 +290,7 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
                 r.failed.first(),
                 r.cache_error
             );
+            let before = Cpu::sample(&raw_redis).await;
             let start = Instant::now();
             match strategy {
                 CacheStrategy::CacheOnly => raw_redis_cache_only(&raw_redis, &cached).await?,
@@ -302,6 +308,7 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
                 }
             }
             raw_time += start.elapsed();
+            raw_cpu.add(&before, &Cpu::sample(&raw_redis).await);
         }
         let (ddb_requests, redis_requests) = counts.take();
         let ours = (e * f * n) as f64 / ours_time.as_secs_f64();
@@ -317,6 +324,16 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
             &format!("sinks_{name}_redis_round_trips_per_batch"),
             redis_requests as f64 / n as f64,
         );
+        for (side, cpu) in [("", &ours_cpu), ("raw_", &raw_cpu)] {
+            report.add(
+                &format!("sinks_{name}_{side}host_cpu_us_per_batch"),
+                cpu.host_us / n as f64,
+            );
+            report.add(
+                &format!("sinks_{name}_{side}redis_cpu_us_per_batch"),
+                cpu.redis_us / n as f64,
+            );
+        }
         if strategy != CacheStrategy::CacheOnly {
             let _ = raw_ddb
                 .delete_table()
@@ -326,6 +343,47 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// CPU time, µs: this process's (every thread) and the Redis server's.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    host_us: f64,
+    redis_us: f64,
+}
+
+impl Cpu {
+    async fn sample(redis: &redis::aio::ConnectionManager) -> Cpu {
+        // SAFETY: getrusage only writes the struct it is given.
+        let usage = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut u);
+            u
+        };
+        let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap_or_default();
+        let redis_us = info
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.trim().split_once(':')?;
+                matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.parse::<f64>().ok())?
+            })
+            .sum::<f64>()
+            * 1e6;
+        Cpu {
+            host_us: us(usage.ru_utime) + us(usage.ru_stime),
+            redis_us,
+        }
+    }
+
+    fn add(&mut self, before: &Cpu, after: &Cpu) {
+        self.host_us += after.host_us - before.host_us;
+        self.redis_us += after.redis_us - before.redis_us;
+    }
 }
 
 /// Run `requests` with at most `concurrency` in flight; the first error, if any.
