@@ -417,6 +417,132 @@ async fn dynamodb_and_redis() {
 
     unreadable_items_fail_only_their_entity(&b, &client, &mut redis).await;
     a_key_of_another_type_fails_only_its_swap(&b, &mut redis).await;
+    swaps_beyond_one_pipeline(&b, &mut redis).await;
+    a_script_refused_by_acl_is_named(&stack, &b, &mut redis).await;
+}
+
+/// A batch larger than one pipeline, by count and by bytes, is answered in full and in
+/// order, and another writer's key in a later pipeline fails only itself.
+async fn swaps_beyond_one_pipeline(b: &Backends, redis: &mut redis::aio::MultiplexedConnection) {
+    let s = sink(
+        b,
+        &format!("swap-many-{}", unique()),
+        CacheStrategy::CacheOnly,
+    );
+    let keys: Vec<String> = (0..600).map(|i| s.target.key(&format!("e{i}"))).collect();
+    put_raw(redis, "SET", &keys[400], &["a string"]).await;
+    let small = Versioned {
+        version: 1,
+        state: EntityState::default(),
+    };
+    // Three entries of 3 MB: each a pipeline of its own by bytes.
+    let mut big = EntityState::default();
+    big.apply(&Mutation {
+        position: None,
+        ops: vec![(
+            "name".into(),
+            Op::Set(Value::String("x".repeat(3 << 20))),
+            1,
+        )],
+        overwrite: false,
+    });
+    let big = Versioned {
+        version: 1,
+        state: big,
+    };
+    let asks: Vec<Swap<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| Swap {
+            key,
+            expected: 0,
+            next: if (10..13).contains(&i) { &big } else { &small },
+        })
+        .collect();
+    let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 600);
+    for (i, a) in answers.iter().enumerate() {
+        match i {
+            400 => assert!(matches!(a, Err(SinkError::Rejected { .. })), "{i}: {a:?}"),
+            _ => assert!(matches!(a, Ok(true)), "{i}: {a:?}"),
+        }
+    }
+    let loaded = Store::load(&*b.cache, &s.target, &keys[..20])
+        .await
+        .unwrap();
+    for (i, l) in loaded.into_iter().enumerate() {
+        let v = l.unwrap().expect("written");
+        let name = v.state.features.get("name").and_then(|f| f.value.clone());
+        assert_eq!(
+            name.is_some(),
+            (10..13).contains(&i),
+            "entry {i} is its own"
+        );
+    }
+}
+
+/// A Redis user whose ACL refuses scripts: every swap fails as an outage (its events retry
+/// until an operator fixes the ACL) under a reason that names the refused script load, not
+/// a bare NOSCRIPT.
+async fn a_script_refused_by_acl_is_named(
+    stack: &Stack,
+    b: &Backends,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    let user = format!("fh-noscript-{}", unique());
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", &user, "on", ">pw", "~*", "&*", "+@all", "-script",
+        ])
+        .query_async(redis)
+        .await
+        .unwrap();
+    // The script must not be cached already for the refusal to matter.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(redis)
+        .await
+        .unwrap();
+    let url = stack
+        .redis
+        .replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let refused = RedisCache::connect(&url).await.unwrap();
+    let s = sink(
+        b,
+        &format!("swap-acl-{}", unique()),
+        CacheStrategy::CacheOnly,
+    );
+    let key = s.target.key("e");
+    let next = Versioned {
+        version: 1,
+        state: EntityState::default(),
+    };
+    let answers = Store::compare_and_swap_many(
+        &refused,
+        &s.target,
+        &[Swap {
+            key: &key,
+            expected: 0,
+            next: &next,
+        }],
+    )
+    .await
+    .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async(redis)
+        .await
+        .unwrap();
+    match &answers[0] {
+        Err(e @ SinkError::Unavailable { message, .. }) => assert!(
+            message.contains("cannot load the compare-and-swap script")
+                && message.to_lowercase().contains("noperm"),
+            "{e}"
+        ),
+        other => panic!("a refused script load: {other:?}"),
+    }
 }
 
 /// In a batch's one pipeline of swaps, another writer's key of another type fails its own

@@ -278,11 +278,11 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
         // timed windows.
         let (mut ours_cpu, mut raw_cpu) = (Cpu::default(), Cpu::default());
         for b in 1..=n {
-            let before = Cpu::sample(&raw_redis).await;
+            let before = Cpu::sample(&raw_redis).await?;
             let start = Instant::now();
             let r = writer.apply(&sink, batch(&args, b)).await;
             ours_time += start.elapsed();
-            ours_cpu.add(&before, &Cpu::sample(&raw_redis).await);
+            ours_cpu.add(&before, &Cpu::sample(&raw_redis).await?);
             anyhow::ensure!(
                 r.failed.is_empty() && r.cache_error.is_none() && r.written == e,
                 "batch {b} of {name}: written {} of {e}, failed {:?}, cache {:?}",
@@ -290,7 +290,7 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
                 r.failed.first(),
                 r.cache_error
             );
-            let before = Cpu::sample(&raw_redis).await;
+            let before = Cpu::sample(&raw_redis).await?;
             let start = Instant::now();
             match strategy {
                 CacheStrategy::CacheOnly => raw_redis_cache_only(&raw_redis, &cached).await?,
@@ -308,7 +308,7 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
                 }
             }
             raw_time += start.elapsed();
-            raw_cpu.add(&before, &Cpu::sample(&raw_redis).await);
+            raw_cpu.add(&before, &Cpu::sample(&raw_redis).await?);
         }
         let (ddb_requests, redis_requests) = counts.take();
         let ours = (e * f * n) as f64 / ours_time.as_secs_f64();
@@ -345,7 +345,8 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// CPU time, µs: this process's (every thread) and the Redis server's.
+/// CPU time, µs: this process's (every thread) and the Redis server's (every client's: the
+/// bench is its only busy one).
 #[derive(Debug, Default, Clone, Copy)]
 struct Cpu {
     host_us: f64,
@@ -353,7 +354,7 @@ struct Cpu {
 }
 
 impl Cpu {
-    async fn sample(redis: &redis::aio::ConnectionManager) -> Cpu {
+    async fn sample(redis: &redis::aio::ConnectionManager) -> anyhow::Result<Cpu> {
         // SAFETY: getrusage only writes the struct it is given.
         let usage = unsafe {
             let mut u: libc::rusage = std::mem::zeroed();
@@ -365,7 +366,7 @@ impl Cpu {
             .arg("cpu")
             .query_async(&mut redis.clone())
             .await
-            .unwrap_or_default();
+            .context("bench sinks reads Redis's CPU time with INFO cpu")?;
         let redis_us = info
             .lines()
             .filter_map(|l| {
@@ -374,10 +375,10 @@ impl Cpu {
             })
             .sum::<f64>()
             * 1e6;
-        Cpu {
+        Ok(Cpu {
             host_us: us(usage.ru_utime) + us(usage.ru_stime),
             redis_us,
-        }
+        })
     }
 
     fn add(&mut self, before: &Cpu, after: &Cpu) {

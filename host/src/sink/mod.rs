@@ -109,8 +109,10 @@ pub trait Store: Send + Sync {
     ) -> Result<bool, SinkError>;
 
     /// [`compare_and_swap`](Store::compare_and_swap) of every swap of a batch, answered
-    /// in their order. The outer error fails every swap (the store did not answer); an
-    /// inner one only its own.
+    /// in their order. An inner error fails only its swap. The outer error fails every
+    /// swap, whose outcome is then unknown: a connection lost after the store applied some
+    /// of them looks the same, so callers must not count them as not applied — the writer
+    /// retries their events, and the positions the store then holds mark them as replays.
     ///
     /// By default one request per swap, [`SWAP_CONCURRENCY`] in flight: DynamoDB has no
     /// conditional batch write. A store that can send them together overrides it (Redis:

@@ -265,7 +265,12 @@ impl FeatureWriter {
                     next,
                 })
                 .collect();
-            let answers = match store.compare_and_swap_many(&sink.target, &asks).await {
+            let asked = if asks.is_empty() {
+                Ok(Vec::new())
+            } else {
+                store.compare_and_swap_many(&sink.target, &asks).await
+            };
+            let answers = match asked {
                 Ok(a) if a.len() == asks.len() => a,
                 // A swap without an answer would be neither written nor failed.
                 Ok(a) => {

@@ -108,8 +108,8 @@ pub(super) fn poll_loop(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clear();
-    // Leave the group; a task may hold the consumer for an instant (resolving a weak
-    // reference), so wait for the last reference, but never forever.
+    // Leave the group once this thread holds the last reference (the queues just dropped
+    // held the others); never wait forever.
     let mut consumer = consumer;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -13,7 +13,6 @@ impl Shared {
     /// rebalance that began just before the stop) is not taken: this host consumes nothing
     /// more, the close revokes it at once, and the new owner resumes from the commit.
     pub(super) fn assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
-        self.metrics.consumer_joined.set(1);
         // Splitting a partition's queue needs the shared handle, which is gone only while
         // the consumer is being dropped, that is closed.
         let Some(handle) = self.consumer.get().and_then(Weak::upgrade) else {
@@ -23,6 +22,7 @@ impl Shared {
             );
             return;
         };
+        self.metrics.consumer_joined.set(1);
         let sources = match sources(consumer, tpl) {
             Ok(s) => s,
             Err(e) => {
