@@ -241,64 +241,127 @@ impl Store for RedisCache {
         next: &Versioned,
     ) -> Result<bool, SinkError> {
         let swapped: i64 = cas(key, expected, next)?
+            .0
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(swap_error)?;
         Ok(swapped == 1)
     }
 
-    /// One pipeline for the batch: the script is loaded once, then each swap is an
-    /// `EVALSHA`, and each is answered on its own (`ignore_errors`), so a key of another
-    /// type fails only its entity.
+    /// The batch's swaps as pipelines of at most [`SWAPS_PER_PIPELINE`] swaps and
+    /// [`PIPELINE_BYTES`] (one, for batches of small entities): the script is loaded, then
+    /// each swap is an `EVALSHA` answered on its own (`ignore_errors`), so a key of another
+    /// type fails only its entity. The bounds keep one pipeline within the connection's
+    /// response timeout and let other requests on the shared connection (serving reads,
+    /// other groups) in between.
     async fn compare_and_swap_many(
         &self,
         _target: &Target,
         swaps: &[Swap<'_>],
     ) -> Result<Vec<Result<bool, SinkError>>, SinkError> {
         let mut answers: Vec<Option<Result<bool, SinkError>>> = vec![None; swaps.len()];
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors().load_script(&CAS).ignore();
-        let mut sent = Vec::with_capacity(swaps.len());
+        let mut chunk: Vec<(usize, redis::ScriptInvocation<'_>)> = Vec::new();
+        let mut bytes = 0;
         for (i, s) in swaps.iter().enumerate() {
             match cas(s.key, s.expected, s.next) {
-                Ok(inv) => {
-                    pipe.invoke_script(&inv);
-                    sent.push(i);
+                Ok((inv, size)) => {
+                    if !chunk.is_empty()
+                        && (chunk.len() == SWAPS_PER_PIPELINE || bytes + size > PIPELINE_BYTES)
+                    {
+                        self.swap_pipeline(std::mem::take(&mut chunk), &mut answers)
+                            .await?;
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    chunk.push((i, inv));
                 }
                 Err(e) => answers[i] = Some(Err(e)),
             }
         }
-        if !sent.is_empty() {
-            let replies: Vec<redis::RedisResult<i64>> = pipe
-                .query_async(&mut self.conn.clone())
-                .await
-                .map_err(unavailable)?;
-            if replies.len() != sent.len() {
-                return Err(SinkError::Unavailable {
-                    backend: BACKEND,
-                    message: format!("answered {} of {} swaps", replies.len(), sent.len()),
-                });
-            }
-            for (i, reply) in sent.into_iter().zip(replies) {
-                answers[i] = Some(reply.map(|n| n == 1).map_err(swap_error));
-            }
+        if !chunk.is_empty() {
+            self.swap_pipeline(chunk, &mut answers).await?;
         }
-        Ok(answers.into_iter().flatten().collect())
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(SinkError::Unavailable {
+                        backend: BACKEND,
+                        message: "a swap was not sent".into(),
+                    })
+                })
+            })
+            .collect())
     }
 }
 
-/// The [`CAS`] script's invocation for one swap.
+/// Swaps per pipeline, and bytes of field values (see [`RedisCache::compare_and_swap_many`]).
+const SWAPS_PER_PIPELINE: usize = 256;
+const PIPELINE_BYTES: usize = 4 << 20;
+
+impl RedisCache {
+    /// One pipeline of swaps: `SCRIPT LOAD`, then the `EVALSHA`s, each answer put at its
+    /// swap's index. A swap that finds no script because the load failed (an ACL refusing
+    /// `SCRIPT`) fails under the load's reason rather than a bare `NOSCRIPT`.
+    async fn swap_pipeline(
+        &self,
+        chunk: Vec<(usize, redis::ScriptInvocation<'_>)>,
+        answers: &mut [Option<Result<bool, SinkError>>],
+    ) -> Result<(), SinkError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors().load_script(&CAS);
+        for (_, inv) in &chunk {
+            pipe.invoke_script(inv);
+        }
+        let mut replies: Vec<redis::RedisResult<redis::Value>> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if replies.len() != chunk.len() + 1 {
+            return Err(SinkError::Unavailable {
+                backend: BACKEND,
+                message: format!(
+                    "answered {} of {} swaps",
+                    replies.len().saturating_sub(1),
+                    chunk.len()
+                ),
+            });
+        }
+        let swapped = replies.split_off(1);
+        let load = replies.pop().and_then(Result::err);
+        for ((i, _), reply) in chunk.into_iter().zip(swapped) {
+            let answer = reply
+                .and_then(|v| redis::from_redis_value::<i64>(v).map_err(Into::into))
+                .map(|n| n == 1)
+                .map_err(|e| match &load {
+                    // The script is not there because it could not be loaded: that is
+                    // the cause to show. (Where it was there already, the swap ran.)
+                    Some(why) if e.code() == Some("NOSCRIPT") => SinkError::Unavailable {
+                        backend: BACKEND,
+                        message: format!("cannot load the compare-and-swap script: {why}"),
+                    },
+                    _ => swap_error(e),
+                });
+            answers[i] = Some(answer);
+        }
+        Ok(())
+    }
+}
+
+/// The [`CAS`] script's invocation for one swap, and the bytes of its field values.
 fn cas<'a>(
     key: &str,
     expected: u64,
     next: &Versioned,
-) -> Result<redis::ScriptInvocation<'a>, SinkError> {
+) -> Result<(redis::ScriptInvocation<'a>, usize), SinkError> {
+    let fields = RedisCache::fields(next)?;
+    let size = fields.iter().map(String::len).sum();
     let mut inv = CAS.key(RedisCache::redis_key(key));
     inv.arg(expected)
         .arg(next.version)
         .arg(next.state.expires_at.unwrap_or(0))
-        .arg(RedisCache::fields(next)?);
-    Ok(inv)
+        .arg(fields);
+    Ok((inv, size))
 }
 
 /// A swap's failure: a value of a different type at the key is data (that entity fails),
