@@ -2,9 +2,45 @@
 //! every group that lists it (subject to the group's filter), and a group may list many
 //! topics.
 
-use crate::event::Event;
+use crate::event::{Event, EventIdx};
 use crate::spec::{FilterSpec, SpecSet};
 use std::collections::HashMap;
+
+/// A feature group by its place in the host's spec set (the [`Router`]'s order). Only
+/// meaningful inside one host: records, commits and the API name groups by name, since
+/// another host (or this one after a spec change) may number them differently.
+///
+/// ```
+/// use feature_host::dispatch::GroupId;
+///
+/// let names = ["users", "items"];
+/// assert_eq!(names[GroupId::new(1).index()], "items");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(usize);
+
+impl GroupId {
+    pub const fn new(index: usize) -> GroupId {
+        GroupId(index)
+    }
+
+    pub const fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "group {}", self.0)
+    }
+}
+
+/// One event of a batch for one of its groups: the unit every step after routing works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub event: EventIdx,
+    pub group: GroupId,
+}
 
 #[derive(Debug, Clone)]
 enum Filter {
@@ -73,7 +109,7 @@ impl LazyJson {
 #[derive(Debug, Clone, Default)]
 pub struct Router {
     groups: Vec<String>,
-    by_topic: HashMap<String, Vec<(usize, Option<Filter>)>>,
+    by_topic: HashMap<String, Vec<(GroupId, Option<Filter>)>>,
 }
 
 impl Router {
@@ -86,7 +122,7 @@ impl Router {
                     .by_topic
                     .entry(s.topic.clone())
                     .or_default()
-                    .push((i, s.filter.as_ref().map(Filter::from_spec)));
+                    .push((GroupId(i), s.filter.as_ref().map(Filter::from_spec)));
             }
         }
         router
@@ -97,13 +133,28 @@ impl Router {
         &self.groups
     }
 
+    /// The name of group `g`.
+    pub fn name(&self, g: GroupId) -> &str {
+        &self.groups[g.0]
+    }
+
+    /// The group named `name`.
+    pub fn id(&self, name: &str) -> Option<GroupId> {
+        self.groups.iter().position(|n| n == name).map(GroupId)
+    }
+
+    /// Every group, in order.
+    pub fn ids(&self) -> impl Iterator<Item = GroupId> + use<> {
+        (0..self.groups.len()).map(GroupId)
+    }
+
     /// Topics some group consumes.
     pub fn topics(&self) -> impl Iterator<Item = &str> {
         self.by_topic.keys().map(String::as_str)
     }
 
-    /// Indices of the groups `event` goes to.
-    pub fn route(&self, event: &Event) -> Vec<usize> {
+    /// The groups `event` goes to.
+    pub fn route(&self, event: &Event) -> Vec<GroupId> {
         let Some(targets) = self.by_topic.get(&event.topic) else {
             return Vec::new();
         };
@@ -129,10 +180,14 @@ mod tests {
                 r.by_topic
                     .entry(s.topic.clone())
                     .or_default()
-                    .push((i, s.filter.as_ref().map(Filter::from_spec)));
+                    .push((GroupId(i), s.filter.as_ref().map(Filter::from_spec)));
             }
         }
         r
+    }
+
+    fn ids(ids: &[usize]) -> Vec<GroupId> {
+        ids.iter().copied().map(GroupId).collect()
     }
 
     fn src(topic: &str, filter: Option<FilterSpec>) -> SourceSpec {
@@ -164,8 +219,8 @@ mod tests {
             ("users", vec![src("web", None), src("app", None)]),
             ("items", vec![src("web", None)]),
         ]);
-        assert_eq!(r.route(&ev("web", "{}", &[])), vec![0, 1]);
-        assert_eq!(r.route(&ev("app", "{}", &[])), vec![0]);
+        assert_eq!(r.route(&ev("web", "{}", &[])), ids(&[0, 1]));
+        assert_eq!(r.route(&ev("app", "{}", &[])), ids(&[0]));
         assert!(r.route(&ev("other", "{}", &[])).is_empty());
     }
 
@@ -185,13 +240,16 @@ mod tests {
             ("a", vec![src("t", Some(by_header))]),
             ("b", vec![src("t", Some(by_field))]),
         ]);
-        assert_eq!(r.route(&ev("t", "{}", &[("type", "click")])), vec![0]);
+        assert_eq!(r.route(&ev("t", "{}", &[("type", "click")])), ids(&[0]));
         assert!(r.route(&ev("t", "{}", &[("type", "view")])).is_empty());
         assert_eq!(
             r.route(&ev("t", r#"{"after":{"status":"live"}}"#, &[])),
-            vec![1]
+            ids(&[1])
         );
-        assert_eq!(r.route(&ev("t", r#"{"after":{"status":7}}"#, &[])), vec![1]);
+        assert_eq!(
+            r.route(&ev("t", r#"{"after":{"status":7}}"#, &[])),
+            ids(&[1])
+        );
         assert!(r.route(&ev("t", "not json", &[])).is_empty());
     }
 }

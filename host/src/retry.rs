@@ -26,6 +26,8 @@
 //! ));
 //! ```
 
+use crate::dispatch::{GroupId, Route};
+use crate::event::EventIdx;
 use crate::spec::GroupDef;
 use std::time::Duration;
 
@@ -62,14 +64,22 @@ pub enum Cause {
 /// One event that failed for one group, in a batch (`event` indexes the batch).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
-    pub event: usize,
-    pub group: usize,
+    pub event: EventIdx,
+    pub group: GroupId,
     pub kind: FailureKind,
     pub cause: Cause,
     pub reason: String,
 }
 
 impl Failure {
+    /// The event and group that failed.
+    pub fn route(&self) -> Route {
+        Route {
+            event: self.event,
+            group: self.group,
+        }
+    }
+
     /// A store outage (the store failed transiently; the plugin's part succeeded): not the
     /// event's fault, so it is waited out instead of running out of attempts.
     pub fn is_outage(&self) -> bool {
@@ -227,8 +237,8 @@ mod tests {
 
     fn failure(kind: FailureKind, cause: Cause) -> Failure {
         Failure {
-            event: 0,
-            group: 0,
+            event: EventIdx::new(0),
+            group: GroupId::new(0),
             kind,
             cause,
             reason: "x".into(),

@@ -71,7 +71,7 @@ async fn a_plugin_cannot_make_the_host_copy_more_than_its_output_bound() {
 
     let reasons: Vec<(usize, FailureKind, String)> = failures
         .iter()
-        .map(|f| (f.event, f.kind, f.reason.clone()))
+        .map(|f| (f.event.index(), f.kind, f.reason.clone()))
         .collect();
     assert_eq!(
         reasons.iter().map(|r| r.0).collect::<Vec<_>>(),

@@ -28,7 +28,7 @@ async fn a_trap_fails_only_its_own_event_in_every_group() {
 
     assert_eq!(failures.len(), 2, "one failure per group: {failures:#?}");
     for f in &failures {
-        assert_eq!(f.event, 2, "only the panicking event fails");
+        assert_eq!(f.event.index(), 2, "only the panicking event fails");
         assert_eq!(f.kind, FailureKind::Retryable);
         assert!(
             f.reason.contains("hostile plugin was told to panic"),

@@ -169,7 +169,7 @@ async fn rollback(State(s): State<AdminState>, Path(group): Path<String>) -> Res
         Ok(version) => {
             Json(serde_json::json!({ "group": group, "version": version })).into_response()
         }
-        Err(e) if s.pipeline.group_index(&group).is_none() => error(StatusCode::NOT_FOUND, e),
+        Err(e) if s.pipeline.group_id(&group).is_none() => error(StatusCode::NOT_FOUND, e),
         Err(e) => error(StatusCode::CONFLICT, e),
     }
 }

@@ -11,7 +11,8 @@
 use super::BatchContext;
 use super::format::{Record, decode_unit};
 use super::run::{Checkpoint, RunRecord, ShardRecord, Status, Trigger, now_ms, shard_pk, shard_sk};
-use crate::event::Event;
+use crate::dispatch::Route;
+use crate::event::{Event, EventIdx};
 use crate::feature::Position;
 use crate::retry::{Cause, Failure, FailureKind, InPlace};
 use crate::stream::dead_letter::to_json_line;
@@ -67,7 +68,7 @@ pub async fn run_shard(
     if shard.status == Status::Succeeded {
         return Ok(shard);
     }
-    let g = ctx.pipeline.group_index(&run.group).with_context(|| {
+    let g = ctx.pipeline.group_id(&run.group).with_context(|| {
         format!(
             "feature group {:?} of ingestion {:?} is not loaded",
             run.group, run.ingestion
@@ -121,7 +122,7 @@ pub async fn run_shard(
             let base = shard.checkpoint.rows_done;
             let uri = &shard.units[unit as usize].uri;
             let mut undecodable = Vec::new();
-            let mut pairs = Vec::with_capacity(records.len());
+            let mut routes = Vec::with_capacity(records.len());
             let events: Vec<Event> = records
                 .into_iter()
                 .enumerate()
@@ -129,7 +130,10 @@ pub async fn run_shard(
                     let offset = (base + i as u64) as i64;
                     let payload = match r {
                         Ok(p) => {
-                            pairs.push((i, g));
+                            routes.push(Route {
+                                event: EventIdx::new(i),
+                                group: g,
+                            });
                             p
                         }
                         Err(reason) => {
@@ -150,9 +154,9 @@ pub async fn run_shard(
                 })
                 .collect();
             let events = Arc::new(events);
-            let mut failures = process(ctx, &events, &pairs, run.overwrite).await?;
+            let mut failures = process(ctx, &events, &routes, run.overwrite).await?;
             failures.extend(undecodable.into_iter().map(|(i, reason)| Failure {
-                event: i,
+                event: EventIdx::new(i),
                 group: g,
                 kind: FailureKind::Invalid,
                 cause: Cause::Check,
@@ -161,7 +165,7 @@ pub async fn run_shard(
             if let Some(f) = failures.iter().find(|f| f.kind == FailureKind::Retryable) {
                 return Err(ShardError::Failed(anyhow::anyhow!(
                     "row {} ({}): {}",
-                    base + f.event as u64,
+                    base + f.event.index() as u64,
                     uri,
                     f.reason
                 )));
@@ -169,19 +173,9 @@ pub async fn run_shard(
             if !failures.is_empty() {
                 let lines: Vec<String> = failures
                     .iter()
-                    .map(|f| to_json_line(&events[f.event], &group_name, f))
+                    .map(|f| to_json_line(&events[f.event.index()], &group_name, f))
                     .collect();
-                // Off the async workers: the write takes a file lock and an fsync.
-                let file = ctx.dead_letters.clone();
-                tokio::task::spawn_blocking(move || file.write(&lines))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("the dead-letter write failed: {e}"))?
-                    .with_context(|| {
-                        format!(
-                            "cannot write dead letters to {}",
-                            ctx.dead_letters.path().display()
-                        )
-                    })?;
+                ctx.dead_letters.append(lines).await?;
                 shard.rows_failed += failures.len() as u64;
                 for f in failures
                     .iter()
@@ -189,7 +183,7 @@ pub async fn run_shard(
                 {
                     shard.errors.push(format!(
                         "row {}: {}",
-                        base + f.event as u64,
+                        base + f.event.index() as u64,
                         truncate(&f.reason, KEEP_ERROR_BYTES)
                     ));
                 }
@@ -283,15 +277,15 @@ async fn save(
 async fn process(
     ctx: &BatchContext,
     events: &Arc<Vec<Event>>,
-    pairs: &[(usize, usize)],
+    routes: &[Route],
     overwrite: bool,
 ) -> Result<Vec<Failure>, ShardError> {
-    if pairs.is_empty() {
+    if routes.is_empty() {
         return Ok(Vec::new());
     }
     let (mut failures, _) = ctx
         .pipeline
-        .process_with_retries(events, pairs, InPlace::All, overwrite)
+        .process_with_retries(events, routes, InPlace::All, overwrite)
         .await;
     let mut wait = Duration::from_secs(1);
     loop {
@@ -306,10 +300,10 @@ async fn process(
         tracing::warn!(rows = outage.len(), reason = %outage[0].reason, retry_in = ?wait, "store unavailable: backfill shard waiting");
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(30));
-        let pairs: Vec<(usize, usize)> = outage.iter().map(|f| (f.event, f.group)).collect();
+        let routes: Vec<Route> = outage.iter().map(Failure::route).collect();
         let (again, _) = ctx
             .pipeline
-            .process_with_retries(events, &pairs, InPlace::All, overwrite)
+            .process_with_retries(events, &routes, InPlace::All, overwrite)
             .await;
         failures = rest.into_iter().chain(again).collect();
     }

@@ -274,7 +274,11 @@ async fn reload_latency(wasm: &Path, reloads: usize, report: &mut Report) -> any
         let start = Instant::now();
         std::fs::rename(&tmp, &live)?;
         loop {
-            let serving = pipeline.runtime(0).plugin.version().to_owned();
+            let serving = pipeline
+                .runtime(crate::dispatch::GroupId::new(0))
+                .plugin
+                .version()
+                .to_owned();
             pipeline.process(&batch, &pairs, false).await;
             if serving == version {
                 break;

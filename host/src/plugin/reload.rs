@@ -322,7 +322,7 @@ impl Reloader {
             && errors
                 .iter()
                 .any(|e| e.file == self.spec_dir.display().to_string());
-        for (g, current) in self.pipeline.runtimes().into_iter().enumerate() {
+        for (g, current) in self.pipeline.router().ids().zip(self.pipeline.runtimes()) {
             let name = current.def.name.clone();
             let file = current.def.file.display().to_string();
             let mine: Vec<&SpecError> = errors
@@ -490,7 +490,7 @@ impl Reloader {
             }
         }
         for (name, def) in &set.groups {
-            if self.pipeline.group_index(name).is_none() {
+            if self.pipeline.group_id(name).is_none() {
                 notes.push(format!(
                     "{}: new group {name} is valid; it starts consuming after a restart",
                     def.file.display()
@@ -563,7 +563,7 @@ impl Reloader {
         // being built meanwhile is discarded (see `GroupState::swaps`).
         let g = self
             .pipeline
-            .group_index(group)
+            .group_id(group)
             .ok_or_else(|| format!("unknown feature group {group:?}"))?;
         let mut groups = self.groups.lock().expect("reload state");
         let st = groups

@@ -4,6 +4,7 @@
 
 use crate::event::Event;
 use crate::retry::Failure;
+use anyhow::Context as _;
 use base64::Engine as _;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -106,6 +107,19 @@ impl DeadLetterFile {
         f.write_all(text.as_bytes())?;
         f.sync_data()?;
         Ok(())
+    }
+
+    /// [`write`](Self::write) from async code: off the async workers (the write takes a
+    /// file lock and an fsync), with the file named in the error.
+    pub async fn append(&self, lines: Vec<String>) -> anyhow::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let file = self.clone();
+        tokio::task::spawn_blocking(move || file.write(&lines))
+            .await
+            .map_err(|e| anyhow::anyhow!("the dead-letter write failed: {e}"))?
+            .with_context(|| format!("cannot write dead letters to {}", self.path.display()))
     }
 }
 

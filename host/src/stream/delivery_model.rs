@@ -30,6 +30,7 @@
 use super::lanes::LaneKey;
 use super::offset_map::FinishedMap;
 use super::partition::{Commit, Origin, PartitionState, RetryMeta, Unit};
+use crate::dispatch::GroupId;
 use crate::event::Event;
 use crate::feature::{EntityState, Mutation, Op, Position, Value};
 use crate::retry::{Cause, FailureKind, NextStep, RetryPolicy};
@@ -107,13 +108,13 @@ struct Record {
 
 #[derive(Debug, Clone)]
 enum RecordKind {
-    Source { groups: Vec<usize> },
+    Source { groups: Vec<GroupId> },
     Retry(Retry),
 }
 
 #[derive(Debug, Clone)]
 struct Retry {
-    group: usize,
+    group: GroupId,
     attempts: u32,
     /// A replayed dead letter: its offset in the dead-letter topic.
     replay_of: Option<i64>,
@@ -123,13 +124,13 @@ struct Retry {
 struct DeadLetter {
     root: i64,
     key: u8,
-    group: usize,
+    group: GroupId,
     /// A dead letter of a replayed one keeps the first one's identity (`dlq replay`).
     replay_of: Option<i64>,
 }
 
 /// Which unit a hand-off finished: (log, offset, group).
-type Parent = (usize, i64, usize);
+type Parent = (usize, i64, GroupId);
 
 #[derive(Debug, Clone)]
 enum HandOff {
@@ -165,16 +166,16 @@ struct World {
     /// Committed hand-offs by the unit they finished.
     handed_off: HashMap<Parent, usize>,
     /// Applications per (source offset, group).
-    applied: HashMap<(i64, usize), usize>,
+    applied: HashMap<(i64, GroupId), usize>,
     /// Units whose run reached the store: (log, offset, group).
     reached_store: HashSet<Parent>,
     /// (source offset, group) handed off by a run that failed before the store after an
     /// earlier run of the same unit had written it (uncommitted): the known limit.
-    redone: HashSet<(i64, usize)>,
+    redone: HashSet<(i64, GroupId)>,
     /// (source offset, group) a zombie applied: its store writes are not fenced, only its
     /// commits; the second known limit.
-    by_zombie: HashSet<(i64, usize)>,
-    store: HashMap<(usize, u8), EntityState>,
+    by_zombie: HashSet<(i64, GroupId)>,
+    store: HashMap<(GroupId, u8), EntityState>,
     faults: std::vec::IntoIter<Fault>,
 }
 
@@ -249,8 +250,9 @@ impl Owner {
                         offset: offset as i64,
                         event: e.clone(),
                         group: g,
-                        lane: Some(LaneKey::for_key(g, Some(&[record.key]))),
-                        origin: Origin::Source,
+                        origin: Origin::Source {
+                            lane: Some(LaneKey::for_key(g, Some(&[record.key]))),
+                        },
                     })
                     .collect()
             }
@@ -268,7 +270,6 @@ impl Owner {
                     offset: offset as i64,
                     event: event(position),
                     group: r.group,
-                    lane: None,
                     origin: Origin::Retry(RetryMeta {
                         attempts: r.attempts,
                         first_failure_ms: 0,
@@ -446,7 +447,7 @@ impl World {
     fn new(keys: &[(u8, bool, bool)], faults: Vec<Fault>) -> World {
         let mut w = World::default();
         for (i, &(key, g0, g1)) in keys.iter().enumerate() {
-            let groups = [(0, g0), (1, g1)]
+            let groups = [(GroupId::new(0), g0), (GroupId::new(1), g1)]
                 .into_iter()
                 .filter_map(|(g, on)| on.then_some(g))
                 .collect();

@@ -11,6 +11,7 @@
 //! together go into the same dispatch (in offset order); the writer applies one entity's
 //! mutations of a batch in that order.
 
+use crate::dispatch::GroupId;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -19,13 +20,13 @@ use std::hash::{Hash, Hasher};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LaneKey {
     /// `key` ordering: the hash of the message key (a collision only serializes two keys).
-    Key { group: usize, hash: u64 },
+    Key { group: GroupId, hash: u64 },
     /// `partition` ordering.
-    Partition { group: usize },
+    Partition { group: GroupId },
 }
 
 impl LaneKey {
-    pub fn for_key(group: usize, key: Option<&[u8]>) -> LaneKey {
+    pub fn for_key(group: GroupId, key: Option<&[u8]>) -> LaneKey {
         let mut h = DefaultHasher::new();
         key.hash(&mut h);
         LaneKey::Key {
@@ -135,6 +136,8 @@ pub fn split_batches<U>(units: Vec<(Option<LaneKey>, U)>, cap: usize) -> Vec<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const G0: GroupId = GroupId::new(0);
     use proptest::prelude::*;
 
     fn units(ready: Vec<(Option<LaneKey>, i64)>) -> Vec<i64> {
@@ -143,8 +146,8 @@ mod tests {
 
     #[test]
     fn same_key_waits_different_keys_run() {
-        let a = LaneKey::for_key(0, Some(b"a"));
-        let b = LaneKey::for_key(0, Some(b"b"));
+        let a = LaneKey::for_key(G0, Some(b"a"));
+        let b = LaneKey::for_key(G0, Some(b"b"));
         let mut l = Lanes::default();
         l.submit(Some(a), 1);
         l.submit(Some(b), 2);
@@ -167,17 +170,22 @@ mod tests {
     #[test]
     fn groups_have_separate_lanes() {
         let mut l = Lanes::default();
-        l.submit(Some(LaneKey::Partition { group: 0 }), 1);
+        l.submit(Some(LaneKey::Partition { group: G0 }), 1);
         assert_eq!(l.take_ready().len(), 1);
-        l.submit(Some(LaneKey::Partition { group: 0 }), 2);
-        l.submit(Some(LaneKey::Partition { group: 1 }), 3);
+        l.submit(Some(LaneKey::Partition { group: G0 }), 2);
+        l.submit(
+            Some(LaneKey::Partition {
+                group: GroupId::new(1),
+            }),
+            3,
+        );
         assert_eq!(units(l.take_ready()), vec![3]);
     }
 
     #[test]
     fn batches_keep_each_lane_whole_and_in_order() {
-        let a = Some(LaneKey::for_key(0, Some(b"a")));
-        let b = Some(LaneKey::for_key(0, Some(b"b")));
+        let a = Some(LaneKey::for_key(G0, Some(b"a")));
+        let b = Some(LaneKey::for_key(G0, Some(b"b")));
         let units = vec![(a, 1), (b, 2), (None, 3), (a, 4), (None, 5), (a, 6)];
         let batches = split_batches(units, 2);
         assert_eq!(batches, vec![vec![1, 2, 4, 6], vec![3, 5]]);
@@ -196,7 +204,7 @@ mod tests {
             let mut in_flight: HashSet<LaneKey> = HashSet::new();
             let mut dispatched: Vec<Vec<(Option<LaneKey>, usize)>> = Vec::new();
             let mut ran: Vec<(u8, usize)> = Vec::new();
-            let lane = |k: u8| (k < 3).then(|| LaneKey::for_key(0, Some(&[k][..])));
+            let lane = |k: u8| (k < 3).then(|| LaneKey::for_key(G0, Some(&[k][..])));
             for (n, (k, complete)) in script.iter().enumerate() {
                 l.submit(lane(*k), n);
                 if *complete && !dispatched.is_empty() {

@@ -4,16 +4,24 @@
 //! `{"topic": "web-events", "key": "u1", "timestamp": 1700000000000, "headers": {"type": "click"},
 //!   "payload": {...}}` — `payload` is any JSON (a JSON string is sent as its raw text);
 //! `key`, `timestamp` (ms, default now), `headers`, `partition` (default 0) and `offset` are
-//! optional. Without `offset`, a file line's number is its offset within that file's content
-//! (so re-ingesting the same file is a no-op: exactly-once effect; a rewritten file is a new
-//! source), and an HTTP-pushed event has no replayable position: **a client that wants its
-//! pushes deduplicated sends `partition` and `offset`**, its own sequence number per
-//! (topic, partition), unique and never reused. Such positions live in an offset space of
-//! their own (`local:<topic>`), apart from Kafka's `<topic>#<partition>`, and with floor 0:
-//! pushed events arrive in any order, so no offset covers a lower one.
+//! optional.
+//!
+//! **Positions.** A file line's number is its offset within that file's content, so
+//! re-ingesting the same file is a no-op (exactly-once effect; a rewritten file is a new
+//! source), and the lines before a batch are its floor. A line's explicit `offset` puts it in
+//! an offset space of its own (`local:<topic>`, apart from Kafka's `<topic>#<partition>`) with
+//! floor 0: such events arrive in any order, so no offset covers a lower one. An HTTP push
+//! may not choose its position (the admin API refuses `offset`: one push of 2^62 would make
+//! every later event of its entities a no-op), so a pushed event carries none and is applied
+//! at least once: a client that resends a push may apply it twice.
+//!
+//! **The chain.** After parsing, a local batch takes the path every source takes — routing,
+//! the groups' plugins, the checks, the store write and the one retry policy
+//! ([`Pipeline::process_with_retries`], in place: a file has no retry topic) — and its
+//! failures go to the dead-letter file instead of the dead-letter topic.
 
 use super::dead_letter::{DeadLetterFile, to_json_line};
-use crate::event::Event;
+use crate::event::{Event, EventIdx};
 use crate::feature::Position;
 use crate::pipeline::Pipeline;
 use crate::retry::{FailureKind, InPlace};
@@ -127,30 +135,23 @@ pub async fn ingest(
     dead_letters: &DeadLetterFile,
 ) -> anyhow::Result<IngestSummary> {
     let events = Arc::new(events);
-    let pairs = pipeline.route(&events);
-    let routed_events: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.0).collect();
+    let routes = pipeline.route(&events);
+    let routed_events: std::collections::BTreeSet<EventIdx> =
+        routes.iter().map(|r| r.event).collect();
     let (failures, stats) = pipeline
-        .process_with_retries(&events, &pairs, InPlace::All, false)
+        .process_with_retries(&events, &routes, InPlace::All, false)
         .await;
     let mut lines: Vec<String> = failures
         .iter()
-        .map(|f| to_json_line(&events[f.event], &pipeline.router().groups()[f.group], f))
+        .map(|f| to_json_line(&events[f.event.index()], pipeline.router().name(f.group), f))
         .collect();
     for (line, reason) in &unparsed {
         lines.push(serde_json::json!({"kind": FailureKind::Invalid.as_str(), "reason": reason, "line": line}).to_string());
     }
-    let dl = dead_letters.clone();
-    tokio::task::spawn_blocking(move || dl.write(&lines))
-        .await?
-        .with_context(|| {
-            format!(
-                "cannot write dead letters to {}",
-                dead_letters.path().display()
-            )
-        })?;
+    dead_letters.append(lines).await?;
     for f in &failures {
-        tracing::warn!(group = %pipeline.router().groups()[f.group], kind = f.kind.as_str(), reason = %f.reason,
-            offset = events[f.event].offset, "event dead-lettered");
+        tracing::warn!(group = %pipeline.router().name(f.group), kind = f.kind.as_str(), reason = %f.reason,
+            offset = events[f.event.index()].offset, "event dead-lettered");
     }
     Ok(IngestSummary {
         events: events.len() + unparsed.len(),

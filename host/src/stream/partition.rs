@@ -8,6 +8,7 @@
 use super::lanes::{LaneKey, Lanes};
 use super::offset_map::FinishedMap;
 use super::offsets::{OffsetError, OffsetTracker};
+use crate::dispatch::GroupId;
 use crate::event::Event;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,16 +42,26 @@ pub struct Unit {
     /// the retry topic; `event` then carries the original coordinates).
     pub offset: i64,
     pub event: Arc<Event>,
-    pub group: usize,
-    pub lane: Option<LaneKey>,
+    pub group: GroupId,
     pub origin: Origin,
+}
+
+impl Unit {
+    /// The lane the unit runs in: source units only, by their group's ordering; retried
+    /// units run on their own once due.
+    pub fn lane(&self) -> Option<LaneKey> {
+        match self.origin {
+            Origin::Source { lane } => lane,
+            Origin::Retry(_) | Origin::Poison(_) => None,
+        }
+    }
 }
 
 /// Where a unit's message came from: the cases are exclusive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    /// A source topic: processed as soon as its lane lets it.
-    Source,
+    /// A source topic: processed as soon as its lane (none: `unordered`) lets it.
+    Source { lane: Option<LaneKey> },
     /// A retry topic: its history, from the record's headers; waits until due.
     Retry(RetryMeta),
     /// A message that cannot be processed at all (an unreadable retry record): goes to the
@@ -98,12 +109,12 @@ pub struct PartitionState {
     /// Offsets the previous owner finished above its commit.
     skip: FinishedMap,
     /// Units (offset, group) handed off in the open transaction.
-    txn_hand_offs: Vec<(i64, usize)>,
+    txn_hand_offs: Vec<(i64, GroupId)>,
     /// Units of unfinished offsets whose hand-off was committed: after a rewind they are
     /// not handed off again (the finished map holds whole offsets only).
-    committed_hand_offs: HashMap<i64, Vec<usize>>,
+    committed_hand_offs: HashMap<i64, Vec<GroupId>>,
     /// Carried over by a rewind: units not to run again.
-    skip_units: HashMap<i64, Vec<usize>>,
+    skip_units: HashMap<i64, Vec<GroupId>>,
 }
 
 impl Default for PartitionState {
@@ -127,18 +138,18 @@ impl Default for PartitionState {
 impl PartitionState {
     /// Resume where the previous owner committed: `map` holds what it finished above its
     /// committed offset, and the units of unfinished offsets it handed off (by group name;
-    /// `groups` names this host's group indices).
+    /// `groups` names this host's groups, by [`GroupId`]).
     pub fn resume(&mut self, map: FinishedMap, groups: &[String]) {
         for (offset, name) in map.hand_offs() {
             if let Some(g) = groups.iter().position(|n| n == name) {
-                self.skip_unit(offset, g);
+                self.skip_unit(offset, GroupId::new(g));
             }
         }
         self.skip = map;
     }
 
     /// A unit of `offset` for `group` was handed off in the open transaction.
-    pub fn handed_off(&mut self, offset: i64, group: usize) {
+    pub fn handed_off(&mut self, offset: i64, group: GroupId) {
         self.txn_hand_offs.push((offset, group));
     }
 
@@ -159,8 +170,8 @@ impl PartitionState {
     /// For the state that replaces this one after a rewind: the committed hand-offs of
     /// offsets still unfinished, and those the previous owner's map named that were not
     /// delivered yet.
-    pub fn committed_hand_offs(&self) -> HashMap<i64, Vec<usize>> {
-        let mut all: HashMap<i64, Vec<usize>> = HashMap::new();
+    pub fn committed_hand_offs(&self) -> HashMap<i64, Vec<GroupId>> {
+        let mut all: HashMap<i64, Vec<GroupId>> = HashMap::new();
         for (offset, group) in self.kept_hand_offs() {
             all.entry(offset).or_default().push(group);
         }
@@ -170,7 +181,7 @@ impl PartitionState {
     /// Units `(offset, group)` of unfinished offsets whose hand-off is committed: by this
     /// owner, or by one before it (inherited, not delivered yet). Disjoint: an offset
     /// leaves `skip_units` when it is delivered.
-    fn kept_hand_offs(&self) -> impl Iterator<Item = (i64, usize)> + '_ {
+    fn kept_hand_offs(&self) -> impl Iterator<Item = (i64, GroupId)> + '_ {
         self.committed_hand_offs
             .iter()
             .chain(&self.skip_units)
@@ -178,7 +189,7 @@ impl PartitionState {
     }
 
     /// Resume after a rewind: `units` are not to run again.
-    pub fn skip_units(&mut self, units: HashMap<i64, Vec<usize>>) {
+    pub fn skip_units(&mut self, units: HashMap<i64, Vec<GroupId>>) {
         for (offset, groups) in units {
             for g in groups {
                 self.skip_unit(offset, g);
@@ -186,7 +197,7 @@ impl PartitionState {
         }
     }
 
-    fn skip_unit(&mut self, offset: i64, group: usize) {
+    fn skip_unit(&mut self, offset: i64, group: GroupId) {
         let groups = self.skip_units.entry(offset).or_default();
         if !groups.contains(&group) {
             groups.push(group);
@@ -237,7 +248,7 @@ impl PartitionState {
             },
         );
         for u in units {
-            self.lanes.submit(u.lane, u);
+            self.lanes.submit(u.lane(), u);
         }
         Ok(Delivered::Queued)
     }
@@ -257,7 +268,7 @@ impl PartitionState {
         let mut released = Vec::new();
         let mut finished = Vec::new();
         for u in units {
-            if let Some(lane) = u.lane
+            if let Some(lane) = u.lane()
                 && !released.contains(&lane)
             {
                 released.push(lane);
@@ -304,7 +315,7 @@ impl PartitionState {
     /// The commit to send if the low watermark or the finished offsets above it changed
     /// since the last one. The map is what lets a revoke hand over the work finished behind
     /// a waiting event, so it is committed even when the watermark stands still.
-    /// `groups` names the group indices: the map names the handed-off units of unfinished
+    /// `groups` names the groups by [`GroupId`]: the map names the handed-off units of unfinished
     /// offsets by group, so that the next owner does not hand them off again.
     pub fn to_commit(&self, groups: &[String]) -> Option<Commit> {
         let offset = self.low_watermark()?;
@@ -313,7 +324,7 @@ impl PartitionState {
             .iter()
             .copied()
             .chain(self.kept_hand_offs())
-            .filter_map(|(o, g)| groups.get(g).map(|name| (o, name.as_str())));
+            .filter_map(|(o, g)| groups.get(g.index()).map(|name| (o, name.as_str())));
         // What the previous owner finished and this one has not read yet stays finished:
         // a commit without it would make the next owner redo it, hand-offs included.
         let metadata = FinishedMap::new(offset, self.tracker.finished_above())
@@ -361,12 +372,14 @@ mod tests {
     }
 
     fn unit(e: &Arc<Event>, group: usize) -> Unit {
+        let group = GroupId::new(group);
         Unit {
             offset: e.offset,
             event: e.clone(),
             group,
-            lane: Some(LaneKey::for_key(group, e.key.as_deref())),
-            origin: Origin::Source,
+            origin: Origin::Source {
+                lane: Some(LaneKey::for_key(group, e.key.as_deref())),
+            },
         }
     }
 
@@ -387,7 +400,8 @@ mod tests {
         assert_eq!(ready.len(), 3);
         assert_eq!(p.buffered_bytes(), 20);
         // e1 and half of e0 finish; e0 still has group 1 in flight.
-        let (g0, g1): (Vec<Unit>, Vec<Unit>) = ready.into_iter().partition(|u| u.group == 0);
+        let (g0, g1): (Vec<Unit>, Vec<Unit>) =
+            ready.into_iter().partition(|u| u.group == GroupId::new(0));
         assert_eq!(p.complete(&g0), vec![1]);
         assert_eq!(p.low_watermark(), Some(0), "offset 0 still in flight");
         assert_eq!(p.complete(&g1), vec![0]);
@@ -455,16 +469,20 @@ mod tests {
         p.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();
         let ready = p.take_ready();
         // Group 0 failed and was handed off; group 1 is still running.
-        p.handed_off(0, 0);
-        let g0: Vec<Unit> = ready.iter().filter(|u| u.group == 0).cloned().collect();
+        p.handed_off(0, GroupId::new(0));
+        let g0: Vec<Unit> = ready
+            .iter()
+            .filter(|u| u.group == GroupId::new(0))
+            .cloned()
+            .collect();
         p.complete(&g0);
         p.transaction_committed();
         // A later transaction aborts: the partition starts over from its commit.
-        p.handed_off(0, 1);
+        p.handed_off(0, GroupId::new(1));
         let mut next = PartitionState::default();
         next.skip_units(p.committed_hand_offs());
         next.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();
-        let again: Vec<usize> = next.take_ready().iter().map(|u| u.group).collect();
+        let again: Vec<usize> = next.take_ready().iter().map(|u| u.group.index()).collect();
         assert_eq!(
             again,
             vec![1],
@@ -481,8 +499,12 @@ mod tests {
             .deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)])
             .unwrap();
         let ready = previous.take_ready();
-        previous.handed_off(0, 0);
-        let g0: Vec<Unit> = ready.iter().filter(|u| u.group == 0).cloned().collect();
+        previous.handed_off(0, GroupId::new(0));
+        let g0: Vec<Unit> = ready
+            .iter()
+            .filter(|u| u.group == GroupId::new(0))
+            .cloned()
+            .collect();
         previous.complete(&g0);
         // Committed with the hand-off (same transaction); then the host dies.
         let commit = previous.to_commit(&groups).unwrap();
@@ -497,7 +519,7 @@ mod tests {
         let map = FinishedMap::decode(commit.metadata.as_bytes(), commit.offset).unwrap();
         next.resume(map, &reordered);
         next.deliver(0, 1, vec![unit(&e, 0), unit(&e, 1)]).unwrap();
-        let again: Vec<usize> = next.take_ready().iter().map(|u| u.group).collect();
+        let again: Vec<usize> = next.take_ready().iter().map(|u| u.group.index()).collect();
         assert_eq!(again, vec![0], "only views (index 0 here) runs again");
         // Until offset 0 finishes, every commit still names the hand-off.
         let c = next.to_commit(&reordered).unwrap();
@@ -536,7 +558,7 @@ mod tests {
         let e = event(3, "k", 1);
         p.deliver(3, 1, vec![unit(&e, 0)]).unwrap();
         let u = p.take_ready();
-        p.handed_off(3, 0);
+        p.handed_off(3, GroupId::new(0));
         p.complete(&u);
         assert_eq!(p.low_watermark(), Some(4));
         assert_eq!(p.floor(), Some(3), "the hand-off may still abort");

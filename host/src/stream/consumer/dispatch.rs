@@ -2,6 +2,7 @@
 //! under the transaction's gate, then its units finished.
 
 use super::*;
+use crate::event::EventIdx;
 
 /// Spawn the processing of ready units: one batch per group, retried units one by one
 /// (each waits for its due time).
@@ -9,9 +10,9 @@ pub(super) fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Uni
     if ready.is_empty() {
         return;
     }
-    let mut batches: BTreeMap<usize, Vec<(Option<LaneKey>, Unit)>> = BTreeMap::new();
+    let mut batches: BTreeMap<GroupId, Vec<(Option<LaneKey>, Unit)>> = BTreeMap::new();
     for u in ready {
-        if u.origin != Origin::Source {
+        if !matches!(u.origin, Origin::Source { .. }) {
             let (shared, slot) = (shared.clone(), slot.clone());
             shared.runtime.clone().spawn(async move {
                 if let Origin::Retry(r) = &u.origin {
@@ -25,7 +26,7 @@ pub(super) fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Uni
                 }
             });
         } else {
-            batches.entry(u.group).or_default().push((u.lane, u));
+            batches.entry(u.group).or_default().push((u.lane(), u));
         }
     }
     // Several smaller batches instead of one: the partition keeps reading and processing
@@ -47,7 +48,7 @@ pub(super) fn spawn_ready(shared: &Arc<Shared>, slot: &Arc<Slot>, ready: Vec<Uni
 pub(super) async fn run_batch(
     shared: Arc<Shared>,
     slot: Arc<Slot>,
-    group: usize,
+    group: GroupId,
     units: Vec<Unit>,
 ) {
     let floor = {
@@ -62,8 +63,9 @@ pub(super) async fn run_batch(
     };
     let mut events = Vec::with_capacity(units.len());
     let mut failures: Vec<Failure> = Vec::new();
-    let mut pairs = Vec::with_capacity(units.len());
+    let mut routes = Vec::with_capacity(units.len());
     for (i, u) in units.iter().enumerate() {
+        let i = EventIdx::new(i);
         let mut e = (*u.event).clone();
         if let (Some(p), Some(floor)) = (e.position.as_mut(), floor) {
             p.set_floor(&slot.source, slot.labels.partition, floor);
@@ -77,23 +79,23 @@ pub(super) async fn run_batch(
                 cause: Cause::Check,
                 reason: reason.clone(),
             }),
-            Origin::Source | Origin::Retry(_) => pairs.push((i, group)),
+            Origin::Source { .. } | Origin::Retry(_) => routes.push(Route { event: i, group }),
         }
     }
     let events = Arc::new(events);
-    if !pairs.is_empty() {
+    if !routes.is_empty() {
         let (f, stats) = shared
             .pipeline
             .process_with_retries(
                 &events,
-                &pairs,
+                &routes,
                 InPlace::StoreOnly(shared.settings.store_attempts),
                 false,
             )
             .await;
         failures.extend(f);
         tracing::trace!(
-            group,
+            group = %shared.pipeline.router().name(group),
             units = units.len(),
             writes = stats.writes,
             "batch done"
@@ -131,10 +133,11 @@ pub(super) async fn run_batch(
         // abort must rewind this partition (its units are redone from the last commit).
         let in_txn = || slot.in_txn.store(true, AtomicOrdering::SeqCst);
         for f in waiting {
-            match hand_off(&shared, &units[f.event], &events[f.event], f, &fenced).await {
+            let (unit, event) = (&units[f.event.index()], &events[f.event.index()]);
+            match hand_off(&shared, unit, event, f, &fenced).await {
                 HandOff::Done => {
                     in_txn();
-                    slot.lock().handed_off(units[f.event].offset, group);
+                    slot.lock().handed_off(unit.offset, group);
                 }
                 HandOff::Wait(d) => {
                     wait = wait.max(d);
@@ -154,9 +157,11 @@ pub(super) async fn run_batch(
             }
         }
         // Finish all but the units still waiting for the dead-letter topic.
-        let (ready, rest): (Vec<Unit>, Vec<Unit>) = pending
-            .into_iter()
-            .partition(|u| !still.iter().any(|f| units[f.event].offset == u.offset));
+        let (ready, rest): (Vec<Unit>, Vec<Unit>) = pending.into_iter().partition(|u| {
+            !still
+                .iter()
+                .any(|f| units[f.event.index()].offset == u.offset)
+        });
         if !finish(&shared, &slot, &ready) {
             drop(gate);
             return unfinished(&shared, &slot, rest.len());

@@ -56,6 +56,7 @@ use super::partition::{Delivered, Limits, Origin, PartitionState, RetryMeta, Uni
 use super::topic_ids::{self, TopicIdError};
 use super::transaction::{Committed, Exclusive, Transactions, TxnError};
 use crate::config::RunSettings;
+use crate::dispatch::{GroupId, Route};
 use crate::event::Event;
 use crate::metrics::{Metrics, PartitionLabels};
 use crate::pipeline::Pipeline;
@@ -262,7 +263,7 @@ pub struct Shared {
     queues: Mutex<HashMap<TopicPartition, PartitionQueue<Ctx>>>,
     wake: Arc<Wake>,
     /// Retry topic → the groups that retry through it.
-    retry_topics: HashMap<String, Vec<usize>>,
+    retry_topics: HashMap<String, Vec<GroupId>>,
     metrics: Arc<Metrics>,
     /// The brokers refused a commit's finished-offset maps as too large: commit without.
     maps_refused: AtomicBool,
@@ -336,8 +337,7 @@ impl Shared {
                     offset: event.offset,
                     event: event.clone(),
                     group: g,
-                    lane,
-                    origin: Origin::Source,
+                    origin: Origin::Source { lane },
                 }
             })
             .collect()
@@ -346,12 +346,11 @@ impl Shared {
     /// A message of a retry topic: the original event, for the group it failed for only,
     /// with the retry topic's position (so replays of the retry topic are no-ops too), or
     /// for a replayed dead letter, the dead letter's.
-    fn retry_unit(&self, message: &Arc<Event>, groups: &[usize]) -> Unit {
+    fn retry_unit(&self, message: &Arc<Event>, groups: &[GroupId]) -> Unit {
         let poison = |reason: String| Unit {
             offset: message.offset,
             event: message.clone(),
             group: groups[0],
-            lane: None,
             origin: Origin::Poison(reason),
         };
         let (mut original, env) = match envelope::unwrap(message) {
@@ -360,7 +359,7 @@ impl Shared {
         };
         let Some(&group) = groups
             .iter()
-            .find(|&&g| self.pipeline.router().groups()[g] == env.group)
+            .find(|&&g| self.pipeline.router().name(g) == env.group)
         else {
             return poison(format!(
                 "retry message for group {:?}, which does not retry through {}",
@@ -377,7 +376,6 @@ impl Shared {
             offset: message.offset,
             event: Arc::new(original),
             group,
-            lane: None,
             origin: Origin::Retry(RetryMeta {
                 attempts: env.attempts,
                 first_failure_ms: env.first_failure_ms,
@@ -419,12 +417,12 @@ pub async fn consume(
     pipeline: Arc<Pipeline>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut retry_topics: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, g) in pipeline.runtimes().iter().enumerate() {
+    let mut retry_topics: HashMap<String, Vec<GroupId>> = HashMap::new();
+    for g in pipeline.router().ids() {
         retry_topics
-            .entry(g.def.retry_topic.clone())
+            .entry(pipeline.runtime(g).def.retry_topic.clone())
             .or_default()
-            .push(i);
+            .push(g);
     }
     super::topics::provision(client, pipeline.runtimes().iter().map(|g| &g.def)).await?;
     let metrics = pipeline.metrics().clone();

@@ -2,24 +2,31 @@
 //! plugin over its share of the batch (one call per group), check the writes against the
 //! group's spec, and apply them through the [`FeatureWriter`]. Sources (Kafka, files, HTTP,
 //! backfills) all go through here, so stream and batch share one transform.
+//!
+//! **Steps.** Per group: the plugin call ([`Plugin::process_isolating`]: a trap fails only
+//! its own event), the check ([`check`]: results to mutations or failures), the write
+//! ([`FeatureWriter::apply`]), and the blame ([`blame`]: failed entities back to the events
+//! that wrote them). The check and the blame are pure and unit-tested on their own; the
+//! call and the write are tested against the real plugins and stores.
 
-use crate::dispatch::Router;
-use crate::event::Event;
-use crate::feature::{Mutation, Write, check_write};
+mod blame;
+mod check;
+
+use crate::dispatch::{GroupId, Route, Router};
+use crate::event::{Event, EventIdx};
 use crate::metrics::{GroupLabels, Metrics, VersionLabels};
-use crate::plugin::{EventFailure, Plugin};
-use crate::retry::{Cause, Failure, FailureKind, InPlace, RetryPolicy};
-use crate::sink::SinkError;
+use crate::plugin::Plugin;
+use crate::retry::{Failure, InPlace, RetryPolicy};
 use crate::sink::writer::{FeatureWriter, GroupSink, WriteReport};
 use crate::spec::GroupDef;
 use arc_swap::ArcSwap;
+use blame::blame;
+use check::check_event;
 use futures::future::join_all;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// Writes one event may produce: each becomes a store operation, and an event is applied
-/// entirely or not at all, so one event must stay one bounded store transaction.
-pub const MAX_WRITES_PER_EVENT: usize = 10_000;
+pub use check::MAX_WRITES_PER_EVENT;
 
 /// A feature group ready to process: its spec, plugin and sink settings. Hot reload
 /// replaces a group's runtime as a whole; a batch uses the runtime it started with.
@@ -82,14 +89,14 @@ impl Pipeline {
         &self.metrics
     }
 
-    /// Number of groups (indices `0..n` as the router returns them).
+    /// Number of groups (ids `0..n` as the router returns them).
     pub fn group_count(&self) -> usize {
         self.groups.len()
     }
 
     /// The runtime serving group `g` now.
-    pub fn runtime(&self, g: usize) -> Arc<GroupRuntime> {
-        self.groups[g].load_full()
+    pub fn runtime(&self, g: GroupId) -> Arc<GroupRuntime> {
+        self.groups[g.index()].load_full()
     }
 
     /// A snapshot of every group's runtime.
@@ -97,19 +104,19 @@ impl Pipeline {
         self.groups.iter().map(|g| g.load_full()).collect()
     }
 
-    pub fn group_index(&self, name: &str) -> Option<usize> {
-        self.router.groups().iter().position(|n| n == name)
+    pub fn group_id(&self, name: &str) -> Option<GroupId> {
+        self.router.id(name)
     }
 
     pub fn group(&self, name: &str) -> Option<Arc<GroupRuntime>> {
-        self.group_index(name).map(|g| self.runtime(g))
+        self.group_id(name).map(|g| self.runtime(g))
     }
 
     /// Serve group `g` with `new` from its next batch on; batches already running finish
     /// on the old runtime, which is returned. Only the hot reloader calls this, after
     /// checking that `new` keeps the group's name, sources and ordering.
-    pub fn replace(&self, g: usize, new: Arc<GroupRuntime>) -> Arc<GroupRuntime> {
-        let old = self.groups[g].swap(new.clone());
+    pub fn replace(&self, g: GroupId, new: Arc<GroupRuntime>) -> Arc<GroupRuntime> {
+        let old = self.groups[g.index()].swap(new.clone());
         if old.plugin.version() != new.plugin.version() {
             self.metrics.plugin_version.remove(&VersionLabels {
                 group: old.def.name.clone(),
@@ -134,38 +141,43 @@ impl Pipeline {
         &self.writer
     }
 
-    /// The (event, group) pairs of a batch.
-    pub fn route(&self, events: &[Event]) -> Vec<(usize, usize)> {
+    /// The routes (event, group) of a batch.
+    pub fn route(&self, events: &[Event]) -> Vec<Route> {
         events
             .iter()
             .enumerate()
-            .flat_map(|(i, e)| self.router.route(e).into_iter().map(move |g| (i, g)))
+            .flat_map(|(i, e)| {
+                self.router.route(e).into_iter().map(move |group| Route {
+                    event: EventIdx::new(i),
+                    group,
+                })
+            })
             .collect()
     }
 
-    /// Process the given (event, group) pairs; return the failures.
+    /// Process the given routes; return the failures.
     /// `overwrite` lets the writes replace newer values (a backfill's explicit override).
     pub async fn process(
         &self,
         events: &Arc<Vec<Event>>,
-        pairs: &[(usize, usize)],
+        routes: &[Route],
         overwrite: bool,
     ) -> (Vec<Failure>, BatchStats) {
-        let mut per_group: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for &(e, g) in pairs {
-            per_group.entry(g).or_default().push(e);
+        let mut per_group: BTreeMap<GroupId, Vec<EventIdx>> = BTreeMap::new();
+        for r in routes {
+            per_group.entry(r.group).or_default().push(r.event);
         }
         let runs = per_group.into_iter().map(|(g, idx)| {
             let span = tracing::info_span!(
                 "process_group",
-                group = %self.router.groups()[g],
+                group = %self.router.name(g),
                 events = idx.len()
             );
             tracing::Instrument::instrument(self.process_group(events, g, idx, overwrite), span)
         });
         let mut failures = Vec::new();
         let mut stats = BatchStats {
-            routed: pairs.len(),
+            routed: routes.len(),
             ..Default::default()
         };
         for (f, report) in join_all(runs).await {
@@ -184,18 +196,18 @@ impl Pipeline {
     pub async fn process_with_retries(
         &self,
         events: &Arc<Vec<Event>>,
-        pairs: &[(usize, usize)],
+        routes: &[Route],
         in_place: InPlace,
         overwrite: bool,
     ) -> (Vec<Failure>, BatchStats) {
-        let (mut failures, mut stats) = self.process(events, pairs, overwrite).await;
-        let mut attempts: HashMap<(usize, usize), u32> = HashMap::new();
+        let (mut failures, mut stats) = self.process(events, routes, overwrite).await;
+        let mut attempts: HashMap<Route, u32> = HashMap::new();
         loop {
             let mut retry = Vec::new();
             let mut done = Vec::new();
             let mut wait: Option<std::time::Duration> = None;
             for f in failures {
-                let n = attempts.entry((f.event, f.group)).or_insert(0);
+                let n = attempts.entry(f.route()).or_insert(0);
                 *n += 1;
                 let policy = RetryPolicy::of(&self.runtime(f.group).def);
                 match policy.in_place(&f, *n, in_place) {
@@ -213,8 +225,8 @@ impl Pipeline {
             let backoff = wait.mul_f64(rand::random_range(0.5..1.0));
             tracing::warn!(failed = retry.len(), backoff = ?backoff, first_reason = %retry[0].reason, "retrying failed events in place");
             tokio::time::sleep(backoff).await;
-            let pairs: Vec<(usize, usize)> = retry.iter().map(|f| (f.event, f.group)).collect();
-            let (again, more) = self.process(events, &pairs, overwrite).await;
+            let routes: Vec<Route> = retry.iter().map(Failure::route).collect();
+            let (again, more) = self.process(events, &routes, overwrite).await;
             stats.writes += more.writes;
             stats.replayed += more.replayed;
             stats.stale_skips += more.stale_skips;
@@ -227,8 +239,8 @@ impl Pipeline {
     async fn process_group(
         &self,
         events: &Arc<Vec<Event>>,
-        g: usize,
-        mut idx: Vec<usize>,
+        g: GroupId,
+        mut idx: Vec<EventIdx>,
         overwrite: bool,
     ) -> (Vec<Failure>, Option<WriteReport>) {
         idx.sort_unstable();
@@ -236,17 +248,10 @@ impl Pipeline {
         // Loaded once: the whole batch runs on one version of the group.
         let group = self.runtime(g);
         let labels = GroupLabels::new(&group.def.name);
-        let failure = |event, kind, cause, reason: String| Failure {
-            event,
-            group: g,
-            kind,
-            cause,
-            reason,
-        };
         let input: Arc<Vec<Event>> = if idx.len() == events.len() {
             events.clone() // idx is exactly 0..n
         } else {
-            Arc::new(idx.iter().map(|&i| events[i].clone()).collect())
+            Arc::new(idx.iter().map(|i| events[i.index()].clone()).collect())
         };
         let started = std::time::Instant::now();
         // A trap or timeout fails only the events that cause it (the batch is bisected).
@@ -269,50 +274,30 @@ impl Pipeline {
         let mut failures = Vec::new();
         let mut mutations = Vec::new();
         // Which events wrote each entity (store key), to map entity failures back to events.
-        let mut writers: HashMap<String, Vec<usize>> = HashMap::new();
-        for (&i, result) in idx.iter().zip(called.results) {
-            let event = &events[i];
-            let result = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(group = %group.def.name, topic = %event.topic, partition = event.partition,
-                        offset = event.offset, error = %e, "plugin call failed on this event");
-                    let kind = if e.is_deterministic() {
-                        FailureKind::Invalid
-                    } else {
-                        FailureKind::Retryable
-                    };
-                    failures.push(failure(i, kind, Cause::Plugin, e.to_string()));
-                    continue;
+        let mut writers: HashMap<String, Vec<EventIdx>> = HashMap::new();
+        for (&i, called) in idx.iter().zip(called.results) {
+            let event = &events[i.index()];
+            if let Err(e) = &called {
+                tracing::error!(group = %group.def.name, topic = %event.topic, partition = event.partition,
+                    offset = event.offset, error = %e, "plugin call failed on this event");
+            }
+            match check_event(&group.def.spec, event, called, overwrite) {
+                Ok(ms) => {
+                    for (entity, m) in ms {
+                        writers
+                            .entry(group.sink.target.key(&entity))
+                            .or_default()
+                            .push(i);
+                        mutations.push((entity, m));
+                    }
                 }
-            };
-            match result {
-                Ok(writes) => match to_mutations(&group.def, event, writes, overwrite) {
-                    Ok(ms) => {
-                        for (entity, m) in ms {
-                            writers
-                                .entry(group.sink.target.key(&entity))
-                                .or_default()
-                                .push(i);
-                            mutations.push((entity, m));
-                        }
-                    }
-                    Err(reason) => {
-                        failures.push(failure(i, FailureKind::Invalid, Cause::Check, reason))
-                    }
-                },
-                Err(EventFailure::Invalid(m)) => failures.push(failure(
-                    i,
-                    FailureKind::Invalid,
-                    Cause::Plugin,
-                    format!("plugin rejected the event: {m}"),
-                )),
-                Err(EventFailure::Retryable(m)) => failures.push(failure(
-                    i,
-                    FailureKind::Retryable,
-                    Cause::Plugin,
-                    format!("plugin asked to retry: {m}"),
-                )),
+                Err(r) => failures.push(Failure {
+                    event: i,
+                    group: g,
+                    kind: r.kind,
+                    cause: r.cause,
+                    reason: r.reason,
+                }),
             }
         }
         if mutations.is_empty() {
@@ -359,60 +344,10 @@ impl Pipeline {
             tracing::warn!(group = %group.def.name, error = %e, queued = report.cache_queued,
                 "cache update failed after the store write; queued for repair");
         }
-        // An event fails if any entity it wrote failed; its other entities did apply, and a
-        // retry finds them already applied (their positions), so nothing counts twice.
-        let mut failed_events: BTreeMap<usize, (FailureKind, String)> = BTreeMap::new();
         for (key, e) in &report.failed {
             tracing::warn!(group = %group.def.name, entity = %key, error = %e, "store write failed");
-            let kind = match e {
-                SinkError::Rejected { .. } => FailureKind::Invalid,
-                _ => FailureKind::Retryable,
-            };
-            for &i in writers.get(key).into_iter().flatten() {
-                let slot = failed_events
-                    .entry(i)
-                    .or_insert((kind, format!("store write failed: {e}")));
-                if kind == FailureKind::Invalid {
-                    *slot = (kind, format!("store write failed: {e}"));
-                }
-            }
         }
-        failures.extend(
-            failed_events
-                .into_iter()
-                .map(|(i, (kind, reason))| failure(i, kind, Cause::Store, reason)),
-        );
+        failures.extend(blame(g, &report.failed, &writers));
         (failures, Some(report))
     }
-}
-
-/// Check an event's writes and turn them into one mutation per entity. Any bad write
-/// rejects the whole event, so an event is applied entirely or not at all.
-fn to_mutations(
-    def: &GroupDef,
-    event: &Event,
-    writes: Vec<Write>,
-    overwrite: bool,
-) -> Result<Vec<(String, Mutation)>, String> {
-    if writes.len() > MAX_WRITES_PER_EVENT {
-        return Err(format!(
-            "plugin produced {} writes for one event; at most {MAX_WRITES_PER_EVENT} are taken",
-            writes.len()
-        ));
-    }
-    let mut by_entity: BTreeMap<String, Mutation> = BTreeMap::new();
-    for w in writes {
-        let w =
-            check_write(&def.spec, w).map_err(|e| format!("plugin produced a bad write: {e}"))?;
-        by_entity
-            .entry(w.entity)
-            .or_insert_with(|| Mutation {
-                position: event.position.clone(),
-                ops: Vec::new(),
-                overwrite,
-            })
-            .ops
-            .push((w.feature, w.op, w.event_time_ms));
-    }
-    Ok(by_entity.into_iter().collect())
 }
