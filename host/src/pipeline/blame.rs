@@ -4,7 +4,8 @@
 //! The writer coalesces a batch's events per entity, so a store failure names an entity, not
 //! an event. An event fails if any entity it wrote failed; its other entities did apply, and
 //! when the event is tried again they find its position already applied, so nothing counts
-//! twice. Pure, so the rules are unit-tested.
+//! twice — for events with a position: an HTTP push has none, and a retry re-applies its
+//! other entities (pushes are at least once). Pure, so the rules are unit-tested.
 
 use crate::dispatch::GroupId;
 use crate::event::EventIdx;
@@ -14,8 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 
 /// The failures of group `group`'s events, one per event, in batch order. `failed` are the
 /// entities (store keys) whose write failed; `writers`, the events that wrote each entity.
-/// An event named by several failures takes the one that cannot succeed, if any: retrying
-/// it would only delay its dead letter.
+/// An event named by several failures takes the first that cannot succeed, if any
+/// (retrying it would only delay its dead letter), else the first.
 pub fn blame(
     group: GroupId,
     failed: &[(String, SinkError)],
@@ -107,6 +108,19 @@ mod tests {
         // In the other order, the refusal stays.
         let f = blame(G, &[("b".into(), refused()), ("a".into(), down())], &w);
         assert_eq!(f[0].kind, FailureKind::Invalid);
+    }
+
+    /// Which item to look at is the first refused one's: the dead letter names one entity.
+    #[test]
+    fn of_two_refusals_the_first_is_named() {
+        let other = SinkError::Rejected {
+            backend: "dynamodb",
+            message: "unreadable item".into(),
+        };
+        let w = writers(&[("a", &[0]), ("b", &[0])]);
+        let f = blame(G, &[("a".into(), refused()), ("b".into(), other)], &w);
+        assert_eq!(summary(&f), [(0, FailureKind::Invalid)]);
+        assert!(f[0].reason.contains("item too large"), "{}", f[0].reason);
     }
 
     #[test]

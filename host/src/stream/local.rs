@@ -11,9 +11,11 @@
 //! source), and the lines before a batch are its floor. A line's explicit `offset` puts it in
 //! an offset space of its own (`local:<topic>`, apart from Kafka's `<topic>#<partition>`) with
 //! floor 0: such events arrive in any order, so no offset covers a lower one. An HTTP push
-//! may not choose its position (the admin API refuses `offset`: one push of 2^62 would make
-//! every later event of its entities a no-op), so a pushed event carries none and is applied
-//! at least once: a client that resends a push may apply it twice.
+//! may not choose its position (the admin API refuses `offset`: a caller could otherwise take
+//! an events file's explicit offsets in the shared `local:<topic>` space, and the file's
+//! events would then be dropped as replays), so a pushed event carries none and is applied at
+//! least once: a client that resends a push, or a push retried in place after some of its
+//! entities were written, may apply it twice.
 //!
 //! **The chain.** After parsing, a local batch takes the path every source takes — routing,
 //! the groups' plugins, the checks, the store write and the one retry policy
