@@ -450,13 +450,31 @@ async fn swaps_beyond_one_pipeline(b: &Backends, redis: &mut redis::aio::Multipl
         version: 1,
         state: big,
     };
+    // One entry of 1,500 features: more field/value pairs than one `HSET` of the script
+    // takes, between other entries of the same call.
+    let mut wide = EntityState::default();
+    wide.apply(&Mutation {
+        position: None,
+        ops: (0..1500)
+            .map(|f| (format!("f{f}"), Op::Set(Value::Int(f)), 1))
+            .collect(),
+        overwrite: false,
+    });
+    let wide = Versioned {
+        version: 1,
+        state: wide,
+    };
     let asks: Vec<Swap<'_>> = keys
         .iter()
         .enumerate()
         .map(|(i, key)| Swap {
             key,
             expected: 0,
-            next: if (10..13).contains(&i) { &big } else { &small },
+            next: match i {
+                5 => &wide,
+                10..13 => &big,
+                _ => &small,
+            },
         })
         .collect();
     let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)
@@ -475,11 +493,26 @@ async fn swaps_beyond_one_pipeline(b: &Backends, redis: &mut redis::aio::Multipl
     for (i, l) in loaded.into_iter().enumerate() {
         let v = l.unwrap().expect("written");
         let name = v.state.features.get("name").and_then(|f| f.value.clone());
+        let features = if i == 5 {
+            1500
+        } else {
+            usize::from(name.is_some())
+        };
+        assert_eq!(v.state.features.len(), features, "entry {i}'s features");
         assert_eq!(
             name.is_some(),
             (10..13).contains(&i),
             "entry {i} is its own"
         );
+    }
+    // What serving clients read: one field per feature beside `__v` and `__s`.
+    for (i, fields) in [(4, 2), (5, 1502), (6, 2)] {
+        let len: usize = redis::cmd("HLEN")
+            .arg(RedisCache::redis_key(&keys[i]))
+            .query_async(redis)
+            .await
+            .unwrap();
+        assert_eq!(len, fields, "entry {i}'s hash fields");
     }
 }
 

@@ -59,18 +59,36 @@ return 1
     )
 });
 
-/// Compare-and-swap for `cache-only` groups. ARGV: expected version ('0' = absent), new
-/// version, expire-at Unix seconds (0 = none), field, value, ...
-static CAS: LazyLock<Script> = LazyLock::new(|| {
+/// Compare-and-swap for `cache-only` groups, a batch of swaps in one script call: one
+/// `EVALSHA` per entity cost Redis more than the commands it ran (12–14 µs per entity beyond
+/// a plain `HSET`, see the README's Measurements). Swaps are judged in their order, each on
+/// its own: a key of another type answers -1 (`pcall`), the others are still swapped. One
+/// call touches many keys, so it needs one Redis node holding them all (a primary, with or
+/// without replicas; not Redis Cluster, where they would span slots). KEYS: one per swap.
+/// ARGV per swap: expected version ('0' = absent), expire-at Unix seconds (0 = none), n,
+/// then n field/value items starting with `__v` and the new version. Answers: 1 swapped,
+/// 0 lost, -1 another type.
+static CAS_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local cur = redis.call('HGET', KEYS[1], '__v')
-if (cur == false and ARGV[1] ~= '0') or (cur ~= false and cur ~= ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '__v', ARGV[2])
-for i = 4, #ARGV, 1000 do redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
-if tonumber(ARGV[3]) > 0 then redis.call('EXPIREAT', KEYS[1], ARGV[3]) end
-return 1
+local out, a = {}, 1
+for k = 1, #KEYS do
+  local key, expected, expire_at, n = KEYS[k], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local first, last = a + 3, a + 2 + n
+  a = last + 1
+  local cur = redis.pcall('HGET', key, '__v')
+  if type(cur) == 'table' then
+    out[k] = -1
+  elseif (cur == false and expected ~= '0') or (cur ~= false and cur ~= expected) then
+    out[k] = 0
+  else
+    redis.call('DEL', key)
+    for i = first, last, 1000 do redis.call('HSET', key, unpack(ARGV, i, math.min(i + 999, last))) end
+    if tonumber(expire_at) > 0 then redis.call('EXPIREAT', key, expire_at) end
+    out[k] = 1
+  end
+end
+return out
 "#,
     )
 });
@@ -235,144 +253,182 @@ impl Store for RedisCache {
 
     async fn compare_and_swap(
         &self,
-        _target: &Target,
+        target: &Target,
         key: &str,
         expected: u64,
         next: &Versioned,
     ) -> Result<bool, SinkError> {
-        let swapped: i64 = cas(key, expected, next)?
-            .0
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(swap_error)?;
-        Ok(swapped == 1)
+        let swap = Swap {
+            key,
+            expected,
+            next,
+        };
+        self.compare_and_swap_many(target, &[swap])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(not_sent()))
     }
 
-    /// The batch's swaps as pipelines of at most [`SWAPS_PER_PIPELINE`] swaps and
-    /// [`PIPELINE_BYTES`] (one, for batches of small entities): the script is loaded, then
-    /// each swap is an `EVALSHA` answered on its own (`ignore_errors`), so a key of another
-    /// type fails only its entity. The bounds keep one pipeline within the connection's
-    /// response timeout and let other requests on the shared connection (serving reads,
-    /// other groups) in between.
+    /// The batch's swaps as script calls of at most [`SWAPS_PER_CALL`] swaps and
+    /// [`CALL_BYTES`] of values (one, for batches of small entities), each in a pipeline
+    /// behind a `SCRIPT LOAD`: one round trip per call. A key of another type fails only
+    /// its entity. The bounds keep one call within the connection's response timeout and
+    /// short for Redis, which runs a script alone: other requests on the shared connection
+    /// and other clients (serving reads, other groups) wait at most one call.
     async fn compare_and_swap_many(
         &self,
         _target: &Target,
         swaps: &[Swap<'_>],
     ) -> Result<Vec<Result<bool, SinkError>>, SinkError> {
         let mut answers: Vec<Option<Result<bool, SinkError>>> = vec![None; swaps.len()];
-        let mut chunk: Vec<(usize, redis::ScriptInvocation<'_>)> = Vec::new();
-        let mut bytes = 0;
+        let mut call = Call::default();
         for (i, s) in swaps.iter().enumerate() {
-            match cas(s.key, s.expected, s.next) {
-                Ok((inv, size)) => {
-                    if !chunk.is_empty()
-                        && (chunk.len() == SWAPS_PER_PIPELINE || bytes + size > PIPELINE_BYTES)
-                    {
-                        self.swap_pipeline(std::mem::take(&mut chunk), &mut answers)
-                            .await?;
-                        bytes = 0;
-                    }
-                    bytes += size;
-                    chunk.push((i, inv));
+            let fields = match RedisCache::fields(s.next) {
+                Ok(fields) => fields,
+                Err(e) => {
+                    answers[i] = Some(Err(e));
+                    continue;
                 }
-                Err(e) => answers[i] = Some(Err(e)),
+            };
+            let size: usize = fields.iter().map(String::len).sum();
+            if !call.swaps.is_empty()
+                && (call.swaps.len() == SWAPS_PER_CALL || call.bytes + size > CALL_BYTES)
+            {
+                self.swap_call(std::mem::take(&mut call), &mut answers)
+                    .await?;
             }
+            call.push(i, s, fields, size);
         }
-        if !chunk.is_empty() {
-            self.swap_pipeline(chunk, &mut answers).await?;
+        if !call.swaps.is_empty() {
+            self.swap_call(call, &mut answers).await?;
         }
         Ok(answers
             .into_iter()
-            .map(|a| {
-                a.unwrap_or_else(|| {
-                    Err(SinkError::Unavailable {
-                        backend: BACKEND,
-                        message: "a swap was not sent".into(),
-                    })
-                })
-            })
+            .map(|a| a.unwrap_or_else(|| Err(not_sent())))
             .collect())
     }
 }
 
-/// Swaps per pipeline, and bytes of field values (see [`RedisCache::compare_and_swap_many`]).
-const SWAPS_PER_PIPELINE: usize = 256;
-const PIPELINE_BYTES: usize = 4 << 20;
+/// Swaps per script call, and bytes of field values (see
+/// [`RedisCache::compare_and_swap_many`]).
+const SWAPS_PER_CALL: usize = 256;
+const CALL_BYTES: usize = 4 << 20;
+
+fn not_sent() -> SinkError {
+    SinkError::Unavailable {
+        backend: BACKEND,
+        message: "a swap was not sent".into(),
+    }
+}
+
+/// One [`CAS_MANY`] call being gathered: its keys and arguments, and the index in the
+/// batch of each of its swaps.
+struct Call {
+    invocation: redis::ScriptInvocation<'static>,
+    swaps: Vec<usize>,
+    bytes: usize,
+}
+
+impl Default for Call {
+    fn default() -> Call {
+        Call {
+            invocation: CAS_MANY.prepare_invoke(),
+            swaps: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Call {
+    fn push(&mut self, index: usize, swap: &Swap<'_>, fields: Vec<String>, size: usize) {
+        self.invocation
+            .key(RedisCache::redis_key(swap.key))
+            .arg(swap.expected)
+            .arg(swap.next.state.expires_at.unwrap_or(0))
+            .arg(fields.len() + 2)
+            .arg("__v")
+            .arg(swap.next.version)
+            .arg(fields);
+        self.swaps.push(index);
+        self.bytes += size;
+    }
+}
 
 impl RedisCache {
-    /// One pipeline of swaps: `SCRIPT LOAD`, then the `EVALSHA`s, each answer put at its
-    /// swap's index. A swap that finds no script because the load failed (an ACL refusing
-    /// `SCRIPT`) fails under the load's reason rather than a bare `NOSCRIPT`.
-    async fn swap_pipeline(
+    /// One script call of swaps, in a pipeline behind `SCRIPT LOAD`; each answer put at its
+    /// swap's index. A call that finds no script because the load failed (an ACL refusing
+    /// `SCRIPT`) fails under the load's reason rather than a bare `NOSCRIPT`. A call that
+    /// fails as a whole (Redis out of memory, say) fails each of its swaps as an outage:
+    /// the swaps before the failure were applied, and their events' retries are replays.
+    async fn swap_call(
         &self,
-        chunk: Vec<(usize, redis::ScriptInvocation<'_>)>,
+        call: Call,
         answers: &mut [Option<Result<bool, SinkError>>],
     ) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
-        pipe.ignore_errors().load_script(&CAS);
-        for (_, inv) in &chunk {
-            pipe.invoke_script(inv);
-        }
+        pipe.ignore_errors()
+            .load_script(&CAS_MANY)
+            .invoke_script(&call.invocation);
         let mut replies: Vec<redis::RedisResult<redis::Value>> = pipe
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        if replies.len() != chunk.len() + 1 {
-            return Err(SinkError::Unavailable {
-                backend: BACKEND,
-                message: format!(
-                    "answered {} of {} swaps",
-                    replies.len().saturating_sub(1),
-                    chunk.len()
-                ),
+        let (load, reply) = match (replies.pop(), replies.pop()) {
+            (Some(reply), Some(load)) if replies.is_empty() => (load.err(), reply),
+            _ => {
+                return Err(SinkError::Unavailable {
+                    backend: BACKEND,
+                    message: format!("answered none of {} swaps", call.swaps.len()),
+                });
+            }
+        };
+        let codes = reply
+            .and_then(|v| redis::from_redis_value::<Vec<i64>>(v).map_err(Into::into))
+            .map_err(|e| match &load {
+                // The script is not there because it could not be loaded: that is the
+                // cause to show. (Where it was there already, the call ran.)
+                Some(why) if e.code() == Some("NOSCRIPT") => SinkError::Unavailable {
+                    backend: BACKEND,
+                    message: format!("cannot load the compare-and-swap script: {why}"),
+                },
+                _ => unavailable(e),
+            });
+        let codes = match codes {
+            Ok(codes) if codes.len() == call.swaps.len() => codes,
+            Ok(codes) => {
+                let e = SinkError::Unavailable {
+                    backend: BACKEND,
+                    message: format!("answered {} of {} swaps", codes.len(), call.swaps.len()),
+                };
+                for i in call.swaps {
+                    answers[i] = Some(Err(e.clone()));
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                for i in call.swaps {
+                    answers[i] = Some(Err(e.clone()));
+                }
+                return Ok(());
+            }
+        };
+        for (i, code) in call.swaps.into_iter().zip(codes) {
+            answers[i] = Some(match code {
+                1 => Ok(true),
+                0 => Ok(false),
+                // Data, not an outage: that entity fails, the others are written.
+                -1 => Err(SinkError::Rejected {
+                    backend: BACKEND,
+                    message: "the key holds a value of another type than this host's hash \
+                              (WRONGTYPE): another writer's key; rename or delete it"
+                        .into(),
+                }),
+                other => Err(SinkError::Unavailable {
+                    backend: BACKEND,
+                    message: format!("the compare-and-swap script answered {other}"),
+                }),
             });
         }
-        let swapped = replies.split_off(1);
-        let load = replies.pop().and_then(Result::err);
-        for ((i, _), reply) in chunk.into_iter().zip(swapped) {
-            let answer = reply
-                .and_then(|v| redis::from_redis_value::<i64>(v).map_err(Into::into))
-                .map(|n| n == 1)
-                .map_err(|e| match &load {
-                    // The script is not there because it could not be loaded: that is
-                    // the cause to show. (Where it was there already, the swap ran.)
-                    Some(why) if e.code() == Some("NOSCRIPT") => SinkError::Unavailable {
-                        backend: BACKEND,
-                        message: format!("cannot load the compare-and-swap script: {why}"),
-                    },
-                    _ => swap_error(e),
-                });
-            answers[i] = Some(answer);
-        }
         Ok(())
-    }
-}
-
-/// The [`CAS`] script's invocation for one swap, and the bytes of its field values.
-fn cas<'a>(
-    key: &str,
-    expected: u64,
-    next: &Versioned,
-) -> Result<(redis::ScriptInvocation<'a>, usize), SinkError> {
-    let fields = RedisCache::fields(next)?;
-    let size = fields.iter().map(String::len).sum();
-    let mut inv = CAS.key(RedisCache::redis_key(key));
-    inv.arg(expected)
-        .arg(next.version)
-        .arg(next.state.expires_at.unwrap_or(0))
-        .arg(fields);
-    Ok((inv, size))
-}
-
-/// A swap's failure: a value of a different type at the key is data (that entity fails),
-/// anything else an outage.
-fn swap_error(e: redis::RedisError) -> SinkError {
-    if e.code() == Some("WRONGTYPE") {
-        SinkError::Rejected {
-            backend: BACKEND,
-            message: e.to_string(),
-        }
-    } else {
-        unavailable(e)
     }
 }
