@@ -276,7 +276,7 @@ async fn strategies(b: &Backends, prefix: &str) {
 
 /// A batch's swaps through one call are answered each on its own and in order: a swap at
 /// the expected version wins, one whose item moved on loses, whatever their order. On the
-/// store and on the cache serving as a `cache-only` store (Redis: one pipeline).
+/// store and on the cache serving as a `cache-only` store (Redis: one script call).
 async fn batch_swaps(b: &Backends, group: &str) {
     let s = sink(b, group, CacheStrategy::CacheOnly);
     let entry = |version: u64| {
@@ -417,13 +417,15 @@ async fn dynamodb_and_redis() {
 
     unreadable_items_fail_only_their_entity(&b, &client, &mut redis).await;
     a_key_of_another_type_fails_only_its_swap(&b, &mut redis).await;
-    swaps_beyond_one_pipeline(&b, &mut redis).await;
+    swaps_beyond_one_call(&b, &mut redis).await;
     a_script_refused_by_acl_is_named(&stack, &b, &mut redis).await;
+    a_read_refused_inside_the_script_is_an_outage(&stack, &b, &mut redis).await;
+    cache_only_keys_expire_in_redis(&b, &mut redis).await;
 }
 
-/// A batch larger than one pipeline, by count and by bytes, is answered in full and in
-/// order, and another writer's key in a later pipeline fails only itself.
-async fn swaps_beyond_one_pipeline(b: &Backends, redis: &mut redis::aio::MultiplexedConnection) {
+/// A batch larger than one script call, by count and by bytes, is answered in full and in
+/// order, and another writer's key in a later call fails only itself.
+async fn swaps_beyond_one_call(b: &Backends, redis: &mut redis::aio::MultiplexedConnection) {
     let s = sink(
         b,
         &format!("swap-many-{}", unique()),
@@ -435,7 +437,7 @@ async fn swaps_beyond_one_pipeline(b: &Backends, redis: &mut redis::aio::Multipl
         version: 1,
         state: EntityState::default(),
     };
-    // Three entries of 3 MB: each a pipeline of its own by bytes.
+    // Three entries of 3 MB: no two of them fit one call's 4 MiB.
     let mut big = EntityState::default();
     big.apply(&Mutation {
         position: None,
@@ -578,8 +580,116 @@ async fn a_script_refused_by_acl_is_named(
     }
 }
 
-/// In a batch's one pipeline of swaps, another writer's key of another type fails its own
-/// swap (as data: `Rejected`), and the others of the pipeline are written.
+/// A Redis user whose ACL lets the script run but refuses its `HGET`: not another writer's
+/// key (that would dead-letter every event of the group) but an outage, under Redis's reason.
+async fn a_read_refused_inside_the_script_is_an_outage(
+    stack: &Stack,
+    b: &Backends,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    let user = format!("fh-nohget-{}", unique());
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", &user, "on", ">pw", "~*", "&*", "+@all", "-hget"])
+        .query_async(redis)
+        .await
+        .unwrap();
+    let url = stack
+        .redis
+        .replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let refused = RedisCache::connect(&url).await.unwrap();
+    let s = sink(
+        b,
+        &format!("swap-nohget-{}", unique()),
+        CacheStrategy::CacheOnly,
+    );
+    let (one, two) = (s.target.key("one"), s.target.key("two"));
+    let next = Versioned {
+        version: 1,
+        state: EntityState::default(),
+    };
+    let asks = [&one, &two].map(|key| Swap {
+        key,
+        expected: 0,
+        next: &next,
+    });
+    let answers = Store::compare_and_swap_many(&refused, &s.target, &asks)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async(redis)
+        .await
+        .unwrap();
+    for a in &answers {
+        match a {
+            Err(e @ SinkError::Unavailable { message, .. }) => assert!(
+                message.contains("can't run this command"),
+                "Redis's reason: {e}"
+            ),
+            other => panic!("a refused HGET inside the script: {other:?}"),
+        }
+    }
+}
+
+/// Cache-only keys carry their expiry in Redis itself (`EXPIREAT`), not only in `__s`: a
+/// key without one would stay forever. Checked on every swap of a call, after an entry of
+/// many features and after another writer's key that the call skipped.
+async fn cache_only_keys_expire_in_redis(
+    b: &Backends,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    let s = sink(
+        b,
+        &format!("swap-ttl-{}", unique()),
+        CacheStrategy::CacheOnly,
+    );
+    let keys: Vec<String> = (0..4).map(|i| s.target.key(&format!("e{i}"))).collect();
+    put_raw(redis, "SET", &keys[1], &["a string"]).await;
+    let at = unix_now() + 600;
+    let small = Versioned {
+        version: 1,
+        state: EntityState {
+            expires_at: Some(at),
+            ..EntityState::default()
+        },
+    };
+    let mut wide = small.clone();
+    wide.state.apply(&Mutation {
+        position: None,
+        ops: (0..1500)
+            .map(|f| (format!("f{f}"), Op::Set(Value::Int(f)), 1))
+            .collect(),
+        overwrite: false,
+    });
+    let asks: Vec<Swap<'_>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| Swap {
+            key,
+            expected: 0,
+            next: if i == 2 { &wide } else { &small },
+        })
+        .collect();
+    let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)
+        .await
+        .unwrap();
+    assert!(
+        matches!(answers[1], Err(SinkError::Rejected { .. })),
+        "{answers:?}"
+    );
+    for i in [0, 2, 3] {
+        assert!(matches!(answers[i], Ok(true)), "{i}: {:?}", answers[i]);
+        let expires: i64 = redis::cmd("EXPIRETIME")
+            .arg(RedisCache::redis_key(&keys[i]))
+            .query_async(redis)
+            .await
+            .unwrap();
+        assert_eq!(expires, at, "entry {i}'s expiry in Redis");
+    }
+}
+
+/// In a batch's one script call, another writer's key of another type fails its own swap
+/// (as data: `Rejected`), and the others of the call are written.
 async fn a_key_of_another_type_fails_only_its_swap(
     b: &Backends,
     redis: &mut redis::aio::MultiplexedConnection,

@@ -40,8 +40,18 @@ pub struct SinksBenchArgs {
     /// Timed batches per strategy (after one warm-up batch).
     #[arg(long, default_value_t = 40)]
     pub batches: usize,
+    /// Only these strategies (default: all), e.g. `--strategy cache-only` to profile one.
+    #[arg(long = "strategy", value_parser = strategy)]
+    pub strategies: Vec<CacheStrategy>,
     #[command(flatten)]
     pub stores: StoreSettings,
+}
+
+/// A strategy as specs spell it (`cache-only`).
+fn strategy(name: &str) -> Result<CacheStrategy, String> {
+    serde_json::from_value(serde_json::Value::String(name.into())).map_err(|_| {
+        format!("{name:?} is not one of store-only, write-through, write-around, cache-only")
+    })
 }
 
 /// Requests sent, by kind.
@@ -89,7 +99,8 @@ impl Store for CountedStore {
     }
 }
 
-/// Redis, counting round trips (a pipeline is one).
+/// Redis, counting round trips: a pipeline is one, and so is a batch's swaps (exact while
+/// they fit one script call, as the default 256 entities do).
 struct CountedCache(RedisCache, Arc<Counts>);
 
 impl CountedCache {
@@ -237,7 +248,10 @@ pub async fn run(args: SinksBenchArgs) -> anyhow::Result<Report> {
     }
     eprintln!("sinks: {e} entities x {f} features per batch, {n} batches per strategy");
     let mut report = Report::default();
-    for (strategy, name) in STRATEGIES {
+    let chosen = STRATEGIES
+        .into_iter()
+        .filter(|(s, _)| args.strategies.is_empty() || args.strategies.contains(s));
+    for (strategy, name) in chosen {
         let id = unique();
         let sink = sink(&args, &id, strategy);
         if strategy != CacheStrategy::CacheOnly {

@@ -116,7 +116,7 @@ pub trait Store: Send + Sync {
     ///
     /// By default one request per swap, [`SWAP_CONCURRENCY`] in flight: DynamoDB has no
     /// conditional batch write. A store that can send them together overrides it (Redis:
-    /// one pipeline, one round trip per batch).
+    /// one script call, one round trip, per batch of small entities).
     async fn compare_and_swap_many(
         &self,
         target: &Target,

@@ -59,15 +59,14 @@ return 1
     )
 });
 
-/// Compare-and-swap for `cache-only` groups, a batch of swaps in one script call: one
-/// `EVALSHA` per entity cost Redis more than the commands it ran (12–14 µs per entity beyond
-/// a plain `HSET`, see the README's Measurements). Swaps are judged in their order, each on
-/// its own: a key of another type answers -1 (`pcall`), the others are still swapped. One
-/// call touches many keys, so it needs one Redis node holding them all (a primary, with or
-/// without replicas; not Redis Cluster, where they would span slots). KEYS: one per swap.
-/// ARGV per swap: expected version ('0' = absent), expire-at Unix seconds (0 = none), n,
-/// then n field/value items starting with `__v` and the new version. Answers: 1 swapped,
-/// 0 lost, -1 another type.
+/// Compare-and-swap for `cache-only` groups, a batch of swaps in one script call: one round
+/// trip and one script invocation per call rather than per entity. Swaps are judged in their
+/// order, each on its own: a key of another type answers -1 (`pcall`), the others are still
+/// swapped; any other refusal fails the call as a whole. One call touches many keys, so it
+/// needs one Redis primary holding them all (not Redis Cluster, where they would span
+/// slots). KEYS: one per swap. ARGV per swap: expected version ('0' = absent), expire-at
+/// Unix seconds (0 = none), n, then n field/value items starting with `__v` and the new
+/// version. Answers: 1 swapped, 0 lost, -1 another type.
 static CAS_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -78,6 +77,9 @@ for k = 1, #KEYS do
   a = last + 1
   local cur = redis.pcall('HGET', key, '__v')
   if type(cur) == 'table' then
+    -- Another writer's key is that swap's failure; any other refusal (an ACL, say) the
+    -- call's, as an outage.
+    if string.find(cur.err, 'WRONGTYPE', 1, true) ~= 1 then return cur end
     out[k] = -1
   elseif (cur == false and expected ~= '0') or (cur ~= false and cur ~= expected) then
     out[k] = 0
@@ -272,9 +274,8 @@ impl Store for RedisCache {
     /// The batch's swaps as script calls of at most [`SWAPS_PER_CALL`] swaps and
     /// [`CALL_BYTES`] of values (one, for batches of small entities), each in a pipeline
     /// behind a `SCRIPT LOAD`: one round trip per call. A key of another type fails only
-    /// its entity. The bounds keep one call within the connection's response timeout and
-    /// short for Redis, which runs a script alone: other requests on the shared connection
-    /// and other clients (serving reads, other groups) wait at most one call.
+    /// its entity. The bounds keep each call short for Redis, which runs a script alone,
+    /// so that serving reads and other groups' requests get in between calls.
     async fn compare_and_swap_many(
         &self,
         _target: &Target,
@@ -358,8 +359,9 @@ impl RedisCache {
     /// One script call of swaps, in a pipeline behind `SCRIPT LOAD`; each answer put at its
     /// swap's index. A call that finds no script because the load failed (an ACL refusing
     /// `SCRIPT`) fails under the load's reason rather than a bare `NOSCRIPT`. A call that
-    /// fails as a whole (Redis out of memory, say) fails each of its swaps as an outage:
-    /// the swaps before the failure were applied, and their events' retries are replays.
+    /// fails as a whole (a command the ACL refuses inside the script, a lost connection)
+    /// fails each of its swaps as an outage: the swaps before the failure may have been
+    /// applied, and the positions they wrote make their events' retries replays.
     async fn swap_call(
         &self,
         call: Call,

@@ -376,6 +376,11 @@ fn pointer_to_path(pointer: &str) -> String {
     out
 }
 
+/// The longest TTL a spec may give: ten years, far below what Redis refuses (`EXPIREAT`
+/// beyond ~292 million years fails the whole cache-only script call it is in) and what a
+/// Unix time in `i64` seconds holds.
+const MAX_TTL: Duration = Duration::from_secs(3650 * 86_400);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. `30s`, `10m`, `12h`, `30d`"))
@@ -641,6 +646,25 @@ fn check_group(
         .map(|t| duration("spec.store.ttl", t));
     let cache_ttl = duration("spec.cache.ttl", &spec.cache.ttl);
     let retry_backoff = duration("spec.retry.backoff", &spec.retry.backoff);
+    // After the last use of `duration`, which holds `problems`.
+    for (field, ttl) in [
+        ("spec.store.ttl", store_ttl),
+        ("spec.cache.ttl", Some(cache_ttl)),
+    ] {
+        if ttl.is_some_and(|t| t > MAX_TTL) {
+            let or = match field {
+                "spec.store.ttl" => ", or leave it out for items that never expire",
+                _ => "",
+            };
+            problems.push(err(
+                field,
+                format!(
+                    "is longer than ten years, the longest TTL this host takes; set at most {}d{or}",
+                    MAX_TTL.as_secs() / 86_400
+                ),
+            ));
+        }
+    }
     // Only between two valid durations (an invalid one has its own error).
     let valid = |t: &str| parse_duration(t).ok();
     if let (Some(store), Some(cache)) = (
@@ -953,6 +977,28 @@ mod tests {
         assert!(
             errs[0].field.contains("replicationFactor"),
             "out of range: {errs:?}"
+        );
+    }
+
+    /// Redis refuses an expiry beyond ~292 million years (`EXPIREAT`: "invalid expire
+    /// time"), and a cache-only batch's one script call stops at its first refusal: every
+    /// entity after it would be retried forever. A TTL no store takes is the spec's error.
+    #[test]
+    fn ttls_are_bounded() {
+        let with = |store: &str, cache: &str| {
+            GROUP.to_owned()
+                + &format!("  store: {{table: feats, ttl: {store}}}\n  cache: {{ttl: {cache}}}\n")
+        };
+        assert!(load_str(&[("g.yaml", &with("3650d", "3650d"))]).is_ok());
+        let errs = load_str(&[("g.yaml", &with("300000000y", "300000000y"))])
+            .unwrap_err()
+            .0;
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.store.ttl", "spec.cache.ttl"], "{errs:?}");
+        assert!(
+            errs[0].message.contains("at most 3650d"),
+            "{}",
+            errs[0].message
         );
     }
 

@@ -214,7 +214,8 @@ pub struct StoreSpec {
     #[serde(default = "default_table")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]{3,255}$"))]
     pub table: String,
-    /// Item time-to-live after its last write (`30d`, `12h`); absent: never expires.
+    /// Item time-to-live after its last write (`30d`, `12h`; at most `3650d`); absent: never
+    /// expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
 }
@@ -237,7 +238,7 @@ impl Default for StoreSpec {
 pub struct CacheSpec {
     #[serde(default)]
     pub strategy: CacheStrategy,
-    /// Cache entry time-to-live (`1h`, `10m`).
+    /// Cache entry time-to-live (`1h`, `10m`; at most `3650d`).
     #[serde(default = "default_cache_ttl")]
     pub ttl: String,
 }
