@@ -13,6 +13,7 @@ use feature_host::sink::writer::{CacheStore, FeatureWriter, GroupSink};
 use feature_host::sink::{Cache, SinkError, Store, Swap, Target, unix_now};
 use feature_host::spec::{CacheStrategy, FeatureType};
 use feature_host_e2e::{Stack, unique};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -304,16 +305,19 @@ async fn batch_swaps(b: &Backends, group: &str) {
                 key: &moved,
                 expected: 0,
                 next: &two,
+                previous: None,
             },
             Swap {
                 key: &fresh,
                 expected: 0,
                 next: &one,
+                previous: None,
             },
             Swap {
                 key: &moved,
                 expected: 1,
                 next: &two,
+                previous: None,
             },
         ];
         let answers: Vec<bool> = store
@@ -421,6 +425,7 @@ async fn dynamodb_and_redis() {
     a_script_refused_by_acl_is_named(&stack, &b, &mut redis).await;
     a_read_refused_inside_the_script_is_an_outage(&stack, &b, &mut redis).await;
     cache_only_keys_expire_in_redis(&b, &mut redis).await;
+    a_swap_removes_only_what_is_gone(&b, &mut redis).await;
 }
 
 /// A batch larger than one script call, by count and by bytes, is answered in full and in
@@ -477,6 +482,7 @@ async fn swaps_beyond_one_call(b: &Backends, redis: &mut redis::aio::Multiplexed
                 10..13 => &big,
                 _ => &small,
             },
+            previous: None,
         })
         .collect();
     let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)
@@ -561,6 +567,7 @@ async fn a_script_refused_by_acl_is_named(
             key: &key,
             expected: 0,
             next: &next,
+            previous: None,
         }],
     )
     .await
@@ -611,6 +618,7 @@ async fn a_read_refused_inside_the_script_is_an_outage(
         key,
         expected: 0,
         next: &next,
+        previous: None,
     });
     let answers = Store::compare_and_swap_many(&refused, &s.target, &asks)
         .await
@@ -668,6 +676,7 @@ async fn cache_only_keys_expire_in_redis(
             key,
             expected: 0,
             next: if i == 2 { &wide } else { &small },
+            previous: None,
         })
         .collect();
     let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)
@@ -686,6 +695,111 @@ async fn cache_only_keys_expire_in_redis(
             .unwrap();
         assert_eq!(expires, at, "entry {i}'s expiry in Redis");
     }
+}
+
+/// The hash's fields, sorted: what serving clients see.
+async fn hash(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(String, String)> {
+    let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(RedisCache::redis_key(key))
+        .query_async(redis)
+        .await
+        .unwrap();
+    fields.into_iter().filter(|(f, _)| f != "__s").collect()
+}
+
+/// A swap that knows the state at its expected version removes only the fields of the
+/// features gone since (`HDEL`, no `DEL`), and one without an expiry clears the old one; the
+/// writer, which knows it, removes a deleted feature from the hash.
+async fn a_swap_removes_only_what_is_gone(
+    b: &Backends,
+    redis: &mut redis::aio::MultiplexedConnection,
+) {
+    let s = sink(
+        b,
+        &format!("swap-gone-{}", unique()),
+        CacheStrategy::CacheOnly,
+    );
+    let set = |name: &str, v: i64, t: i64| (name.to_owned(), Op::Set(Value::Int(v)), t);
+    let mut one = Versioned {
+        version: 1,
+        state: EntityState {
+            expires_at: Some(unix_now() + 600),
+            ..EntityState::default()
+        },
+    };
+    one.state.apply(&Mutation {
+        position: None,
+        ops: vec![set("a", 1, 1), set("b", 2, 1)],
+        overwrite: false,
+    });
+    let mut two = Versioned {
+        version: 2,
+        state: EntityState {
+            expires_at: None,
+            ..one.state.clone()
+        },
+    };
+    two.state.apply(&Mutation {
+        position: None,
+        ops: vec![("b".into(), Op::Delete, 2), set("c", 3, 2)],
+        overwrite: false,
+    });
+    let key = s.target.key("e");
+    let swap = |expected, next, previous| Swap {
+        key: &key,
+        expected,
+        next,
+        previous,
+    };
+    let first = [swap(0, &one, None)];
+    let first = Store::compare_and_swap_many(&*b.cache, &s.target, &first);
+    assert!(matches!(first.await.unwrap()[..], [Ok(true)]));
+    let second = [swap(1, &two, Some(&one.state))];
+    let second = Store::compare_and_swap_many(&*b.cache, &s.target, &second);
+    assert!(matches!(second.await.unwrap()[..], [Ok(true)]));
+    let field = |f: &str, v: &str| (f.to_owned(), v.to_owned());
+    assert_eq!(
+        hash(redis, &key).await,
+        [field("__v", "2"), field("a", "1"), field("c", "3")],
+        "b removed, c added"
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(RedisCache::redis_key(&key))
+        .query_async(redis)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "an entry without an expiry keeps none");
+
+    let event = |ops| {
+        (
+            "w".to_owned(),
+            Mutation {
+                position: None,
+                ops,
+                overwrite: false,
+            },
+        )
+    };
+    let name = |v: &str| ("name".to_owned(), Op::Set(Value::String(v.into())), 1);
+    let gone = |v: &str| ("gone".to_owned(), Op::Set(Value::String(v.into())), 1);
+    let r = b
+        .writer
+        .apply(&s, vec![event(vec![name("n"), gone("g")])])
+        .await;
+    assert!(r.failed.is_empty() && r.written == 1, "{r:?}");
+    let deleted = vec![("gone".to_owned(), Op::Delete, 2)];
+    let r = b.writer.apply(&s, vec![event(deleted)]).await;
+    assert!(r.failed.is_empty() && r.written == 1, "{r:?}");
+    let fields: Vec<String> = hash(redis, &s.target.key("w"))
+        .await
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    assert_eq!(
+        fields,
+        ["__v", "name"],
+        "the deleted feature's field is gone"
+    );
 }
 
 /// In a batch's one script call, another writer's key of another type fails its own swap
@@ -710,11 +824,13 @@ async fn a_key_of_another_type_fails_only_its_swap(
             key: &typed,
             expected: 0,
             next: &next,
+            previous: None,
         },
         Swap {
             key: &good,
             expected: 0,
             next: &next,
+            previous: None,
         },
     ];
     let answers = Store::compare_and_swap_many(&*b.cache, &s.target, &asks)

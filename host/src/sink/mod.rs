@@ -17,7 +17,7 @@ pub mod memory_cache;
 pub mod redis_cache;
 pub mod writer;
 
-use crate::feature::Versioned;
+use crate::feature::{EntityState, Versioned};
 use crate::spec::FeatureType;
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
@@ -150,6 +150,10 @@ pub struct Swap<'a> {
     /// The version the item must still have (0: it must not exist).
     pub expected: u64,
     pub next: &'a Versioned,
+    /// The state stored at `expected`, where the caller read it: a store that keeps each
+    /// feature apart (Redis) then removes only the features `next` no longer holds instead
+    /// of replacing the whole item. `None`: the store replaces the item.
+    pub previous: Option<&'a EntityState>,
 }
 
 /// Conditional writes in flight at once where a store takes them one by one: bounds the

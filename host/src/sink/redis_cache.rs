@@ -64,17 +64,22 @@ return 1
 /// order, each on its own: a key of another type answers -1 (`pcall`), the others are still
 /// swapped; any other refusal fails the call as a whole. One call touches many keys, so it
 /// needs one Redis primary holding them all (not Redis Cluster, where they would span
-/// slots). KEYS: one per swap. ARGV per swap: expected version ('0' = absent), expire-at
-/// Unix seconds (0 = none), n, then n field/value items starting with `__v` and the new
-/// version. Answers: 1 swapped, 0 lost, -1 another type.
+/// slots). A swap that knows the state at its expected version removes only the fields of
+/// the features gone since (the hash then holds exactly that state's fields: this host wrote
+/// them at that version); one that does not replaces the hash (`DEL`), a command more.
+/// KEYS: one per swap. ARGV per swap: expected version ('0' = absent), expire-at Unix seconds
+/// (0 = none), n, m (-1: replace), then n field/value items starting with `__v` and the new
+/// version, then m fields to remove. Answers: 1 swapped, 0 lost, -1 another type.
 static CAS_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out, a = {}, 1
 for k = 1, #KEYS do
-  local key, expected, expire_at, n = KEYS[k], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local first, last = a + 3, a + 2 + n
-  a = last + 1
+  local key, expected, expire_at = KEYS[k], ARGV[a], ARGV[a + 1]
+  local n, m = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local first, last = a + 4, a + 3 + n
+  local gone = last + math.max(m, 0)
+  a = gone + 1
   local cur = redis.pcall('HGET', key, '__v')
   if type(cur) == 'table' then
     -- Another writer's key is that swap's failure; any other refusal (an ACL, say) the
@@ -84,9 +89,17 @@ for k = 1, #KEYS do
   elseif (cur == false and expected ~= '0') or (cur ~= false and cur ~= expected) then
     out[k] = 0
   else
-    redis.call('DEL', key)
+    if m < 0 then
+      redis.call('DEL', key)
+    else
+      for i = last + 1, gone, 1000 do redis.call('HDEL', key, unpack(ARGV, i, math.min(i + 999, gone))) end
+    end
     for i = first, last, 1000 do redis.call('HSET', key, unpack(ARGV, i, math.min(i + 999, last))) end
-    if tonumber(expire_at) > 0 then redis.call('EXPIREAT', key, expire_at) end
+    if tonumber(expire_at) > 0 then
+      redis.call('EXPIREAT', key, expire_at)
+    elseif m >= 0 then
+      redis.call('PERSIST', key)
+    end
     out[k] = 1
   end
 end
@@ -264,6 +277,7 @@ impl Store for RedisCache {
             key,
             expected,
             next,
+            previous: None,
         };
         self.compare_and_swap_many(target, &[swap])
             .await?
@@ -346,10 +360,25 @@ impl Call {
             .key(RedisCache::redis_key(swap.key))
             .arg(swap.expected)
             .arg(swap.next.state.expires_at.unwrap_or(0))
-            .arg(fields.len() + 2)
+            .arg(fields.len() + 2);
+        let gone: Option<Vec<&str>> = swap.previous.map(|previous| {
+            previous
+                .values()
+                .map(|(name, _)| name)
+                .filter(|name| {
+                    let cell = swap.next.state.features.get(*name);
+                    cell.is_none_or(|c| c.value.is_none())
+                })
+                .collect()
+        });
+        self.invocation
+            .arg(gone.as_ref().map_or(-1, |g| g.len() as i64))
             .arg("__v")
             .arg(swap.next.version)
             .arg(fields);
+        if let Some(gone) = gone {
+            self.invocation.arg(gone);
+        }
         self.swaps.push(index);
         self.bytes += size;
     }

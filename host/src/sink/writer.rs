@@ -255,14 +255,15 @@ impl FeatureWriter {
                 next.state.expires_at = ttl.map(|t| now + t.as_secs_f64().ceil() as i64);
                 // Only on a write: expiring alone is not worth a round trip.
                 report.positions_expired += next.state.expire_positions(now, retention);
-                swaps.push((key.clone(), cur.version, next, outcome, replayed));
+                swaps.push((key.clone(), cur, next, outcome, replayed));
             }
             let asks: Vec<Swap<'_>> = swaps
                 .iter()
-                .map(|(key, expected, next, ..)| Swap {
+                .map(|(key, cur, next, ..)| Swap {
                     key,
-                    expected: *expected,
+                    expected: cur.version,
                     next,
+                    previous: Some(&cur.state),
                 })
                 .collect();
             let asked = if asks.is_empty() {
