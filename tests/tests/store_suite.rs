@@ -524,6 +524,38 @@ async fn swaps_beyond_one_call(b: &Backends, redis: &mut redis::aio::Multiplexed
     }
 }
 
+/// A Redis user allowed everything but `refused` (an ACL category or command), connected
+/// as the host would be; drop it with [`drop_user`].
+async fn restricted_user(
+    stack: &Stack,
+    redis: &mut redis::aio::MultiplexedConnection,
+    refused: &str,
+) -> (String, RedisCache) {
+    let user = format!(
+        "fh-no{}-{}",
+        refused.trim_start_matches(['-', '@']),
+        unique()
+    );
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", &user, "on", ">pw", "~*", "&*", "+@all", refused])
+        .query_async(redis)
+        .await
+        .unwrap();
+    let url = stack
+        .redis
+        .replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let cache = RedisCache::connect(&url).await.unwrap();
+    (user, cache)
+}
+
+async fn drop_user(redis: &mut redis::aio::MultiplexedConnection, user: &str) {
+    let _: () = redis::cmd("ACL")
+        .arg(&["DELUSER", user])
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
 /// A Redis user whose ACL refuses scripts: every swap fails as an outage (its events retry
 /// until an operator fixes the ACL) under a reason that names the refused script load, not
 /// a bare NOSCRIPT.
@@ -532,24 +564,13 @@ async fn a_script_refused_by_acl_is_named(
     b: &Backends,
     redis: &mut redis::aio::MultiplexedConnection,
 ) {
-    let user = format!("fh-noscript-{}", unique());
-    let _: () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER", &user, "on", ">pw", "~*", "&*", "+@all", "-script",
-        ])
-        .query_async(redis)
-        .await
-        .unwrap();
     // The script must not be cached already for the refusal to matter.
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(redis)
         .await
         .unwrap();
-    let url = stack
-        .redis
-        .replacen("redis://", &format!("redis://{user}:pw@"), 1);
-    let refused = RedisCache::connect(&url).await.unwrap();
+    let (user, refused) = restricted_user(stack, redis, "-script").await;
     let s = sink(
         b,
         &format!("swap-acl-{}", unique()),
@@ -572,11 +593,7 @@ async fn a_script_refused_by_acl_is_named(
     )
     .await
     .unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg(&["DELUSER", &user])
-        .query_async(redis)
-        .await
-        .unwrap();
+    drop_user(redis, &user).await;
     match &answers[0] {
         Err(e @ SinkError::Unavailable { message, .. }) => assert!(
             message.contains("cannot load the compare-and-swap script")
@@ -594,16 +611,7 @@ async fn a_read_refused_inside_the_script_is_an_outage(
     b: &Backends,
     redis: &mut redis::aio::MultiplexedConnection,
 ) {
-    let user = format!("fh-nohget-{}", unique());
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", &user, "on", ">pw", "~*", "&*", "+@all", "-hget"])
-        .query_async(redis)
-        .await
-        .unwrap();
-    let url = stack
-        .redis
-        .replacen("redis://", &format!("redis://{user}:pw@"), 1);
-    let refused = RedisCache::connect(&url).await.unwrap();
+    let (user, refused) = restricted_user(stack, redis, "-hget").await;
     let s = sink(
         b,
         &format!("swap-nohget-{}", unique()),
@@ -623,11 +631,7 @@ async fn a_read_refused_inside_the_script_is_an_outage(
     let answers = Store::compare_and_swap_many(&refused, &s.target, &asks)
         .await
         .unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg(&["DELUSER", &user])
-        .query_async(redis)
-        .await
-        .unwrap();
+    drop_user(redis, &user).await;
     for a in &answers {
         match a {
             Err(e @ SinkError::Unavailable { message, .. }) => assert!(
@@ -708,8 +712,9 @@ async fn hash(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<(
 }
 
 /// A swap that knows the state at its expected version removes only the fields of the
-/// features gone since (`HDEL`, no `DEL`), and one without an expiry clears the old one; the
-/// writer, which knows it, removes a deleted feature from the hash.
+/// features gone since (`HDEL`, no `DEL`: another writer's field stays), and one without an
+/// expiry clears the old one; a first write replaces whatever hash is at the key; the
+/// writer, which knows the state it read, removes a deleted feature from the hash.
 async fn a_swap_removes_only_what_is_gone(
     b: &Backends,
     redis: &mut redis::aio::MultiplexedConnection,
@@ -744,24 +749,58 @@ async fn a_swap_removes_only_what_is_gone(
         ops: vec![("b".into(), Op::Delete, 2), set("c", 3, 2)],
         overwrite: false,
     });
-    let key = s.target.key("e");
-    let swap = |expected, next, previous| Swap {
-        key: &key,
+    let (key, stray, other) = (
+        s.target.key("e"),
+        s.target.key("stray"),
+        s.target.key("other"),
+    );
+    // A hash without `__v` (another writer's, a partial clean-up) reads as absent: the
+    // first write replaces it, whatever the swap knows.
+    put_raw(redis, "HSET", &stray, &["leftover", "1"]).await;
+    let empty = EntityState::default();
+    let swap = |key, expected, next, previous| Swap {
+        key,
         expected,
         next,
         previous,
     };
-    let first = [swap(0, &one, None)];
+    let first = [
+        swap(&key, 0, &one, None),
+        swap(&stray, 0, &one, Some(&empty)),
+    ];
     let first = Store::compare_and_swap_many(&*b.cache, &s.target, &first);
-    assert!(matches!(first.await.unwrap()[..], [Ok(true)]));
-    let second = [swap(1, &two, Some(&one.state))];
+    assert!(matches!(first.await.unwrap()[..], [Ok(true), Ok(true)]));
+    // A field no state holds: left alone by a swap that removes only what is gone, so it
+    // tells `HDEL` from `DEL`.
+    put_raw(redis, "HSET", &key, &["sentinel", "1"]).await;
+    // The second swap of the call comes after one that removed a field.
+    let second = [
+        swap(&key, 1, &two, Some(&one.state)),
+        swap(&other, 0, &one, None),
+    ];
     let second = Store::compare_and_swap_many(&*b.cache, &s.target, &second);
-    assert!(matches!(second.await.unwrap()[..], [Ok(true)]));
+    assert!(matches!(second.await.unwrap()[..], [Ok(true), Ok(true)]));
     let field = |f: &str, v: &str| (f.to_owned(), v.to_owned());
     assert_eq!(
         hash(redis, &key).await,
-        [field("__v", "2"), field("a", "1"), field("c", "3")],
-        "b removed, c added"
+        [
+            field("__v", "2"),
+            field("a", "1"),
+            field("c", "3"),
+            field("sentinel", "1")
+        ],
+        "b removed, c added, nothing else touched"
+    );
+    let written_once = [field("__v", "1"), field("a", "1"), field("b", "2")];
+    assert_eq!(
+        hash(redis, &stray).await,
+        written_once,
+        "the stray hash replaced"
+    );
+    assert_eq!(
+        hash(redis, &other).await,
+        written_once,
+        "the call's next swap"
     );
     let ttl: i64 = redis::cmd("TTL")
         .arg(RedisCache::redis_key(&key))

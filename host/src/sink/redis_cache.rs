@@ -65,8 +65,10 @@ return 1
 /// swapped; any other refusal fails the call as a whole. One call touches many keys, so it
 /// needs one Redis primary holding them all (not Redis Cluster, where they would span
 /// slots). A swap that knows the state at its expected version removes only the fields of
-/// the features gone since (the hash then holds exactly that state's fields: this host wrote
-/// them at that version); one that does not replaces the hash (`DEL`), a command more.
+/// the features gone since: every script of this host writes an entry's hash whole, as `__v`,
+/// `__s` and one field per live feature, so at that version it holds that state's fields
+/// (and whatever another client added since, which stays). A swap that does not know it,
+/// and every first write, replaces the hash (`DEL`), a command more.
 /// KEYS: one per swap. ARGV per swap: expected version ('0' = absent), expire-at Unix seconds
 /// (0 = none), n, m (-1: replace), then n field/value items starting with `__v` and the new
 /// version, then m fields to remove. Answers: 1 swapped, 0 lost, -1 another type.
@@ -361,7 +363,10 @@ impl Call {
             .arg(swap.expected)
             .arg(swap.next.state.expires_at.unwrap_or(0))
             .arg(fields.len() + 2);
-        let gone: Option<Vec<&str>> = swap.previous.map(|previous| {
+        // A first write replaces the hash: a key without `__v` reads as absent, and
+        // whatever it holds is no state's.
+        let previous = swap.previous.filter(|_| swap.expected != 0);
+        let gone: Option<Vec<&str>> = previous.map(|previous| {
             previous
                 .values()
                 .map(|(name, _)| name)
